@@ -1,0 +1,201 @@
+"""A small decoder-only byte-level LM: embedding, N x (RMSNorm + attention + RMSNorm + MLP),
+tied output head. ``attention="nsa"`` uses :class:`NSAAttention`; ``"dense"`` uses
+:class:`DenseAttention` with the same projections and RoPE, so the two differ only in
+the attention rule. Used by the needle and training commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nsa.cache import NSACache
+from nsa.config import NSAConfig
+from nsa.module import NSAAttention, rope
+
+
+@dataclass
+class DenseCache:
+    """Preallocated K/V cache of one dense layer (grows by doubling when max_len is None)."""
+
+    k: Tensor  # [B, cap, H, d_k]
+    v: Tensor  # [B, cap, H, d_v]
+    growable: bool
+    length: int = 0
+    last_reads: dict[str, Tensor] = field(default_factory=dict)
+
+    def ensure(self, needed: int) -> None:
+        cap = self.k.shape[1]
+        if needed <= cap:
+            return
+        if not self.growable:
+            raise RuntimeError(f"DenseCache: capacity {cap} tokens (max_len) exceeded: the step "
+                               f"needs {needed}")
+        while cap < needed:
+            cap *= 2
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[0], cap, *old.shape[2:])
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
+
+class DenseAttention(nn.Module):
+    """Causal GQA attention with the projections of NSAAttention's selection branch."""
+
+    def __init__(self, config: NSAConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.q_proj = nn.Linear(c.hidden_size, c.n_heads * c.d_k, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.d_k, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.d_v, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.d_v, c.hidden_size, bias=False)
+
+    def _qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.config
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, c.n_heads, c.d_k)
+        k = self.k_proj(x).view(B, T, c.n_kv_heads, c.d_k)
+        v = self.v_proj(x).view(B, T, c.n_kv_heads, c.d_v)
+        if c.rope:
+            q, k = rope(q, pos, c.rope_base), rope(k, pos, c.rope_base)
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        # [B, T, heads, D] -> SDPA layout; equal q/k lengths when causal (is_causal is exact)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+            scale=self.config.scale, enable_gqa=True,
+        )
+        return o.transpose(1, 2)
+
+    def forward(self, x: Tensor, cache: DenseCache | None = None) -> Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, torch.arange(T, device=x.device))
+        if cache is not None:
+            if cache.length:
+                raise RuntimeError("DenseAttention.forward: prefill needs an empty cache")
+            cache.ensure(T)
+            cache.k[:, :T], cache.v[:, :T] = k.detach(), v.detach()
+            cache.length = T
+        return self.o_proj(self._attend(q, k, v, causal=True).reshape(B, T, -1))
+
+    def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None,
+                  initial_capacity: int = 1024) -> DenseCache:
+        c, ref = self.config, self.q_proj.weight
+        cap = max_len or initial_capacity
+        kw = {"device": ref.device if device is None else device,
+              "dtype": ref.dtype if dtype is None else dtype}
+        return DenseCache(torch.empty(batch, cap, c.n_kv_heads, c.d_k, **kw),
+                          torch.empty(batch, cap, c.n_kv_heads, c.d_v, **kw),
+                          growable=max_len is None)
+
+    @torch.no_grad()
+    def decode(self, x_t: Tensor, cache: DenseCache) -> Tensor:
+        """x_t [B, 1, hidden] at position cache.length -> [B, 1, hidden]."""
+        B = x_t.shape[0]
+        t = cache.length
+        q, k, v = self._qkv(x_t, torch.tensor([t], device=x_t.device))
+        cache.ensure(t + 1)
+        cache.k[:, t], cache.v[:, t] = k[:, 0], v[:, 0]
+        cache.length = t + 1
+        # one query row over all t+1 cached keys: every key is visible, so no causal mask
+        o = self._attend(q, cache.k[:, : t + 1], cache.v[:, : t + 1], causal=False)
+        cache.last_reads = {"dense": torch.full((B, self.config.n_kv_heads), t + 1)}
+        return self.o_proj(o.reshape(B, 1, -1))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+class Block(nn.Module):
+    def __init__(self, config: NSAConfig, attention: str, mlp_ratio: int, backend: str) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.norm1, self.norm2 = RMSNorm(h), RMSNorm(h)
+        self.attn: nn.Module = (NSAAttention(config, backend=backend) if attention == "nsa"
+                                else DenseAttention(config))
+        self.mlp = nn.Sequential(nn.Linear(h, mlp_ratio * h), nn.GELU(),
+                                 nn.Linear(mlp_ratio * h, h))
+
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache=cache)
+        return x + self.mlp(self.norm2(x))
+
+    def decode(self, x: Tensor, cache) -> Tensor:
+        x = x + self.attn.decode(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyLM(nn.Module):
+    """Byte-level decoder-only LM (vocab 256 by default) with NSA or dense attention."""
+
+    def __init__(self, config: NSAConfig, n_layers: int = 2, vocab_size: int = 256,
+                 attention: str = "nsa", mlp_ratio: int = 4, backend: str = "auto") -> None:
+        super().__init__()
+        if attention not in ("nsa", "dense"):
+            raise ValueError(f"TinyLM: attention must be 'nsa' or 'dense', got {attention!r}")
+        if n_layers <= 0:
+            raise ValueError(f"TinyLM: n_layers must be positive, got {n_layers}")
+        self.config, self.attention, self.vocab_size = config, attention, vocab_size
+        self.embed = nn.Embedding(vocab_size, config.hidden_size)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(
+            [Block(config, attention, mlp_ratio, backend) for _ in range(n_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size)
+
+    def _check_tokens(self, tokens: Tensor) -> None:
+        if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
+            raise ValueError(f"TinyLM: tokens must be an int tensor [B, T], got "
+                             f"{tokens.dtype} {tuple(tokens.shape)}")
+
+    def forward(self, tokens: Tensor, caches: list | None = None) -> Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]; with ``caches`` (one per layer) prefill."""
+        self._check_tokens(tokens)
+        x = self.embed(tokens)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cache=None if caches is None else caches[i])
+        return self.norm(x) @ self.embed.weight.T
+
+    def loss(self, tokens: Tensor) -> Tensor:
+        """Next-token cross-entropy over tokens [B, T]."""
+        logits = self(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def new_caches(self, batch: int, max_len: int | None = None) -> list[NSACache | DenseCache]:
+        return [blk.attn.new_cache(batch, max_len=max_len) for blk in self.blocks]
+
+    @torch.no_grad()
+    def decode(self, token: Tensor, caches: list) -> Tensor:
+        """token [B] at the caches' next position -> logits [B, vocab]."""
+        x = self.embed(token[:, None])
+        for blk, cache in zip(self.blocks, caches):
+            x = blk.decode(x, cache)
+        return (self.norm(x) @ self.embed.weight.T)[:, 0]
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, n_new: int, max_len: int | None = None) -> Tensor:
+        """Greedy continuation of prompt [B, P] by n_new tokens -> [B, n_new]."""
+        self._check_tokens(prompt)
+        caches = self.new_caches(prompt.shape[0], max_len=max_len)
+        logits = self(prompt, caches=caches)[:, -1]
+        out = []
+        for _ in range(n_new):
+            tok = logits.argmax(-1)
+            out.append(tok)
+            logits = self.decode(tok, caches)
+        return torch.stack(out, dim=1)

@@ -1,0 +1,163 @@
+"""NSAAttention: the NSA layer for decoder-only Transformers.
+
+Projections: q; separate k/v per branch (cmp, sel, win; ``share_kv`` uses one pair);
+RoPE on q and on every key (phi sees position-encoded keys, as the spec says); phi
+compresses cmp-branch keys/values ("mlp": learned intra-block position embedding +
+two-layer MLP, weights shared across KV heads; or "mean"); a gate MLP with sigmoid whose
+last layer starts at zero (all gates 0.5 at init); output projection.
+
+Use ``forward(x)`` for training/prefill without a cache, ``prefill(x, cache)`` to also
+fill a decode cache, and ``decode(x_t, cache)`` for one new token per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nsa.cache import NSACache
+from nsa.config import NSAConfig
+from nsa.ops import nsa_attention
+from nsa.ops.decode import nsa_decode
+from nsa.ops.reference import compress_blocks, compress_mean
+
+
+def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
+    """Rotary position embedding (rotate-half form). x [B, T, heads, D], pos [T] or [B, T]."""
+    D = x.shape[-1]
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=ct) / D)
+    ang = pos.to(ct)[..., None] * inv  # [T, D/2] or [B, T, D/2]
+    if ang.dim() == 2:
+        ang = ang.unsqueeze(0)
+    cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+    x1, x2 = x[..., : D // 2].to(ct), x[..., D // 2:].to(ct)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class Compressor(nn.Module):
+    """phi: raw tokens [B, T, H, D] -> compressed tokens [B, N, H, D] (block l, stride d)."""
+
+    def __init__(self, config: NSAConfig, dim: int) -> None:
+        super().__init__()
+        self.l, self.d, self.kind = config.l, config.d, config.phi
+        if self.kind == "mlp":
+            self.pos = nn.Parameter(torch.randn(config.l, dim) * 0.02)
+            self.fc1 = nn.Linear(config.l * dim, config.phi_hidden_size)
+            self.fc2 = nn.Linear(config.phi_hidden_size, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "mean":
+            return compress_mean(x, self.l, self.d)
+        blocks = compress_blocks(x, self.l, self.d) + self.pos  # [B, N, H, l, D]
+        return self.fc2(F.gelu(self.fc1(blocks.flatten(-2))))
+
+
+class NSAAttention(nn.Module):
+    def __init__(self, config: NSAConfig, backend: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        c = config
+        HQ, H, dk, dv, hid = c.n_heads, c.n_kv_heads, c.d_k, c.d_v, c.hidden_size
+        self.q_proj = nn.Linear(hid, HQ * dk, bias=False)
+        names = ("shared",) if c.share_kv else ("cmp", "sel", "win")
+        self.k_proj = nn.ModuleDict({b: nn.Linear(hid, H * dk, bias=False) for b in names})
+        self.v_proj = nn.ModuleDict({b: nn.Linear(hid, H * dv, bias=False) for b in names})
+        self.phi_k = Compressor(c, dk)
+        self.phi_v = Compressor(c, dv)
+        self.gate = nn.Sequential(
+            nn.Linear(hid, c.gate_hidden_size), nn.SiLU(), nn.Linear(c.gate_hidden_size, 3 * HQ)
+        )
+        nn.init.zeros_(self.gate[-1].weight)
+        nn.init.zeros_(self.gate[-1].bias)
+        self.o_proj = nn.Linear(HQ * dv, hid, bias=False)
+
+    # ------------------------------------------------------------------ pieces
+    def _check_x(self, x: Tensor, what: str) -> None:
+        hid = self.config.hidden_size
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != hid:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"NSAAttention.{what}: x must be [B, T, hidden_size={hid}], got {got}")
+
+    def _project(self, x: Tensor, pos: Tensor) -> dict[str, Tensor]:
+        """q, per-branch k/v (RoPE applied) and gates for tokens x at positions pos."""
+        c = self.config
+        B, T, _ = x.shape
+        rot = (lambda t: rope(t, pos, c.rope_base)) if c.rope else (lambda t: t)
+        out = {"q": rot(self.q_proj(x).view(B, T, c.n_heads, c.d_k))}
+        for b in ("cmp", "sel", "win"):
+            key = "shared" if c.share_kv else b
+            out[f"k_{b}"] = rot(self.k_proj[key](x).view(B, T, c.n_kv_heads, c.d_k))
+            out[f"v_{b}"] = self.v_proj[key](x).view(B, T, c.n_kv_heads, c.d_v)
+        g = torch.sigmoid(self.gate(x)).view(B, T, 3, c.n_heads)
+        out["g_cmp"], out["g_sel"], out["g_win"] = g.unbind(dim=2)
+        return out
+
+    def compress(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """phi over raw cmp-branch keys/values [B, T, H, *] -> compressed [B, N, H, *]."""
+        return self.phi_k(k), self.phi_v(v)
+
+    # ------------------------------------------------------------------ prefill / train
+    def forward(
+        self, x: Tensor, cache: NSACache | None = None, return_aux: bool = False
+    ) -> Tensor | tuple[Tensor, object]:
+        """x [B, T, hidden] at positions 0..T-1 -> [B, T, hidden]. With ``cache``, also
+        fills it (prefill); the cache must be empty."""
+        self._check_x(x, "forward")
+        c = self.config
+        B, T, _ = x.shape
+        p = self._project(x, torch.arange(T, device=x.device))
+        k_cmp, v_cmp = self.compress(p["k_cmp"], p["v_cmp"])
+        res = nsa_attention(
+            p["q"], p["k_sel"], p["v_sel"], p["k_win"], p["v_win"], k_cmp, v_cmp,
+            p["g_cmp"], p["g_sel"], p["g_win"], config=c, backend=self.backend,
+            return_aux=return_aux,
+        )
+        o, aux = res if return_aux else (res, None)
+        if cache is not None:
+            cache.prefill(*(p[n].detach() for n in ("k_sel", "v_sel", "k_win", "v_win",
+                                                    "k_cmp", "v_cmp")),
+                          k_cmp=k_cmp.detach(), v_cmp=v_cmp.detach())
+        y = self.o_proj(o.reshape(B, T, c.n_heads * c.d_v))
+        return (y, aux) if return_aux else y
+
+    def prefill(self, x: Tensor, cache: NSACache) -> Tensor:
+        return self.forward(x, cache=cache)
+
+    # ------------------------------------------------------------------ decode
+    def new_cache(
+        self, batch: int, max_len: int | None = None, device=None, dtype=None,
+        initial_capacity: int = 1024,
+    ) -> NSACache:
+        ref = self.q_proj.weight
+        return NSACache(
+            self.config, batch, max_len=max_len,
+            device=ref.device if device is None else device,
+            dtype=ref.dtype if dtype is None else dtype, compress=self.compress,
+            initial_capacity=initial_capacity,
+        )
+
+    @torch.no_grad()
+    def decode(self, x_t: Tensor, cache: NSACache) -> Tensor:
+        """One new token per sequence: x_t [B, 1, hidden] (or [B, hidden]) at position
+        cache.length -> [B, 1, hidden] (same rank as given). Appends it to the cache."""
+        squeeze = x_t.dim() == 2
+        x = x_t.unsqueeze(1) if squeeze else x_t
+        self._check_x(x, "decode")
+        if x.shape[1] != 1:
+            raise ValueError(f"NSAAttention.decode: one token per sequence, got T={x.shape[1]}")
+        if x.shape[0] != cache.B:
+            raise ValueError(f"NSAAttention.decode: x_t batch {x.shape[0]} != cache batch "
+                             f"{cache.B}")
+        c = self.config
+        pos = torch.tensor([cache.length], device=x.device)
+        p = self._project(x, pos)
+        cache.append(*(p[n][:, 0] for n in ("k_sel", "v_sel", "k_win", "v_win", "k_cmp",
+                                             "v_cmp")))
+        o = nsa_decode(p["q"][:, 0], cache, p["g_cmp"][:, 0], p["g_sel"][:, 0],
+                       p["g_win"][:, 0], c, backend="auto" if self.backend == "auto"
+                       else "reference")
+        y = self.o_proj(o.reshape(x.shape[0], 1, c.n_heads * c.d_v))
+        return y[:, 0] if squeeze else y
