@@ -60,7 +60,8 @@ class NSACache:
         self.dtype = dtype
         self.growable = max_len is None
         self.compress: CompressFn = compress or (
-            lambda k, v: (compress_mean(k, config.l, config.d), compress_mean(v, config.l, config.d))
+            lambda k, v: (compress_mean(k, config.l, config.d),
+                          compress_mean(v, config.l, config.d))
         )
         self.length = 0
         cap = max_len if max_len is not None else max(initial_capacity, 1)
@@ -101,7 +102,7 @@ class NSACache:
     def _check_tokens(self, names: tuple[str, ...], xs: tuple[Tensor, ...], ndim: int,
                       T: int | None) -> int:
         lead = "[B, T, H, *]" if ndim == 4 else "[B, H, *]"
-        for name, x in zip(names, xs):
+        for name, x in zip(names, xs, strict=False):
             if not isinstance(x, Tensor):
                 raise CacheError(f"NSACache: {name} must be a tensor {lead}, got "
                                  f"{type(x).__name__}")

@@ -73,7 +73,6 @@ class DenseAttention(nn.Module):
         return o.transpose(1, 2)
 
     def forward(self, x: Tensor, cache: DenseCache | None = None) -> Tensor:
-        c = self.config
         B, T, _ = x.shape
         q, k, v = self._qkv(x, torch.arange(T, device=x.device))
         if cache is not None:
@@ -183,7 +182,7 @@ class TinyLM(nn.Module):
     def decode(self, token: Tensor, caches: list) -> Tensor:
         """token [B] at the caches' next position -> logits [B, vocab]."""
         x = self.embed(token[:, None])
-        for blk, cache in zip(self.blocks, caches):
+        for blk, cache in zip(self.blocks, caches, strict=False):
             x = blk.decode(x, cache)
         return (self.norm(x) @ self.embed.weight.T)[:, 0]
 

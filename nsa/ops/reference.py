@@ -377,7 +377,7 @@ def reference_nsa(
         t1 = min(T, t0 + C)
         q_pos = pos_all[t0:t1].unsqueeze(0).expand(B, -1)
         w0 = max(0, t0 - cfg.w + 1)
-        sl = lambda g: None if g is None else g[:, t0:t1]  # noqa: E731
+        sl = lambda g, t0=t0, t1=t1: None if g is None else g[:, t0:t1]  # noqa: E731
         r = nsa_chunk(
             q[:, t0:t1],
             q_pos,
