@@ -1,0 +1,209 @@
+"""Raw launcher of the compressed-branch kernels (no autograd, no validation beyond shapes).
+
+Also holds the few launch helpers the selection and window launchers share.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from torch import Tensor
+
+from nsa.config import NSAConfig
+from nsa.ops.compression.kernels import _cmp_fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+CMP_MODES = ("fused", "two_pass")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _interpreter_numpy_shim() -> None:
+    """Triton 3.6's CPU interpreter turns scalar tensors into ints with int(array of shape
+    (1,)), which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream by #9172):
+    every loop with a run-time bound fails. Apply the upstream fix to the interpreter's
+    per-launch patch; compiled GPU kernels are not touched."""
+    try:
+        from triton.runtime import interpreter as _interp
+    except Exception:  # pragma: no cover - interpreter absent in this Triton build
+        return
+    orig = getattr(_interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_nsa_numpy_shim", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._nsa_numpy_shim = True
+    _interp._patch_lang_tensor = patched
+
+
+_interpreter_numpy_shim()
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1, Triton's flag)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def head_dim_tile(d: int) -> int:
+    """Head dims are padded (and masked) to a power of two >= 16 inside the kernels."""
+    return max(16, next_pow2(d))
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 inputs use 3xTF32 on the GPU (near-fp32 accuracy); half types ignore the flag."""
+    return "tf32x3" if dtype == torch.float32 and device.type == "cuda" else "tf32"
+
+
+def rows_per_position(G: int) -> int:
+    """GP2: rows one query position takes in a tile (its G heads, padded to a power of two)."""
+    return next_pow2(G)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def score_layout_ok(cfg: NSAConfig) -> list[str]:
+    """Why the fused block-score epilogue cannot serve this config (empty if it can)."""
+    reasons = []
+    b = cfg.l_sel // cfg.d
+    a = cfg.l // cfg.d
+    if b & (b - 1):
+        reasons.append(f"l_sel / d = {b} must be a power of two for the Triton block-score "
+                       f"kernel (l_sel={cfg.l_sel}, d={cfg.d})")
+    if a > b + 1:
+        reasons.append(f"l = {cfg.l} must be <= l_sel + d = {cfg.l_sel + cfg.d} for the Triton "
+                       f"block-score kernel (a compressed token may touch at most 2 blocks)")
+    return reasons
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _cmp_config(DK: int, DV: int, GP2: int, SEL_B: int, device: torch.device, pass2_only=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the compressed-branch kernel."""
+    if interpreting() or device.type != "cuda":
+        bm, bn, warps, stages = 64, 32, 4, 1
+    else:
+        major, _ = cuda_capability(device)
+        big = max(DK, DV)
+        if big <= 64:
+            bm, bn, warps, stages = 128, 64, 4, 3
+        elif big <= 128:
+            bm, bn, warps, stages = 128, 64, 8, 3 if major >= 9 else 2
+        else:
+            bm, bn, warps, stages = 128, 32, 8, 2
+        if pass2_only and big <= 128:
+            bn = 128 if major >= 9 else 64
+    bm = max(bm, GP2)
+    bn = max(bn, SEL_B, 16)
+    return bm, bn, warps, stages
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def cmp_forward(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    cfg: NSAConfig,
+    scale: float,
+    *,
+    want_o: bool = True,
+    want_scores: bool = True,
+    o: Tensor | None = None,
+    scores: Tensor | None = None,
+    mode: str = "fused",
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Compressed-branch attention and/or the group block scores, in one or two launches.
+
+    q [B, T, HQ, d_k]; k_cmp [B, N, H, d_k]; v_cmp [B, N, H, d_v] (compressed tokens after phi).
+    Returns (o_cmp [B, T, HQ, d_v] in q's dtype or None,
+             scores [B, H, T, ceil(T / l_sel)] float32 or None).
+    Score entries a query cannot use are left unwritten: block j of query t is written
+    whenever j*l_sel < (min(N, N_cmp(t)) * d) + l - d, the only ones selection reads.
+    ``o``/``scores`` may be passed preallocated (tests poison them with NaN).
+    ``mode``: "fused" runs both passes in one program; "two_pass" hands the log-sum-exp
+    through memory to a second launch.
+    """
+    if mode not in CMP_MODES:
+        raise ValueError(f"cmp_forward: mode must be one of {CMP_MODES}, got {mode!r}")
+    q, k_cmp, v_cmp = map(last_dim_contiguous, (q, k_cmp, v_cmp))
+    B, T, HQ, d_k = q.shape
+    N, H = k_cmp.shape[1], k_cmp.shape[2]
+    d_v = v_cmp.shape[-1]
+    G = HQ // H
+    GP2 = rows_per_position(G)
+    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    SEL_B, SEL_A = cfg.l_sel // cfg.d, cfg.l // cfg.d
+    NB = cfg.num_sel_blocks(T)
+    if want_scores:
+        bad = score_layout_ok(cfg)
+        if bad:
+            raise ValueError("cmp_forward: " + "; ".join(bad))
+    if want_o and o is None:
+        o = torch.empty(B, T, HQ, d_v, device=q.device, dtype=q.dtype)
+    if want_scores and scores is None:
+        scores = torch.empty(B, H, T, NB, device=q.device, dtype=torch.float32)
+    if not want_o and not want_scores:
+        return None, None
+    bm, bn, warps, stages = _cmp_config(DK, DV, GP2, SEL_B, q.device)
+    bm, bn = block_m or bm, block_n or bn
+    PP = max(1, bm // GP2)
+    prec = dot_precision(q.dtype, q.device)
+    qk_scale = scale * LOG2E
+    dummy = q.new_empty(1)
+    o_arg = o if o is not None else dummy
+    s_arg = scores if scores is not None else dummy.float()
+    s_strides = scores.stride()[:3] if scores is not None else (0, 0, 0)
+    two = mode == "two_pass" and want_scores
+    lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32) if two else dummy.float()
+    lse_strides = (lse.stride(0), lse.stride(1)) if two else (0, 0)
+
+    def launch(pp, bn_, warps_, stages_, pass1, pass2, store_lse):
+        grid = (triton.cdiv(T, pp), H, B)
+        _cmp_fwd_kernel[grid](
+            q, k_cmp, v_cmp, o_arg, lse, s_arg,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+            v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2),
+            o_arg.stride(0) if o is not None else 0,
+            o_arg.stride(1) if o is not None else 0,
+            o_arg.stride(2) if o is not None else 0,
+            lse_strides[0], lse_strides[1],
+            s_strides[0], s_strides[1], s_strides[2],
+            T, N, NB, qk_scale,
+            G=G, GP2=GP2, PP=pp, BLOCK_N=bn_, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
+            CMP_L=cfg.l, CMP_D=cfg.d, SEL_B=SEL_B, SEL_A=SEL_A,
+            PASS1=pass1, PASS2=pass2, DO_PV=want_o, STORE_LSE=store_lse,
+            DOT_PREC=prec, num_warps=warps_, num_stages=stages_,
+        )
+
+    if not two:
+        launch(PP, bn, warps, stages, True, want_scores, False)
+    else:
+        launch(PP, bn, warps, stages, True, False, True)
+        bm2, bn2, warps2, stages2 = _cmp_config(DK, DV, GP2, SEL_B, q.device, pass2_only=True)
+        bm2, bn2 = block_m or bm2, block_n or bn2
+        launch(max(1, bm2 // GP2), bn2, warps2, stages2, False, True, False)
+    return (o if want_o else None), (scores if want_scores else None)
