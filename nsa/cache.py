@@ -3,9 +3,17 @@
 Per sequence it holds every raw selection-branch key/value, a ring buffer of the last
 ``w`` window-branch keys/values, a ring buffer of the last ``l`` raw compressed-branch
 keys/values, and the compressed cache (one entry per emitted compressed token).
-Buffers are allocated up front (``max_len``) or grow by capacity doubling; nothing is
-concatenated per step. Every argument is checked before anything is written, so a
-failed step leaves the cache exactly as it was.
+
+- Buffers are allocated up front (``max_len``) or grow by capacity doubling; nothing is
+  concatenated per step. Capacity is kept a multiple of ``l_sel`` (whole blocks).
+- Sequences may have different lengths (ragged batches): ``lengths`` is a [B] int64
+  tensor on the cache's device and is the truth; ``max_length`` is a host-side upper
+  bound used for capacity checks and slicing (no device sync per step).
+- ``static=True`` makes every step shape- and branch-independent of the lengths (phi is
+  evaluated every step and its result written only where a token is due), so a whole
+  decode step can be captured in a CUDA graph. Static caches need ``max_len``.
+- Every argument is checked before anything is written: a failed step leaves the cache
+  exactly as it was.
 
 Protocol for one decode step: ``cache.append(...)`` the new token's keys/values, then
 run :func:`nsa.ops.decode.nsa_decode` for its query (a query sees itself).
@@ -13,7 +21,7 @@ run :func:`nsa.ops.decode.nsa_decode` for its query (a query sees itself).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,8 +39,17 @@ class CacheError(RuntimeError):
     """A decode cache operation cannot proceed (capacity, shape, state)."""
 
 
+def ring_positions(lengths: Tensor, R: int) -> Tensor:
+    """[B, R]: absolute position held by each slot of a ring of R slots after lengths[b]
+    tokens (slot s holds the latest position p < length with p % R == s; -1 = empty)."""
+    t = lengths[:, None] - 1
+    s = torch.arange(R, device=lengths.device)
+    pos = t - torch.remainder(t - s, R)
+    return torch.where(pos >= 0, pos, torch.full_like(pos, -1))
+
+
 class NSACache:
-    """Decode state of one NSA layer for a batch of sequences of equal length."""
+    """Decode state of one NSA layer for a batch of (possibly ragged) sequences."""
 
     def __init__(
         self,
@@ -46,11 +63,15 @@ class NSACache:
         dtype: torch.dtype = torch.float32,
         compress: CompressFn | None = None,
         initial_capacity: int = 1024,
+        static: bool = False,
     ) -> None:
         if not isinstance(batch, int) or batch <= 0:
             raise CacheError(f"NSACache: batch must be a positive int, got {batch!r}")
         if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
             raise CacheError(f"NSACache: max_len must be None or a positive int, got {max_len!r}")
+        if static and max_len is None:
+            raise CacheError("NSACache: static=True (CUDA-graph decode) needs max_len: a "
+                             "captured step cannot grow its buffers")
         self.config = config
         self.B = batch
         self.H = config.n_kv_heads if n_kv_heads is None else n_kv_heads
@@ -58,19 +79,25 @@ class NSACache:
         self.d_v = config.d_v if d_v is None else d_v
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        self.max_len = max_len
         self.growable = max_len is None
+        self.static = static
         self.compress: CompressFn = compress or (
             lambda k, v: (compress_mean(k, config.l, config.d),
                           compress_mean(v, config.l, config.d))
         )
-        self.length = 0
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.max_length = 0
+        self._ragged_host = False  # True once a ragged prefill made lengths differ
         cap = max_len if max_len is not None else max(initial_capacity, 1)
+        cap = -(-cap // config.l_sel) * config.l_sel
         B, H, dk, dv = self.B, self.H, self.d_k, self.d_v
         kw = {"device": self.device, "dtype": dtype}
-        self.k_sel = torch.empty(B, cap, H, dk, **kw)
-        self.v_sel = torch.empty(B, cap, H, dv, **kw)
-        self.k_cmp = torch.empty(B, num_compressed(cap, config.l, config.d), H, dk, **kw)
-        self.v_cmp = torch.empty(B, self.k_cmp.shape[1], H, dv, **kw)
+        self.k_sel = torch.zeros(B, cap, H, dk, **kw)
+        self.v_sel = torch.zeros(B, cap, H, dv, **kw)
+        ncmp = max(1, num_compressed(cap, config.l, config.d))
+        self.k_cmp = torch.zeros(B, ncmp, H, dk, **kw)
+        self.v_cmp = torch.zeros(B, ncmp, H, dv, **kw)
         self.k_win = torch.zeros(B, config.w, H, dk, **kw)
         self.v_win = torch.zeros(B, config.w, H, dv, **kw)
         self.k_raw = torch.zeros(B, config.l, H, dk, **kw)  # ring of raw cmp-branch keys
@@ -85,24 +112,24 @@ class NSACache:
         return self.k_sel.shape[1]
 
     @property
+    def length(self) -> int:
+        """Longest sequence so far (host-side; equals every length in a uniform batch)."""
+        return self.max_length
+
+    @property
     def num_cmp(self) -> int:
-        """Compressed tokens emitted so far."""
-        return num_compressed(self.length, self.config.l, self.config.d)
+        """Compressed tokens emitted so far by the longest sequence."""
+        return num_compressed(self.max_length, self.config.l, self.config.d)
 
     def window_positions(self) -> Tensor:
         """[B, w] absolute position held by each window slot (-1 = empty)."""
-        w = self.config.w
-        t = self.length - 1
-        s = torch.arange(w, device=self.device)
-        pos = t - torch.remainder(t - s, w)
-        pos = torch.where(pos >= 0, pos, torch.full_like(pos, -1))
-        return pos.unsqueeze(0).expand(self.B, w)
+        return ring_positions(self.lengths, self.config.w)
 
     # ------------------------------------------------------------------ checks
-    def _check_tokens(self, names: tuple[str, ...], xs: tuple[Tensor, ...], ndim: int,
-                      T: int | None) -> int:
+    def _check_tokens(self, names: tuple[str, ...], xs: tuple[Tensor, ...], ndim: int) -> int:
         lead = "[B, T, H, *]" if ndim == 4 else "[B, H, *]"
-        for name, x in zip(names, xs, strict=False):
+        T = None
+        for name, x in zip(names, xs):
             if not isinstance(x, Tensor):
                 raise CacheError(f"NSACache: {name} must be a tensor {lead}, got "
                                  f"{type(x).__name__}")
@@ -110,13 +137,12 @@ class NSACache:
                 raise CacheError(f"NSACache: {name} must be {ndim}-D {lead}, got shape "
                                  f"{tuple(x.shape)}")
             D = self.d_k if name.startswith("k") else self.d_v
-            want = (self.B, T, self.H, D) if ndim == 4 else (self.B, self.H, D)
-            got = tuple(x.shape)
             if ndim == 4 and T is None:
-                T = got[1]
-                want = (self.B, T, self.H, D)
-            if got != want:
-                raise CacheError(f"NSACache: {name} must have shape {want}, got {got}")
+                T = x.shape[1]
+            want = (self.B, T, self.H, D) if ndim == 4 else (self.B, self.H, D)
+            if tuple(x.shape) != want:
+                raise CacheError(f"NSACache: {name} must have shape {want}, got "
+                                 f"{tuple(x.shape)}")
             if x.device != self.device:
                 raise CacheError(f"NSACache: {name} is on {x.device}, cache is on {self.device}")
             if x.dtype != self.dtype:
@@ -124,20 +150,20 @@ class NSACache:
         return T or 1
 
     def _ensure_capacity(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        if not self.growable:
+        if self.max_len is not None and needed > self.max_len:
             raise CacheError(
-                f"NSACache: capacity {self.capacity} tokens (max_len) exceeded: the step needs "
+                f"NSACache: capacity {self.max_len} tokens (max_len) exceeded: the step needs "
                 f"{needed}; allocate with a larger max_len or max_len=None to grow"
             )
+        if needed <= self.capacity:
+            return
         cap = self.capacity
         while cap < needed:
             cap *= 2
         ncmp = num_compressed(cap, self.config.l, self.config.d)
-        for name, length in (("k_sel", cap), ("v_sel", cap), ("k_cmp", ncmp), ("v_cmp", ncmp)):
+        for name, size in (("k_sel", cap), ("v_sel", cap), ("k_cmp", ncmp), ("v_cmp", ncmp)):
             old = getattr(self, name)
-            new = old.new_empty(old.shape[0], length, *old.shape[2:])
+            new = old.new_zeros(old.shape[0], size, *old.shape[2:])
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
 
@@ -147,18 +173,29 @@ class NSACache:
         k_sel: Tensor, v_sel: Tensor, k_win: Tensor, v_win: Tensor,
         k_cmp_raw: Tensor, v_cmp_raw: Tensor,
         k_cmp: Tensor | None = None, v_cmp: Tensor | None = None,
+        lengths: Tensor | Sequence[int] | None = None,
     ) -> None:
-        """Fill an empty cache with P tokens (exactly what P append() calls would leave).
-
-        Raw tensors are [B, P, H, *] (already position-encoded). ``k_cmp``/``v_cmp``
-        may pass compressed tokens already computed by phi over the same raw tokens.
-        """
-        if self.length:
-            raise CacheError(f"NSACache.prefill: cache already holds {self.length} tokens; "
+        """Fill an empty cache with P tokens per sequence (exactly what P append() calls
+        would leave). Raw tensors are [B, P, H, *] (already position-encoded);
+        ``k_cmp``/``v_cmp`` may pass phi's output over the same raw tokens. ``lengths``
+        ([B], each in 1..P) marks a ragged batch whose sequence b is the first lengths[b]
+        tokens (the rest is padding and is never visible)."""
+        if self.max_length:
+            raise CacheError(f"NSACache.prefill: cache already holds {self.max_length} tokens; "
                              "prefill needs an empty cache (use append for more tokens)")
         names = ("k_sel", "v_sel", "k_win", "v_win", "k_cmp_raw", "v_cmp_raw")
-        P = self._check_tokens(names, (k_sel, v_sel, k_win, v_win, k_cmp_raw, v_cmp_raw), 4,
-                               None)
+        P = self._check_tokens(names, (k_sel, v_sel, k_win, v_win, k_cmp_raw, v_cmp_raw), 4)
+        if lengths is None:
+            lens = torch.full((self.B,), P, dtype=torch.long, device=self.device)
+        else:
+            lens = torch.as_tensor(lengths, dtype=torch.long).to(self.device)
+            if tuple(lens.shape) != (self.B,):
+                raise CacheError(f"NSACache.prefill: lengths must have shape ({self.B},), got "
+                                 f"{tuple(lens.shape)}")
+            lo, hi = int(lens.min()), int(lens.max())  # one sync, at prefill only
+            if lo < 1 or hi > P:
+                raise CacheError(f"NSACache.prefill: lengths must lie in [1, P={P}], got "
+                                 f"min {lo} max {hi}")
         cfg = self.config
         N = num_compressed(P, cfg.l, cfg.d)
         if k_cmp is None or v_cmp is None:
@@ -167,6 +204,7 @@ class NSACache:
             raise CacheError(f"NSACache.prefill: expected {N} compressed tokens for P={P}, got "
                              f"{k_cmp.shape[1]} / {v_cmp.shape[1]}")
         self._ensure_capacity(P)
+        b = torch.arange(self.B, device=self.device)[:, None]
         with torch.no_grad():
             self.k_sel[:, :P] = k_sel
             self.v_sel[:, :P] = v_sel
@@ -174,43 +212,69 @@ class NSACache:
             self.v_cmp[:, :N] = v_cmp
             for ring_k, ring_v, k, v in ((self.k_win, self.v_win, k_win, v_win),
                                          (self.k_raw, self.v_raw, k_cmp_raw, v_cmp_raw)):
-                R = ring_k.shape[1]
-                p = torch.arange(max(0, P - R), P, device=self.device)
-                ring_k[:, p % R] = k[:, p]
-                ring_v[:, p % R] = v[:, p]
-        self.length = P
+                pos = ring_positions(lens, ring_k.shape[1])
+                keep = (pos >= 0)[..., None, None]
+                ring_k.copy_(torch.where(keep, k[b, pos.clamp(min=0)], ring_k))
+                ring_v.copy_(torch.where(keep, v[b, pos.clamp(min=0)], ring_v))
+        self.lengths.copy_(lens)
+        self.max_length = P if lengths is None else hi
+        self._ragged_host = lengths is not None and lo != hi
 
     def append(
         self, k_sel: Tensor, v_sel: Tensor, k_win: Tensor, v_win: Tensor,
         k_cmp_raw: Tensor, v_cmp_raw: Tensor,
     ) -> None:
-        """Append one token per sequence ([B, H, *] each); emits a compressed token when
-        the count of tokens n_seen reaches l + m*d."""
+        """Append one token per sequence ([B, H, *] each) at position lengths[b]; emits
+        compressed token (n_seen - l)/d where the count n_seen reaches l + m*d."""
         names = ("k_sel", "v_sel", "k_win", "v_win", "k_cmp_raw", "v_cmp_raw")
-        self._check_tokens(names, (k_sel, v_sel, k_win, v_win, k_cmp_raw, v_cmp_raw), 3, None)
+        self._check_tokens(names, (k_sel, v_sel, k_win, v_win, k_cmp_raw, v_cmp_raw), 3)
+        self._ensure_capacity(self.max_length + 1)
         cfg = self.config
-        t = self.length
+        t = self.lengths  # position of the new token, per sequence
+        b = torch.arange(self.B, device=self.device)
         n_seen = t + 1
-        emit = n_seen >= cfg.l and (n_seen - cfg.l) % cfg.d == 0
+        # phi runs before any write, so a failure in it leaves the cache untouched
+        if not self.static and not self._ragged_host:
+            n = self.max_length + 1
+            due: Tensor | None = None
+            emit = n >= cfg.l and (n - cfg.l) % cfg.d == 0
+        else:  # per-sequence decision on the device (ragged or graph-captured)
+            due = (n_seen >= cfg.l) & (torch.remainder(n_seen - cfg.l, cfg.d) == 0)
+            emit = True
         if emit:
-            # raw block [n_seen - l, n_seen): ring slots in position order, new token last
-            slots = torch.arange(n_seen - cfg.l, n_seen - 1, device=self.device) % cfg.l
-            kb = torch.cat([self.k_raw[:, slots], k_cmp_raw[:, None]], dim=1)
-            vb = torch.cat([self.v_raw[:, slots], v_cmp_raw[:, None]], dim=1)
-            kc, vc = self.compress(kb, vb)  # [B, 1, H, *]; computed before any write
-        self._ensure_capacity(n_seen)
+            kc, vc = self._compress_block(n_seen, k_cmp_raw, v_cmp_raw)
         with torch.no_grad():
-            self.k_sel[:, t] = k_sel
-            self.v_sel[:, t] = v_sel
-            self.k_win[:, t % cfg.w] = k_win
-            self.v_win[:, t % cfg.w] = v_win
-            self.k_raw[:, t % cfg.l] = k_cmp_raw
-            self.v_raw[:, t % cfg.l] = v_cmp_raw
+            self.k_sel[b, t] = k_sel
+            self.v_sel[b, t] = v_sel
+            self.k_win[b, t % cfg.w] = k_win
+            self.v_win[b, t % cfg.w] = v_win
+            self.k_raw[b, t % cfg.l] = k_cmp_raw
+            self.v_raw[b, t % cfg.l] = v_cmp_raw
             if emit:
-                i = (n_seen - cfg.l) // cfg.d
-                self.k_cmp[:, i] = kc[:, 0]
-                self.v_cmp[:, i] = vc[:, 0]
-        self.length = n_seen
+                i = ((n_seen - cfg.l) // cfg.d).clamp(min=0)
+                if due is None:
+                    self.k_cmp[b, i] = kc
+                    self.v_cmp[b, i] = vc
+                else:
+                    m = due[:, None, None]
+                    self.k_cmp[b, i] = torch.where(m, kc, self.k_cmp[b, i])
+                    self.v_cmp[b, i] = torch.where(m, vc, self.v_cmp[b, i])
+            self.lengths.add_(1)
+        self.max_length += 1
+
+    def _compress_block(self, n_seen: Tensor, k_new: Tensor, v_new: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+        """phi over raw tokens [n_seen - l, n_seen) of each sequence, the newest one (not
+        yet in the ring) given: -> ([B, H, d_k], [B, H, d_v])."""
+        cfg = self.config
+        offs = torch.arange(cfg.l - 1, device=self.device)
+        slots = torch.remainder(n_seen[:, None] - cfg.l + offs, cfg.l)  # [B, l-1]
+        b = torch.arange(self.B, device=self.device)[:, None]
+        kb = torch.cat([self.k_raw[b, slots], k_new[:, None]], dim=1)
+        vb = torch.cat([self.v_raw[b, slots], v_new[:, None]], dim=1)
+        with torch.no_grad():
+            kc, vc = self.compress(kb, vb)  # [B, 1, H, *]
+        return kc[:, 0], vc[:, 0]
 
     def record_reads(self, reads: dict[str, Tensor]) -> None:
         self.last_reads = reads

@@ -101,10 +101,12 @@ class NSAAttention(nn.Module):
 
     # ------------------------------------------------------------------ prefill / train
     def forward(
-        self, x: Tensor, cache: NSACache | None = None, return_aux: bool = False
+        self, x: Tensor, cache: NSACache | None = None, return_aux: bool = False,
+        lengths: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, object]:
         """x [B, T, hidden] at positions 0..T-1 -> [B, T, hidden]. With ``cache``, also
-        fills it (prefill); the cache must be empty."""
+        fills it (prefill); the cache must be empty. ``lengths`` [B] marks a right-padded
+        ragged batch for the cache (outputs past a sequence's length are padding)."""
         self._check_x(x, "forward")
         c = self.config
         B, T, _ = x.shape
@@ -119,24 +121,24 @@ class NSAAttention(nn.Module):
         if cache is not None:
             cache.prefill(*(p[n].detach() for n in ("k_sel", "v_sel", "k_win", "v_win",
                                                     "k_cmp", "v_cmp")),
-                          k_cmp=k_cmp.detach(), v_cmp=v_cmp.detach())
+                          k_cmp=k_cmp.detach(), v_cmp=v_cmp.detach(), lengths=lengths)
         y = self.o_proj(o.reshape(B, T, c.n_heads * c.d_v))
         return (y, aux) if return_aux else y
 
-    def prefill(self, x: Tensor, cache: NSACache) -> Tensor:
-        return self.forward(x, cache=cache)
+    def prefill(self, x: Tensor, cache: NSACache, lengths: Tensor | None = None) -> Tensor:
+        return self.forward(x, cache=cache, lengths=lengths)
 
     # ------------------------------------------------------------------ decode
     def new_cache(
         self, batch: int, max_len: int | None = None, device=None, dtype=None,
-        initial_capacity: int = 1024,
+        initial_capacity: int = 1024, static: bool = False,
     ) -> NSACache:
         ref = self.q_proj.weight
         return NSACache(
             self.config, batch, max_len=max_len,
             device=ref.device if device is None else device,
             dtype=ref.dtype if dtype is None else dtype, compress=self.compress,
-            initial_capacity=initial_capacity,
+            initial_capacity=initial_capacity, static=static,
         )
 
     @torch.no_grad()
@@ -152,8 +154,7 @@ class NSAAttention(nn.Module):
             raise ValueError(f"NSAAttention.decode: x_t batch {x.shape[0]} != cache batch "
                              f"{cache.B}")
         c = self.config
-        pos = torch.tensor([cache.length], device=x.device)
-        p = self._project(x, pos)
+        p = self._project(x, cache.lengths[:, None])
         cache.append(*(p[n][:, 0] for n in ("k_sel", "v_sel", "k_win", "v_win", "k_cmp",
                                              "v_cmp")))
         o = nsa_decode(p["q"][:, 0], cache, p["g_cmp"][:, 0], p["g_sel"][:, 0],

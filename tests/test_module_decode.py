@@ -245,7 +245,7 @@ def test_cache_grows_by_doubling_and_keeps_contents():
                      torch.randn(1, 2, 6, dtype=torch.float64), k,
                      torch.randn(1, 2, 6, dtype=torch.float64))
         caps.add(cache.capacity)
-    assert caps == {4, 8, 16, 32, 64, 128}
+    assert caps == {16, 32, 64, 128}  # whole selection blocks (l_sel=16), then doubling
     assert torch.equal(cache.k_sel[:, :100], torch.stack(ks, dim=1))
 
 
@@ -272,3 +272,45 @@ def test_prefill_into_nonempty_cache_and_decode_errors():
         nsa_decode(q, m.new_cache(2), g, g, g)
     with pytest.raises(CacheError, match="max_len must be None or a positive int"):
         m.new_cache(2, max_len=0)
+
+
+# ---------------------------------------------------------------- ragged and static
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_ragged_batch_decode_equals_each_sequence_alone(static):
+    """Sequences of different lengths in one batch: each sees only its own tokens, with
+    lengths straddling multiples of l, d, l' and w; static (graph-safe) caches agree."""
+    m = make_module()
+    c = m.config
+    torch.manual_seed(7)
+    lens = [c.l - 1, c.l_sel + 1, c.w, 2]  # 7, 17, 20, 2
+    K = c.l + 2
+    x = torch.randn(len(lens), max(lens) + K, c.hidden_size, dtype=torch.float64)
+    full = m(x)  # row b's prefix is sequence b (causal: padding after it changes nothing)
+    cache = m.new_cache(len(lens), max_len=max(lens) + K if static else None,
+                        initial_capacity=4, static=static)
+    y0 = m.prefill(x[:, : max(lens)], cache, lengths=torch.tensor(lens))
+    for b, P in enumerate(lens):
+        torch.testing.assert_close(y0[b, :P], full[b, :P], rtol=0, atol=1e-12)
+    for i in range(K):
+        step_in = torch.stack([x[b, P + i] for b, P in enumerate(lens)])[:, None]
+        y = m.decode(step_in, cache)
+        want = torch.stack([full[b, P + i] for b, P in enumerate(lens)])[:, None]
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-12, msg=lambda s, i=i: f"step {i}: {s}")
+        t = torch.tensor(lens) + i
+        assert torch.equal(cache.lengths, t + 1)
+        assert torch.equal(cache.last_reads["win"][:, 0], torch.clamp(t + 1, max=c.w))
+        n_cmp = torch.where(t + 1 < c.l, 0, (t + 1 - c.l) // c.d + 1)
+        assert torch.equal(cache.last_reads["cmp"][:, 0], n_cmp)
+
+
+def test_ragged_prefill_rejects_bad_lengths():
+    m = make_module()
+    x = torch.randn(2, 10, m.config.hidden_size, dtype=torch.float64)
+    with pytest.raises(CacheError, match=r"lengths must lie in \[1, P=10\], got min 0 max 3"):
+        m.prefill(x, m.new_cache(2), lengths=torch.tensor([0, 3]))
+    with pytest.raises(CacheError, match=r"lengths must have shape \(2,\), got \(3,\)"):
+        m.prefill(x, m.new_cache(2), lengths=torch.tensor([1, 2, 3]))
+    with pytest.raises(CacheError, match="static=True .* needs max_len"):
+        m.new_cache(2, static=True)

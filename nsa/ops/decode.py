@@ -1,7 +1,7 @@
 """One-token NSA decode over an :class:`nsa.cache.NSACache` (public layer).
 
-``nsa_decode`` runs after ``cache.append(...)`` of the new token: the query at position
-``cache.length - 1`` sees every cached token up to and including itself. The tokens each
+``nsa_decode`` runs after ``cache.append(...)`` of the new token: the query of sequence b
+at position ``cache.lengths[b] - 1`` sees every cached token up to and including itself. The tokens each
 branch actually read (counted from the masks/indices the computation used) are stored
 in ``cache.last_reads`` as [B, H] tensors and accumulated in ``cache.total_reads``.
 """
@@ -41,7 +41,7 @@ def nsa_decode(
 ) -> Tensor | tuple[Tensor, Tensor | None]:
     """NSA output for the newest token of each sequence.
 
-    q_t: [B, HQ, d_k] query of the token at position cache.length - 1.
+    q_t: [B, HQ, d_k] query of each sequence's newest token (position lengths[b] - 1).
     g_cmp, g_sel, g_win: [B, HQ] gates, None skips a branch.
     Returns [B, HQ, d_v] in q_t's dtype (and the [B, H, n] block indices if asked).
     """
@@ -59,7 +59,7 @@ def nsa_decode(
                          f"H={cache.H} KV heads")
     if q_t.device != cache.device:
         raise ValueError(f"nsa_decode: q_t is on {q_t.device}, cache is on {cache.device}")
-    if cache.length == 0:
+    if cache.max_length == 0:
         raise ValueError("nsa_decode: the cache is empty; append the new token first")
     for name, g in (("g_cmp", g_cmp), ("g_sel", g_sel), ("g_win", g_win)):
         _check_gate(name, g, B, HQ, q_t)
@@ -71,9 +71,11 @@ def nsa_decode(
         scale = cfg.scale if cfg.scale is not None else dk ** -0.5
 
     ct = compute_dtype(q_t.dtype)
-    T = cache.length
-    N = cache.num_cmp
-    q_pos = torch.full((B, 1), T - 1, dtype=torch.long, device=q_t.device)
+    # a static (graph-captured) step must not depend on host lengths: read whole buffers,
+    # visibility comes from each sequence's position alone
+    T = cache.capacity if cache.static else cache.max_length
+    N = cache.k_cmp.shape[1] if cache.static else cache.num_cmp
+    q_pos = (cache.lengths - 1)[:, None]
     c = lambda x: x.to(ct)  # noqa: E731
     g = lambda x: None if x is None else x[:, None].to(ct)  # noqa: E731
     with torch.no_grad():
