@@ -129,7 +129,7 @@ class NSACache:
     def _check_tokens(self, names: tuple[str, ...], xs: tuple[Tensor, ...], ndim: int) -> int:
         lead = "[B, T, H, *]" if ndim == 4 else "[B, H, *]"
         T = None
-        for name, x in zip(names, xs):
+        for name, x in zip(names, xs, strict=True):
             if not isinstance(x, Tensor):
                 raise CacheError(f"NSACache: {name} must be a tensor {lead}, got "
                                  f"{type(x).__name__}")
