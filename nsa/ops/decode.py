@@ -1,9 +1,10 @@
 """One-token NSA decode over an :class:`nsa.cache.NSACache` (public layer).
 
 ``nsa_decode`` runs after ``cache.append(...)`` of the new token: the query of sequence
-b at position ``cache.lengths[b] - 1`` sees every cached token up to and including itself. The tokens each
-branch actually read (counted from the masks/indices the computation used) are stored
-in ``cache.last_reads`` as [B, H] tensors and accumulated in ``cache.total_reads``.
+b at position ``cache.lengths[b] - 1`` sees every cached token up to and including
+itself. The tokens each branch actually read (counted from the masks/indices the
+computation used) are stored in ``cache.last_reads`` as [B, H] tensors and accumulated
+in ``cache.total_reads``.
 """
 
 from __future__ import annotations
