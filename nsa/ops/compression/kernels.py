@@ -156,7 +156,8 @@ def _cmp_fwd_kernel(
                       + (p_loc * stride_ot + hq * stride_oh)[:, None] + offs_dv[None, :])
             tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
         # rows with no visible token (or padding rows) get lse = +inf: p = 0 in pass 2
-        lse = tl.where((l_i > 0) & row_ok, m_i + tl.math.log2(l_i), float("inf"))
+        lse = tl.where((l_i > 0) & row_ok, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)),
+                       float("inf"))
         if STORE_LSE:
             tl.store(lse_ptrs, lse, mask=row_ok)
     else:

@@ -1,0 +1,239 @@
+"""Triton kernels of the selection branch: top-n block choice and selected-block attention.
+
+Top-n (:func:`_topn_kernel`), one program per (tile of ROWS positions, KV head, batch):
+each free candidate block j of query t (a candidate j*l' <= t that is not forced) gets
+the int64 key ``order(score) << 32 | (2^31 - 1 - j)``; ``order`` maps float bits to
+integers with the same order (-0.0 is first made +0.0, so equal scores give equal keys).
+The largest key is the highest score, ties going to the lower block index: exactly the
+order of the reference's stable descending sort. The row is streamed in chunks of CH
+blocks (only up to the last candidate of the tile); after each chunk the running set of
+the K_FREE best keys is rebuilt by K_FREE rounds of "take the maximum of chunk and set,
+knock it out". With C candidates and C > n, the forced blocks (n_initial first, n_local
+last) are distinct and all exist, so exactly n - n_initial - n_local free picks remain;
+with C <= n every candidate is taken and the free ones number at most that many too.
+The forced blocks are then joined to the picks and one small sort writes them ascending
+with -1 last: the canonical order of ``reference.select_blocks``. No host sync.
+
+Selected attention (:func:`_sel_fwd_kernel`), group-centric: one program per (tile of PP
+query positions, KV head, batch); the dot's M dimension packs PP positions x GP2 heads
+(GP2 = G rounded up to a power of two; PP = max(1, 16 // GP2) by default, so G < 16
+packs several positions and no program runs a dot with fewer than 16 rows). With PP = 1
+the program streams the n selected blocks of its position straight from the index row.
+With PP > 1 it streams the *union* of its positions' blocks (sorted, duplicates
+dropped): each block is loaded once and each row keeps only the blocks its own position
+selected, so positions that share blocks (always the forced ones; in trained models
+most) share the loads and the dots. Causal inside the block (key position <= t). The
+epilogue optionally fuses the gate combine ``g_sel*O_sel + g_cmp*O_cmp + g_win*O_win``
+and writes the output in its dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_KEY_NONE = tl.constexpr(-9223372036854775808)  # int64 min: "no candidate"
+_IDX_NONE = tl.constexpr(2147483647)  # int32 max: an unused index slot while sorting
+
+
+@triton.jit
+def _topn_kernel(
+    SCORES, IDX,
+    stride_sb, stride_sh, stride_st,
+    stride_ib, stride_it, stride_ih,
+    T, N,
+    CMP_L: tl.constexpr, CMP_D: tl.constexpr, L_SEL: tl.constexpr,
+    SEL_B: tl.constexpr, SEL_A: tl.constexpr,
+    N_SEL: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
+    K_FREE: tl.constexpr, P: tl.constexpr, NOUT: tl.constexpr, ROWS: tl.constexpr,
+    CH: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = tile * ROWS + tl.arange(0, ROWS)
+    row_ok = t < T
+    cur = t // L_SEL  # block holding t: candidates are 0..cur
+    n_vis = tl.minimum(tl.maximum(t + 1 - CMP_L + CMP_D, 0) // CMP_D, N)
+    # blocks past this one received no visible compressed token: score 0, never stored
+    j_scored = (n_vis + SEL_A - 2) // SEL_B  # j*SEL_B - (SEL_A - 1) < n_vis  <=>  j <= this
+    slot = tl.arange(0, P)
+    best = tl.full([ROWS, P], _KEY_NONE, tl.int64)
+    if K_FREE > 0:
+        s_base = SCORES + b * stride_sb + h * stride_sh
+        s_rows = s_base + (t.to(tl.int64) * stride_st)[:, None]
+        t_hi = tl.minimum(tile * ROWS + ROWS - 1, T - 1)
+        n_cand = t_hi // L_SEL + 1
+        for c0 in range(0, n_cand, CH):
+            j = c0 + tl.arange(0, CH)
+            jr = j[None, :]
+            cand = (jr <= cur[:, None]) & row_ok[:, None]
+            forced = (jr < N_INIT) | ((cur[:, None] - jr >= 0) & (cur[:, None] - jr < N_LOCAL))
+            free = cand & ~forced
+            sc = tl.load(s_rows + jr, mask=free & (jr <= j_scored[:, None]), other=0.0)
+            sc = tl.where(sc == 0.0, 0.0, sc)  # -0.0 -> +0.0
+            bits = sc.to(tl.int32, bitcast=True)
+            okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+            key = (okey.to(tl.int64) << 32) | (0x7FFFFFFF - jr).to(tl.int64)
+            key = tl.where(free, key, _KEY_NONE)
+            fresh = tl.full([ROWS, P], _KEY_NONE, tl.int64)
+            for it in tl.static_range(K_FREE):
+                m = tl.maximum(tl.max(key, 1), tl.max(best, 1))
+                fresh = tl.where(slot[None, :] == it, m[:, None], fresh)
+                key = tl.where(key == m[:, None], _KEY_NONE, key)
+                best = tl.where(best == m[:, None], _KEY_NONE, best)
+            best = fresh
+    picked = tl.where(best != _KEY_NONE, 0x7FFFFFFF - (best & 0xFFFFFFFF), _IDX_NONE)
+    picked = picked.to(tl.int32)
+    # forced blocks: slots 0..N_INIT-1 initial, N_INIT..N_INIT+N_LOCAL-1 local
+    sl = slot[None, :]
+    cur2 = cur[:, None]
+    local = cur2 - (sl - N_INIT)
+    forced_j = tl.where(sl < N_INIT, sl, local)
+    forced_ok = tl.where(sl < N_INIT, sl <= cur2, (sl < N_INIT + N_LOCAL) & (local >= N_INIT))
+    forced_j = tl.where(forced_ok, forced_j, _IDX_NONE).to(tl.int32)
+    vals = tl.reshape(tl.join(forced_j, picked), [ROWS, 2 * P])
+    valid = vals != _IDX_NONE
+    # the selected blocks are distinct: a block's slot is the number of smaller ones
+    smaller = (vals[:, None, :] < vals[:, :, None]) & valid[:, None, :]
+    rank = tl.sum(smaller.to(tl.int32), 2)
+    count = tl.sum(valid.to(tl.int32), 1)
+    i_rows = IDX + b * stride_ib + h * stride_ih + (t.to(tl.int64) * stride_it)[:, None]
+    tl.store(i_rows + rank, vals, mask=row_ok[:, None] & valid)
+    col = tl.arange(0, NOUT)[None, :]
+    tl.store(i_rows + col, tl.full([ROWS, NOUT], -1, tl.int32),
+             mask=row_ok[:, None] & (col >= count[:, None]) & (col < N_SEL))
+
+
+@triton.jit
+def _sel_fwd_kernel(
+    Q, K, V, IDX, O, OB, OC, OW, GS, GC, GW,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ib, stride_it, stride_ih,
+    stride_ob, stride_ot, stride_oh,
+    stride_bb, stride_bt, stride_bh,
+    stride_cb, stride_ct, stride_ch,
+    stride_wb, stride_wt, stride_wh,
+    stride_gsb, stride_gst, stride_gsh,
+    stride_gcb, stride_gct, stride_gch,
+    stride_gwb, stride_gwt, stride_gwh,
+    T, qk_scale,
+    G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
+    WRITE_OUT: tl.constexpr, WRITE_BRANCH: tl.constexpr,
+    HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = PP * GP2
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t0 = tile * PP
+    offs_m = tl.arange(0, BLOCK_M)
+    p_loc = offs_m // GP2
+    g_loc = offs_m % GP2
+    t_row = t0 + p_loc
+    row_ok = (g_loc < G) & (t_row < T)
+    hq = h * G + g_loc
+    offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    dk_ok = offs_dk[:, None] < D_K
+    dv_ok = offs_dv[None, :] < D_V
+
+    q_ptrs = (Q + b * stride_qb + t0.to(tl.int64) * stride_qt
+              + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    k_cols = offs_dk[:, None] + offs_n[None, :] * stride_kt  # K^T tile [DK, BLOCK_N]
+    v_rows = offs_n[:, None] * stride_vt + offs_dv[None, :]
+    i_base = IDX + b * stride_ib + h * stride_ih + t0.to(tl.int64) * stride_it
+    offs_s = tl.arange(0, NP)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+
+    if PP == 1:
+        # one position: its (canonical, deduplicated) index row is the block list
+        row_idx = tl.load(i_base + offs_s, mask=offs_s < N_SEL, other=-1)
+        n_blocks = tl.sum((row_idx >= 0).to(tl.int32), 0)
+    else:
+        # several positions: stream the union of their blocks, each block once
+        FL: tl.constexpr = PP * NP
+        offs_p = tl.arange(0, PP)
+        pos_idx = tl.load(i_base + (offs_p * stride_it)[:, None] + offs_s[None, :],
+                          mask=((t0 + offs_p) < T)[:, None] & (offs_s[None, :] < N_SEL), other=-1)
+        flat = tl.reshape(pos_idx, [FL])
+        flat_pos = tl.arange(0, FL) // NP
+        # a block is streamed at its first occurrence (position-major order)
+        dup = flat < 0
+        for pp in tl.static_range(PP - 1):
+            row_pp = tl.load(i_base + pp * stride_it + offs_s,
+                             mask=(offs_s < N_SEL) & (t0 + pp < T), other=-1)
+            hit = tl.max((flat[:, None] == row_pp[None, :]).to(tl.int32), 1) > 0
+            dup = dup | (hit & (flat_pos > pp))
+        first = ~dup
+        order = tl.where(first, tl.cumsum(first.to(tl.int32), 0) - 1, -1)
+        n_blocks = tl.sum(first.to(tl.int32), 0)
+        # each row's own index row, to test membership of a streamed block
+        row_idx = tl.load(i_base + (p_loc * stride_it)[:, None] + offs_s[None, :],
+                          mask=row_ok[:, None] & (offs_s[None, :] < N_SEL), other=-1)
+
+    for u in range(0, n_blocks):
+        if PP == 1:
+            blk = tl.load(i_base + u)
+            member = row_ok
+        else:
+            blk = tl.sum(tl.where(order == u, flat, 0), 0)
+            member = tl.max((row_idx == blk).to(tl.int32), 1) > 0
+        for c0 in tl.static_range(0, L_SEL, BLOCK_N):
+            s0 = blk.to(tl.int64) * L_SEL + c0
+            kpos = s0 + offs_n
+            kt = tl.load(k_base + s0 * stride_kt + k_cols,
+                         mask=dk_ok & (kpos[None, :] < T), other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+            ok = (member[:, None] & (kpos[None, :] <= t_row[:, None])
+                  & (c0 + offs_n < L_SEL)[None, :])
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + s0 * stride_vt + v_rows,
+                        mask=dv_ok & (kpos[:, None] < T), other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    st_mask = row_ok[:, None] & dv_ok
+    rows_t = (p_loc * stride_ot + hq * stride_oh)[:, None]
+    if WRITE_BRANCH:
+        ob_ptrs = (OB + b * stride_bb + t0.to(tl.int64) * stride_bt
+                   + (p_loc * stride_bt + hq * stride_bh)[:, None] + offs_dv[None, :])
+        tl.store(ob_ptrs, o.to(OB.dtype.element_ty), mask=st_mask)
+    if WRITE_OUT:
+        gs = tl.load(GS + b * stride_gsb + t_row.to(tl.int64) * stride_gst + hq * stride_gsh,
+                     mask=row_ok, other=0.0).to(tl.float32)
+        res = o * gs[:, None]
+        if HAS_CMP:
+            gc = tl.load(GC + b * stride_gcb + t_row.to(tl.int64) * stride_gct + hq * stride_gch,
+                         mask=row_ok, other=0.0).to(tl.float32)
+            oc = tl.load(OC + b * stride_cb + t0.to(tl.int64) * stride_ct
+                         + (p_loc * stride_ct + hq * stride_ch)[:, None] + offs_dv[None, :],
+                         mask=st_mask, other=0.0).to(tl.float32)
+            res += oc * gc[:, None]
+        if HAS_WIN:
+            gw = tl.load(GW + b * stride_gwb + t_row.to(tl.int64) * stride_gwt + hq * stride_gwh,
+                         mask=row_ok, other=0.0).to(tl.float32)
+            ow = tl.load(OW + b * stride_wb + t0.to(tl.int64) * stride_wt
+                         + (p_loc * stride_wt + hq * stride_wh)[:, None] + offs_dv[None, :],
+                         mask=st_mask, other=0.0).to(tl.float32)
+            res += ow * gw[:, None]
+        o_ptrs = O + b * stride_ob + t0.to(tl.int64) * stride_ot + rows_t + offs_dv[None, :]
+        tl.store(o_ptrs, res.to(O.dtype.element_ty), mask=st_mask)

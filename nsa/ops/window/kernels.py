@@ -1,0 +1,122 @@
+"""Triton kernel of the sliding-window branch: flash attention over keys (t - w, t].
+
+One program per (tile of PP positions, KV head, batch); like the compressed kernel, the
+M dimension packs PP positions x GP2 heads of one GQA group so each K/V tile is loaded
+once per group. Only key tiles that intersect [t_first - w + 1, t_last] are visited;
+tiles every row sees entirely skip the mask (lower window edge and causal diagonal are
+the only masked ones).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _win_fwd_kernel(
+    Q, K, V, O,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, W, qk_scale,
+    G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = PP * GP2
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t0 = tile * PP
+    offs_m = tl.arange(0, BLOCK_M)
+    p_loc = offs_m // GP2
+    g_loc = offs_m % GP2
+    t_row = t0 + p_loc
+    row_ok = (g_loc < G) & (t_row < T)
+    hq = h * G + g_loc
+    offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    dk_ok = offs_dk[:, None] < D_K
+    dv_ok = offs_dv[None, :] < D_V
+
+    q_ptrs = (Q + b * stride_qb + t0.to(tl.int64) * stride_qt
+              + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    k_cols = offs_dk[:, None] + offs_n[None, :] * stride_kt  # K^T tile [DK, BLOCK_N]
+    v_rows = offs_n[:, None] * stride_vt + offs_dv[None, :]
+
+    t_last = tl.minimum(t0 + PP - 1, T - 1)
+    lo = (tl.maximum(t0 - W + 1, 0) // BLOCK_N) * BLOCK_N
+    hi = t_last + 1
+    # tiles [a, b) with a > t_last - w and b <= t0 + 1 are inside every row's window
+    full_lo = tl.cdiv(tl.maximum(t_last - W + 1, 0), BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.maximum(mid_lo, tl.minimum(((t0 + 1) // BLOCK_N) * BLOCK_N, hi))
+
+    # 64-bit pointers walk the key tiles (token offsets may pass 2^31 elements)
+    kt_ptrs = k_base + lo.to(tl.int64) * stride_kt + k_cols
+    v_ptrs = v_base + lo.to(tl.int64) * stride_vt + v_rows
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    # lower edge of the window: masked
+    for start in range(lo, mid_lo, BLOCK_N):
+        kpos = start + offs_n
+        kt = tl.load(kt_ptrs,
+                     mask=dk_ok & (kpos[None, :] < T), other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        ok = (kpos[None, :] <= t_row[:, None]) & (kpos[None, :] > t_row[:, None] - W)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs,
+                    mask=dv_ok & (kpos[:, None] < T), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+        kt_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    # inside every row's window: no mask
+    for _start in range(mid_lo, mid_hi, BLOCK_N):
+        kt = tl.load(kt_ptrs, mask=dk_ok, other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs, mask=dv_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+        kt_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    # causal diagonal: masked
+    for start in range(mid_hi, hi, BLOCK_N):
+        kpos = start + offs_n
+        kt = tl.load(kt_ptrs,
+                     mask=dk_ok & (kpos[None, :] < T), other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        ok = (kpos[None, :] <= t_row[:, None]) & (kpos[None, :] > t_row[:, None] - W)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs,
+                    mask=dv_ok & (kpos[:, None] < T), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+        kt_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = (O + b * stride_ob + t0.to(tl.int64) * stride_ot
+              + (p_loc * stride_ot + hq * stride_oh)[:, None] + offs_dv[None, :])
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok)

@@ -1,0 +1,68 @@
+"""Raw launcher of the sliding-window kernel."""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from nsa.ops.compression.launch import (
+    LOG2E,
+    cuda_capability,
+    dot_precision,
+    head_dim_tile,
+    last_dim_contiguous,
+    rows_per_position,
+)
+from nsa.ops.window.kernels import _win_fwd_kernel
+
+
+def _win_config(DK: int, DV: int, GP2: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if device.type != "cuda":
+        bm, bn, warps, stages = 64, 32, 4, 1
+    else:
+        major, _ = cuda_capability(device)
+        big = max(DK, DV)
+        if big <= 64:
+            bm, bn, warps, stages = 128, 64, 4, 3
+        elif big <= 128:
+            bm, bn, warps, stages = 128, 64, 8, 3 if major >= 9 else 2
+        else:
+            bm, bn, warps, stages = 128, 32, 8, 2
+    return max(bm, GP2), bn, warps, stages
+
+
+def win_forward(
+    q: Tensor, k: Tensor, v: Tensor, w: int, scale: float, *, o: Tensor | None = None,
+    block_m: int | None = None, block_n: int | None = None,
+) -> Tensor:
+    """Sliding-window attention: query t attends to keys (t - w, t].
+
+    q [B, T, HQ, d_k]; k/v [B, T, H, d_k/d_v] at positions 0..T-1.
+    Returns o [B, T, HQ, d_v] in q's dtype (``o`` may be passed preallocated).
+    """
+    q, k, v = map(last_dim_contiguous, (q, k, v))
+    B, T, HQ, d_k = q.shape
+    H, d_v = k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP2 = rows_per_position(G)
+    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    if o is None:
+        o = torch.empty(B, T, HQ, d_v, device=q.device, dtype=q.dtype)
+    bm, bn, warps, stages = _win_config(DK, DV, GP2, q.device)
+    bm, bn = block_m or bm, block_n or bn
+    PP = max(1, bm // GP2)
+    grid = (triton.cdiv(T, PP), H, B)
+    _win_fwd_kernel[grid](
+        q, k, v, o,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        T, w, scale * LOG2E,
+        G=G, GP2=GP2, PP=PP, BLOCK_N=bn, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
+        DOT_PREC=dot_precision(q.dtype, q.device),
+        num_warps=warps, num_stages=stages,
+    )
+    return o
