@@ -1,0 +1,133 @@
+"""Prefill: nsa_attention against dense causal SDPA (and flash-attn when importable) in
+the same run, forward and forward+backward, plus each branch alone (forward).
+
+Dense runs on the [B, HQ, T, D] layout with ``is_causal=True, enable_gqa=True``: query
+and key lengths are equal, so the top-left causal alignment is the right one here.
+Inputs are built outside the timed region; speedup = dense time / NSA time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nsa import nsa_attention
+from nsa.backends import to_dtype
+from nsa.ops.reference import compress_mean
+from nsabench.runners.common import (
+    all_finite,
+    bench,
+    case_config,
+    flash_attn_status,
+    make_inputs,
+    resolve_backend,
+    speedup,
+    timing_params,
+)
+from nsabench.suites import CaseSpec
+
+
+def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
+    p = spec.params
+    cfg = case_config(p)
+    dtype = to_dtype(p["dtype"])
+    backend, why = resolve_backend(p, device)
+    T = p["T"]
+    tp = timing_params(p)
+    x = make_inputs(p, T, device, dtype, p["seed"])
+    m: dict[str, Any] = {"backend": backend, "backend_reason": why}
+    finite = True
+
+    # NSA; compressed tokens are made once, outside the timed region (phi is the
+    # caller's module, not the op)
+    k_cmp = compress_mean(x.k_cmp_raw, cfg.l, cfg.d)
+    v_cmp = compress_mean(x.v_cmp_raw, cfg.l, cfg.d)
+
+    def nsa_args(gates=("cmp", "sel", "win"), src=x, kc=k_cmp, vc=v_cmp):
+        return dict(q=src.q, k_sel=src.k_sel, v_sel=src.v_sel, k_win=src.k_win,
+                    v_win=src.v_win, k_cmp=kc, v_cmp=vc,
+                    g_cmp=src.g_cmp if "cmp" in gates else None,
+                    g_sel=src.g_sel if "sel" in gates else None,
+                    g_win=src.g_win if "win" in gates else None,
+                    config=cfg, backend=backend)
+
+    # dense: same selection-branch keys/values, [B, heads, T, D]
+    qd = x.q.transpose(1, 2).contiguous()
+    kd = x.k_sel.transpose(1, 2).contiguous()
+    vd = x.v_sel.transpose(1, 2).contiguous()
+
+    def dense_fwd(q=qd, k=kd, v=vd):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    fa_why = flash_attn_status(device, dtype)
+    if fa_why is None and p["d_v"] != p["d_k"]:
+        fa_why = "flash-attn needs d_v == d_k"
+    m["flash_attn"] = "used" if fa_why is None else f"not used: {fa_why}"
+
+    if "fwd" in p["modes"]:
+        with torch.no_grad():
+            out = nsa_attention(**nsa_args())
+            finite = finite and all_finite(out)
+            del out
+            t = bench(lambda: nsa_attention(**nsa_args()), device, **tp)
+            d = bench(dense_fwd, device, **tp)
+            m.update(nsa_fwd_ms=t.ms, dense_fwd_ms=d.ms, speedup_fwd=speedup(d.ms, t.ms),
+                     timer=t.timer, samples_fwd=t.n)
+            if fa_why is None:
+                from flash_attn import flash_attn_func
+
+                kf, vf = x.k_sel, x.v_sel
+                fa = bench(lambda: flash_attn_func(x.q, kf, vf, causal=True), device, **tp)
+                m.update(fa2_fwd_ms=fa.ms, speedup_fwd_vs_fa2=speedup(fa.ms, t.ms))
+
+    if "fwd_bwd" in p["modes"]:
+        leaves = x.leaves()
+        kc = compress_mean(leaves.k_cmp_raw, cfg.l, cfg.d).detach().requires_grad_(True)
+        vc = compress_mean(leaves.v_cmp_raw, cfg.l, cfg.d).detach().requires_grad_(True)
+        args = nsa_args(src=leaves, kc=kc, vc=vc)
+        inputs = [leaves.q, leaves.k_sel, leaves.v_sel, leaves.k_win, leaves.v_win, kc, vc,
+                  leaves.g_cmp, leaves.g_sel, leaves.g_win]
+        gen = torch.Generator(device=device).manual_seed(p["seed"] + 1)
+        do = torch.randn(x.q.shape[:-1] + (p["d_v"],), generator=gen, device=device,
+                         dtype=dtype)
+
+        def nsa_fb():
+            out = nsa_attention(**args)
+            return torch.autograd.grad(out, inputs, do)
+
+        grads = nsa_fb()
+        finite = finite and all_finite(*grads)
+        del grads
+        dq, dk, dv = (t.detach().requires_grad_(True) for t in (qd, kd, vd))
+        ddo = do.transpose(1, 2).contiguous()
+
+        def dense_fb():
+            out = dense_fwd(dq, dk, dv)
+            return torch.autograd.grad(out, (dq, dk, dv), ddo)
+
+        t = bench(nsa_fb, device, **tp)
+        d = bench(dense_fb, device, **tp)
+        m.update(nsa_fwd_bwd_ms=t.ms, dense_fwd_bwd_ms=d.ms,
+                 speedup_fwd_bwd=speedup(d.ms, t.ms), timer=t.timer, samples_fwd_bwd=t.n)
+        if fa_why is None:
+            from flash_attn import flash_attn_func
+
+            fq, fk, fv = (t_.detach().requires_grad_(True)
+                          for t_ in (x.q, x.k_sel, x.v_sel))
+
+            def fa_fb():
+                out = flash_attn_func(fq, fk, fv, causal=True)
+                return torch.autograd.grad(out, (fq, fk, fv), do)
+
+            fa = bench(fa_fb, device, **tp)
+            m.update(fa2_fwd_bwd_ms=fa.ms, speedup_fwd_bwd_vs_fa2=speedup(fa.ms, t.ms))
+
+    if p["branches"]:
+        with torch.no_grad():
+            for b in ("cmp", "sel", "win"):
+                t = bench(lambda b=b: nsa_attention(**nsa_args(gates=(b,))), device, **tp)
+                m[f"{b}_fwd_ms"] = t.ms
+    m["finite"] = finite
+    return m
