@@ -119,16 +119,16 @@ def _validate(
                              f"{(B, T, HQ)}, got {_shape(g)}")
         if g.device != q.device:
             raise ValueError(f"nsa_attention: {name} is on {g.device}, q is on {q.device}")
-        if not g.is_floating_point():
-            raise TypeError(f"nsa_attention: {name} must be floating, got {g.dtype}")
+        if g.dtype != q.dtype:
+            raise TypeError(f"nsa_attention: {name} has dtype {g.dtype}, q has {q.dtype}")
     if block_indices is not None:
         _check_tensor("block_indices", block_indices, 4, "[B, T, H, n]")
         if block_indices.dtype.is_floating_point or block_indices.dtype == torch.bool:
             raise TypeError(f"nsa_attention: block_indices must be an integer tensor, "
                             f"got {block_indices.dtype}")
-        if _shape(block_indices)[:3] != (B, T, H):
-            raise ValueError(f"nsa_attention: block_indices must be [B, T, H, n] with "
-                             f"(B, T, H) = {(B, T, H)}, got {_shape(block_indices)}")
+        if _shape(block_indices) != (B, T, H, config.n):
+            raise ValueError(f"nsa_attention: block_indices must be [B, T, H, n] = "
+                             f"{(B, T, H, config.n)}, got {_shape(block_indices)}")
         if block_indices.device != q.device:
             raise ValueError(f"nsa_attention: block_indices is on {block_indices.device}, "
                              f"q is on {q.device}")

@@ -103,7 +103,9 @@ CASES = [
     ("dtype-q-int", lambda g: {"q": g["q"].long()}, TypeError,
      r"q must be a floating tensor, got dtype torch.int64"),
     ("dtype-g_win-int", lambda g: {"g_win": (g["g_win"] > 0.5).long()}, TypeError,
-     r"g_win must be floating, got torch.int64"),
+     r"g_win has dtype torch.int64, q has torch.float64"),
+    ("dtype-g_cmp-float32", lambda g: {"g_cmp": g["g_cmp"].float()}, TypeError,
+     r"g_cmp has dtype torch.float32, q has torch.float64"),
     # a gated branch without its keys/values
     ("missing-k_win", lambda g: {"k_win": None}, ValueError,
      r"k_win and v_win are required when the win branch is computed"),
@@ -126,7 +128,10 @@ CASES = [
      r"block_indices must be an integer tensor, got torch.bool"),
     ("block_indices-shape", lambda g: {"block_indices": torch.zeros(B, T, H + 1, 2,
                                                                      dtype=torch.long)},
-     ValueError, r"block_indices must be \[B, T, H, n\] with \(B, T, H\) = \(2, 9, 2\)"),
+     ValueError, r"block_indices must be \[B, T, H, n\] = \(2, 9, 2, 2\), got \(2, 9, 3, 2\)"),
+    ("block_indices-slots", lambda g: {"block_indices": torch.zeros(B, T, H, 3,
+                                                                     dtype=torch.long)},
+     ValueError, r"block_indices must be \[B, T, H, n\] = \(2, 9, 2, 2\), got \(2, 9, 2, 3\)"),
     # backend
     ("backend-unknown", lambda g: {"backend": "bogus"}, ValueError,
      r"backend must be one of \[.*'reference'.*\], got 'bogus'"),
