@@ -19,6 +19,14 @@ from nsa.ops.reference import compute_dtype, nsa_chunk
 __all__ = ["nsa_decode"]
 
 
+def _triton_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
+    try:
+        from nsa.ops.decode.launch import decode_not_supported_reasons
+    except ImportError as e:  # triton not installed
+        return [f"triton is not importable ({e})"]
+    return decode_not_supported_reasons(q_t, cache)
+
+
 def _check_gate(name: str, g: Tensor | None, B: int, HQ: int, q: Tensor) -> None:
     if g is None:
         return
@@ -66,10 +74,23 @@ def nsa_decode(
         _check_gate(name, g, B, HQ, q_t)
     if g_cmp is None and g_sel is None and g_win is None:
         raise ValueError("nsa_decode: at least one of g_cmp, g_sel, g_win must be a tensor")
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"nsa_decode: backend must be 'auto' or 'reference', got {backend!r}")
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"nsa_decode: backend must be 'auto', 'reference' or 'triton', "
+                         f"got {backend!r}")
     if scale is None:
         scale = cfg.scale if cfg.scale is not None else dk ** -0.5
+    if backend == "auto":
+        backend = "triton" if q_t.is_cuda and not _triton_reasons(q_t, cache) else "reference"
+    if backend == "triton":
+        reasons = _triton_reasons(q_t, cache)
+        if reasons:
+            raise ValueError("nsa_decode: backend='triton' cannot run this step: "
+                             + "; ".join(reasons))
+        from nsa.ops.decode.launch import triton_decode
+
+        out, reads, idx = triton_decode(q_t, cache, g_cmp, g_sel, g_win, cfg, scale)
+        cache.record_reads(reads)
+        return (out, idx) if return_indices else out
 
     ct = compute_dtype(q_t.dtype)
     # a static (graph-captured) step must not depend on host lengths: read whole buffers,
