@@ -77,7 +77,8 @@ class NSACache:
         self.H = config.n_kv_heads if n_kv_heads is None else n_kv_heads
         self.d_k = config.d_k if d_k is None else d_k
         self.d_v = config.d_v if d_v is None else d_v
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # resolved through a tensor so "cuda" becomes "cuda:0" and compares equal to inputs'
+        self.device = torch.empty(0, device=device if device is not None else "cpu").device
         self.dtype = dtype
         self.max_len = max_len
         self.growable = max_len is None
@@ -279,4 +280,7 @@ class NSACache:
     def record_reads(self, reads: dict[str, Tensor]) -> None:
         self.last_reads = reads
         for k, v in reads.items():
-            self.total_reads[k] = self.total_reads.get(k, 0) + v
+            if k in self.total_reads:
+                self.total_reads[k].add_(v)  # in place: a CUDA-graph replay accumulates too
+            else:
+                self.total_reads[k] = v.clone()

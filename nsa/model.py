@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
+from nsa.graph import GraphedDecode
 from nsa.module import NSAAttention, rope
 
 
@@ -175,8 +176,12 @@ class TinyLM(nn.Module):
         logits = self(tokens[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
-    def new_caches(self, batch: int, max_len: int | None = None) -> list[NSACache | DenseCache]:
-        return [blk.attn.new_cache(batch, max_len=max_len) for blk in self.blocks]
+    def new_caches(self, batch: int, max_len: int | None = None, static: bool = False
+                   ) -> list[NSACache | DenseCache]:
+        if static and self.attention != "nsa":
+            raise ValueError("TinyLM: static (CUDA-graph) caches need attention='nsa'")
+        kw = {"static": True} if static else {}
+        return [blk.attn.new_cache(batch, max_len=max_len, **kw) for blk in self.blocks]
 
     @torch.no_grad()
     def decode(self, token: Tensor, caches: list) -> Tensor:
@@ -187,14 +192,22 @@ class TinyLM(nn.Module):
         return (self.norm(x) @ self.embed.weight.T)[:, 0]
 
     @torch.no_grad()
-    def generate(self, prompt: Tensor, n_new: int, max_len: int | None = None) -> Tensor:
-        """Greedy continuation of prompt [B, P] by n_new tokens -> [B, n_new]."""
+    def generate(self, prompt: Tensor, n_new: int, max_len: int | None = None,
+                 cuda_graph: bool = False) -> Tensor:
+        """Greedy continuation of prompt [B, P] by n_new tokens -> [B, n_new].
+
+        ``cuda_graph=True`` (NSA on CUDA) captures one decode step in a CUDA graph over
+        static caches of max_len (default P + n_new) and replays it."""
         self._check_tokens(prompt)
-        caches = self.new_caches(prompt.shape[0], max_len=max_len)
+        if cuda_graph:
+            max_len = max_len or prompt.shape[1] + n_new
+        caches = self.new_caches(prompt.shape[0], max_len=max_len, static=cuda_graph)
         logits = self(prompt, caches=caches)[:, -1]
+        step = (GraphedDecode(lambda tok: self.decode(tok, caches), caches) if cuda_graph
+                else (lambda tok: self.decode(tok, caches)))
         out = []
         for _ in range(n_new):
             tok = logits.argmax(-1)
             out.append(tok)
-            logits = self.decode(tok, caches)
+            logits = step(tok)
         return torch.stack(out, dim=1)

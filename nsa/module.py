@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
+from nsa.graph import GraphedDecode
 from nsa.ops import nsa_attention
 from nsa.ops.decode import nsa_decode
 from nsa.ops.reference import compress_blocks, compress_mean
@@ -141,6 +142,11 @@ class NSAAttention(nn.Module):
             initial_capacity=initial_capacity, static=static,
         )
 
+    def graph_decoder(self, cache: NSACache) -> GraphedDecode:
+        """A CUDA-graph-captured ``decode`` over a static cache: call it with x_t like
+        ``decode``; the returned tensor is reused by the next call."""
+        return GraphedDecode(lambda x: self.decode(x, cache), [cache])
+
     @torch.no_grad()
     def decode(self, x_t: Tensor, cache: NSACache) -> Tensor:
         """One new token per sequence: x_t [B, 1, hidden] (or [B, hidden]) at position
@@ -158,7 +164,6 @@ class NSAAttention(nn.Module):
         cache.append(*(p[n][:, 0] for n in ("k_sel", "v_sel", "k_win", "v_win", "k_cmp",
                                              "v_cmp")))
         o = nsa_decode(p["q"][:, 0], cache, p["g_cmp"][:, 0], p["g_sel"][:, 0],
-                       p["g_win"][:, 0], c, backend="auto" if self.backend == "auto"
-                       else "reference")
+                       p["g_win"][:, 0], c, backend=self.backend)
         y = self.o_proj(o.reshape(x.shape[0], 1, c.n_heads * c.d_v))
         return y[:, 0] if squeeze else y
