@@ -244,25 +244,34 @@ class Suite:
     cases: list[CaseDef]
     overrides: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (for suite.resolved.yaml and results.json)."""
-        return {
+    def to_dict(self, meta: bool = True) -> dict[str, Any]:
+        """Plain data. ``meta=False`` gives a valid suite file with every parameter
+        explicit (suite.resolved.yaml: run it again with --suite); ``meta=True`` adds the
+        source, the option overrides and each case's grid point ids (results.json)."""
+        out: dict[str, Any] = {
             "schema_version": self.schema_version,
             "name": self.name,
             "description": self.description,
-            "source": self.source,
-            "overrides": _plain(self.overrides),
-            "defaults": _plain(self.defaults),
-            "cases": [
-                {
-                    "name": c.name, "kind": c.kind, "description": c.description,
-                    "devices": c.devices, "params": _plain(c.params),
-                    "thresholds": _plain(c.thresholds),
-                    "instances": [i.id for i in expand_case(c)],
-                }
-                for c in self.cases
-            ],
         }
+        if meta:
+            out["source"] = self.source
+            out["overrides"] = _plain(self.overrides)
+            out["defaults"] = _plain(self.defaults)
+        cases = []
+        for c in self.cases:
+            entry: dict[str, Any] = {"name": c.name, "kind": c.kind}
+            if c.description:
+                entry["description"] = c.description
+            if c.devices:
+                entry["devices"] = list(c.devices)
+            entry["params"] = _plain(full_params(c.kind, c.params) if not meta else c.params)
+            if c.thresholds:
+                entry["thresholds"] = _plain(c.thresholds)
+            if meta:
+                entry["instances"] = [i.id for i in expand_case(c)]
+            cases.append(entry)
+        out["cases"] = cases
+        return out
 
 
 @dataclass(frozen=True)
@@ -474,10 +483,6 @@ def validate_suite(data: Any, source: str = "<suite>") -> Suite:
         if not isinstance(case, dict):
             problems.append(f"{source}: {where}: expected a mapping, got {case!r}")
             continue
-        for key in case:
-            if key not in CASE_KEYS:
-                err(case, key, f"{where}.{key}",
-                    f"unknown key (allowed: {', '.join(sorted(CASE_KEYS))})")
         cname = case.get("name")
         if not isinstance(cname, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", cname or ""):
             err(case, "name" if "name" in case else None, f"{where}.name",
@@ -488,6 +493,10 @@ def validate_suite(data: Any, source: str = "<suite>") -> Suite:
                 f"(first in cases[{seen[cname]}])")
         seen.setdefault(cname, i)
         where = f"cases[{i}] ({cname})"
+        for key in case:
+            if key not in CASE_KEYS:
+                err(case, key, f"{where}.{key}",
+                    f"unknown key (allowed: {', '.join(sorted(CASE_KEYS))})")
         kind = case.get("kind")
         if kind not in KINDS:
             err(case, "kind" if "kind" in case else None, f"{where}.kind",
@@ -543,15 +552,13 @@ def _config_problems(case: CaseDef) -> list[str]:
     """NSAConfig's verdict on every grid point (d | l, n >= forced blocks, ...)."""
     if not set(BLOCK) & set(KIND_PARAMS[case.kind]):
         return []
-    out: list[str] = []
+    seen: dict[str, str] = {}
     for spec in expand_case(case):
         try:
             config_for(spec.params)
         except ConfigError as exc:
-            msg = f"{exc} (at {spec.id})"
-            if msg not in out:
-                out.append(msg)
-    return out[:3]
+            seen.setdefault(str(exc), f"{exc} (first at {spec.id})")
+    return list(seen.values())[:3]
 
 
 def config_for(params: dict[str, Any]) -> NSAConfig:
@@ -628,7 +635,14 @@ def apply_overrides(suite: Suite, overrides: dict[str, Any]) -> Suite:
 
 
 def resolved_yaml(suite: Suite) -> str:
-    return yaml.safe_dump(suite.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+    """The suite as run: a valid suite file, every parameter explicit, options applied."""
+    head = [f"# Resolved from {suite.source}"]
+    if suite.overrides:
+        head.append("# with options: " + ", ".join(f"{k}={v}" for k, v in suite.overrides.items()))
+    head.append("# Every parameter is explicit; run it again with --suite <this file>.")
+    body = yaml.safe_dump(suite.to_dict(meta=False), sort_keys=False, default_flow_style=None,
+                          width=100)
+    return "\n".join(head) + "\n" + body
 
 
 def describe_params(kind: str) -> list[tuple[str, str, Any, str]]:

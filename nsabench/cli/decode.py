@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nsabench.cli.common import measure_command
+from nsabench.cli.common import guard, measure_command
 from nsabench.cli.options import (
     BackendOpt,
     BatchOpt,
@@ -54,13 +54,14 @@ def decode(
 ) -> None:
     """Time one NSA decode step against dense SDPA decode (one query over S cached keys)
     at each context length; report tokens and bytes actually read (counted by the op)."""
-    overrides = {
-        "S": one_or_list(parse_ints("--S", S)), "B": one_or_list(parse_ints("--batch", batch)),
-        "G": one_or_list(parse_ints("--G", G)), "H": one_or_list(parse_ints("--H", H)),
-        "d_k": one_or_list(parse_ints("--d-k", d_k)),
-        "d_v": one_or_list(parse_ints("--d-v", d_v)),
-        "repeats": repeats, "warmup": warmup, "seed": seed,
-    }
+    with guard():
+        overrides = {
+            "S": one_or_list(parse_ints("--S", S)), "B": one_or_list(parse_ints("--batch", batch)),
+            "G": one_or_list(parse_ints("--G", G)), "H": one_or_list(parse_ints("--H", H)),
+            "d_k": one_or_list(parse_ints("--d-k", d_k)),
+            "d_v": one_or_list(parse_ints("--d-v", d_v)),
+            "repeats": repeats, "warmup": warmup, "seed": seed,
+        }
     measure_command("decode", "decode", {"decode"}, suite=suite, out=out, json_out=json_out,
                     device=device, dtype=dtype, backend=backend, label=label,
                     overrides=overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nsabench.cli.common import measure_command
+from nsabench.cli.common import guard, measure_command
 from nsabench.cli.options import (
     BackendOpt,
     BatchOpt,
@@ -51,12 +51,13 @@ def parity(
     """Compare each backend with the float64 reference: forward max-abs and relative
     error, gradient relative errors (dq, dk, dv, gates) and the fraction of selected
     blocks equal to the reference's. Exit 1 if an error exceeds its threshold or is NaN."""
-    overrides = {
-        "T": one_or_list(parse_ints("--T", T)), "B": one_or_list(parse_ints("--batch", batch)),
-        "G": one_or_list(parse_ints("--G", G)), "H": one_or_list(parse_ints("--H", H)),
-        "d_k": one_or_list(parse_ints("--d-k", d_k)),
-        "d_v": one_or_list(parse_ints("--d-v", d_v)), "seed": seed,
-    }
+    with guard():
+        overrides = {
+            "T": one_or_list(parse_ints("--T", T)), "B": one_or_list(parse_ints("--batch", batch)),
+            "G": one_or_list(parse_ints("--G", G)), "H": one_or_list(parse_ints("--H", H)),
+            "d_k": one_or_list(parse_ints("--d-k", d_k)),
+            "d_v": one_or_list(parse_ints("--d-v", d_v)), "seed": seed,
+        }
     measure_command("parity", "parity", {"parity"}, suite=suite, out=out, json_out=json_out,
                     device=device, dtype=dtype, backend=backend, label=label,
                     overrides=overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nsabench.cli.common import measure_command
+from nsabench.cli.common import guard, measure_command
 from nsabench.cli.options import (
     BackendOpt,
     BatchOpt,
@@ -54,13 +54,14 @@ def prefill(
 ) -> None:
     """Time nsa_attention (forward, forward+backward, each branch alone) against dense
     causal SDPA in the same run; report ms and speedup = dense / NSA, with CSV and plots."""
-    overrides = {
-        "T": one_or_list(parse_ints("--T", T)), "B": one_or_list(parse_ints("--batch", batch)),
-        "G": one_or_list(parse_ints("--G", G)), "H": one_or_list(parse_ints("--H", H)),
-        "d_k": one_or_list(parse_ints("--d-k", d_k)),
-        "d_v": one_or_list(parse_ints("--d-v", d_v)),
-        "repeats": repeats, "warmup": warmup, "seed": seed,
-    }
+    with guard():
+        overrides = {
+            "T": one_or_list(parse_ints("--T", T)), "B": one_or_list(parse_ints("--batch", batch)),
+            "G": one_or_list(parse_ints("--G", G)), "H": one_or_list(parse_ints("--H", H)),
+            "d_k": one_or_list(parse_ints("--d-k", d_k)),
+            "d_v": one_or_list(parse_ints("--d-v", d_v)),
+            "repeats": repeats, "warmup": warmup, "seed": seed,
+        }
     measure_command("prefill", "prefill", {"prefill"}, suite=suite, out=out,
                     json_out=json_out, device=device, dtype=dtype, backend=backend,
                     label=label, overrides=overrides)
