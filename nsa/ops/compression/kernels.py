@@ -106,8 +106,9 @@ def _cmp_fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     k_cols = offs_dk[:, None] + offs_n[None, :] * stride_kn  # K^T tile [DK, BLOCK_N]
     v_rows = offs_n[:, None] * stride_vn + offs_dv[None, :]  # V tile [BLOCK_N, DV]
-    dk_ok = offs_dk[:, None] < D_K
-    dv_ok = offs_dv[None, :] < D_V
+    # masks on the head dims only where they are padded (keeps the loads vectorised)
+    dk_ok = offs_dk[:, None] < (D_K if D_K < DK else 1 << 30)
+    dv_ok = offs_dv[None, :] < (D_V if D_V < DV else 1 << 30)
 
     n_vis = _n_visible(t_row, N, CMP_L, CMP_D)  # [BLOCK_M]
     t_last = tl.minimum(t0 + PP - 1, T - 1)
@@ -121,25 +122,14 @@ def _cmp_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, DV], tl.float32)
-        # tiles every row sees entirely: no mask
-        for start in range(0, n_full, BLOCK_N):
-            kt = tl.load(k_base + start * stride_kn + k_cols, mask=dk_ok, other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DO_PV:
-                v = tl.load(v_base + start * stride_vn + v_rows, mask=dv_ok, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
-        # the causal edge: per-row visibility
-        for start in range(n_full, n_hi, BLOCK_N):
+        # one pipelined loop; only tiles past n_full (the causal edge) pay for the mask
+        for start in range(0, n_hi, BLOCK_N):
             cols = start + offs_n
             kt = tl.load(k_base + start * stride_kn + k_cols,
                          mask=dk_ok & (cols[None, :] < N), other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-            s = tl.where(cols[None, :] < n_vis[:, None], s, float("-inf"))
+            if start >= n_full:
+                s = tl.where(cols[None, :] < n_vis[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_safe)
@@ -172,18 +162,14 @@ def _cmp_fwd_kernel(
         pos_ok = (t_pos < T)[:, None]
         carry = tl.zeros([PP], tl.float32)
         n_tiles = tl.cdiv(n_hi, BLOCK_N)
-        for kt_i in range(0, n_full // BLOCK_N):
-            kt = tl.load(k_base + kt_i * BLOCK_N * stride_kn + k_cols, mask=dk_ok, other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-            p = tl.math.exp2(s - lse[:, None])
-            carry = _scores_tile(p, carry, s_ptrs, kt_i, pos_ok, NB,
-                                 PP, GP2, BLOCK_N, SEL_B, SEL_A)
-        for kt_i in range(n_full // BLOCK_N, n_tiles):
+        for kt_i in range(0, n_tiles):
             cols = kt_i * BLOCK_N + offs_n
             kt = tl.load(k_base + kt_i * BLOCK_N * stride_kn + k_cols,
                          mask=dk_ok & (cols[None, :] < N), other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-            p = tl.where(cols[None, :] < n_vis[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+            p = tl.math.exp2(s - lse[:, None])
+            if kt_i * BLOCK_N >= n_full:
+                p = tl.where(cols[None, :] < n_vis[:, None], p, 0.0)
             carry = _scores_tile(p, carry, s_ptrs, kt_i, pos_ok, NB,
                                  PP, GP2, BLOCK_N, SEL_B, SEL_A)
         if SEL_A > 1:

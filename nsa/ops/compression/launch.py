@@ -10,6 +10,7 @@ import os
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from nsa.config import NSAConfig
 from nsa.ops.compression.kernels import _cmp_fwd_kernel
@@ -74,6 +75,21 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return (0, 0)
     return torch.cuda.get_device_capability(device)
+
+
+def shrink_on_oor(launch, bm: int, stages: int, min_bm: int):
+    """Call ``launch(bm, stages)``; where shared memory runs out (smaller cards, e.g. SM 8.9
+    with ~100 KB per block), retry with fewer pipeline stages, then smaller tiles."""
+    while True:
+        try:
+            return launch(bm, stages)
+        except OutOfResources:
+            if stages > 1:
+                stages -= 1
+            elif bm // 2 >= min_bm:
+                bm //= 2
+            else:
+                raise
 
 
 def last_dim_contiguous(x: Tensor) -> Tensor:
@@ -169,7 +185,6 @@ def cmp_forward(
         return None, None
     bm, bn, warps, stages = _cmp_config(DK, DV, GP2, SEL_B, q.device)
     bm, bn = block_m or bm, block_n or bn
-    PP = max(1, bm // GP2)
     prec = dot_precision(q.dtype, q.device)
     qk_scale = scale * LOG2E
     dummy = q.new_empty(1)
@@ -180,7 +195,8 @@ def cmp_forward(
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32) if two else dummy.float()
     lse_strides = (lse.stride(0), lse.stride(1)) if two else (0, 0)
 
-    def launch(pp, bn_, warps_, stages_, pass1, pass2, store_lse):
+    def launch(bm_, bn_, warps_, stages_, pass1, pass2, store_lse):
+        pp = max(1, bm_ // GP2)
         grid = (triton.cdiv(T, pp), H, B)
         _cmp_fwd_kernel[grid](
             q, k_cmp, v_cmp, o_arg, lse, s_arg,
@@ -199,11 +215,15 @@ def cmp_forward(
             DOT_PREC=prec, num_warps=warps_, num_stages=stages_,
         )
 
+    min_bm = max(16, GP2)
     if not two:
-        launch(PP, bn, warps, stages, True, want_scores, False)
+        shrink_on_oor(lambda m, st: launch(m, bn, warps, st, True, want_scores, False),
+                      bm, stages, min_bm)
     else:
-        launch(PP, bn, warps, stages, True, False, True)
+        shrink_on_oor(lambda m, st: launch(m, bn, warps, st, True, False, True),
+                      bm, stages, min_bm)
         bm2, bn2, warps2, stages2 = _cmp_config(DK, DV, GP2, SEL_B, q.device, pass2_only=True)
         bm2, bn2 = block_m or bm2, block_n or bn2
-        launch(max(1, bm2 // GP2), bn2, warps2, stages2, False, True, False)
+        shrink_on_oor(lambda m, st: launch(m, bn2, warps2, st, False, True, False),
+                      bm2, stages2, min_bm)
     return (o if want_o else None), (scores if want_scores else None)

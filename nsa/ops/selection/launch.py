@@ -14,6 +14,7 @@ from nsa.ops.compression.launch import (
     last_dim_contiguous,
     next_pow2,
     rows_per_position,
+    shrink_on_oor,
 )
 from nsa.ops.selection.kernels import _sel_fwd_kernel, _topn_kernel
 
@@ -109,23 +110,25 @@ def sel_forward(
     def t3(x):
         return (x.stride(0), x.stride(1), x.stride(2)) if x is not None else (0, 0, 0)
 
-    grid = (triton.cdiv(T, PP), H, B)
-    _sel_fwd_kernel[grid](
-        q, k, v, block_indices,
-        out if out is not None else dummy, o_branch if o_branch is not None else dummy,
-        o_cmp if o_cmp is not None else dummy, o_win if o_win is not None else dummy,
-        g_sel if g_sel is not None else dummy, g_cmp if g_cmp is not None else dummy,
-        g_win if g_win is not None else dummy,
-        *t3(q), *t3(k), *t3(v), *t3(block_indices), *t3(out), *t3(o_branch),
-        *t3(o_cmp), *t3(o_win), *t3(g_sel), *t3(g_cmp), *t3(g_win),
-        T, scale * LOG2E,
-        G=G, GP2=GP2, PP=PP, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
-        L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=block_indices.shape[-1],
-        NP=next_pow2(block_indices.shape[-1]),
-        WRITE_OUT=write_out, WRITE_BRANCH=o_branch is not None,
-        HAS_CMP=write_out and o_cmp is not None and g_cmp is not None,
-        HAS_WIN=write_out and o_win is not None and g_win is not None,
-        DOT_PREC=dot_precision(q.dtype, q.device),
-        num_warps=warps, num_stages=stages,
-    )
+    def launch(_bm, stages_):
+        _sel_fwd_kernel[(triton.cdiv(T, PP), H, B)](
+            q, k, v, block_indices,
+            out if out is not None else dummy, o_branch if o_branch is not None else dummy,
+            o_cmp if o_cmp is not None else dummy, o_win if o_win is not None else dummy,
+            g_sel if g_sel is not None else dummy, g_cmp if g_cmp is not None else dummy,
+            g_win if g_win is not None else dummy,
+            *t3(q), *t3(k), *t3(v), *t3(block_indices), *t3(out), *t3(o_branch),
+            *t3(o_cmp), *t3(o_win), *t3(g_sel), *t3(g_cmp), *t3(g_win),
+            T, scale * LOG2E,
+            G=G, GP2=GP2, PP=PP, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
+            L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=block_indices.shape[-1],
+            NP=next_pow2(block_indices.shape[-1]),
+            WRITE_OUT=write_out, WRITE_BRANCH=o_branch is not None,
+            HAS_CMP=write_out and o_cmp is not None and g_cmp is not None,
+            HAS_WIN=write_out and o_win is not None and g_win is not None,
+            DOT_PREC=dot_precision(q.dtype, q.device),
+            num_warps=warps, num_stages=stages_,
+        )
+
+    shrink_on_oor(launch, 16, stages, 16)
     return o_branch, out

@@ -64,53 +64,21 @@ def _win_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
-    # lower edge of the window: masked
-    for start in range(lo, mid_lo, BLOCK_N):
+    # one pipelined loop; only tiles outside [mid_lo, mid_hi) (window edge, causal
+    # diagonal) pay for the mask
+    for start in range(lo, hi, BLOCK_N):
         kpos = start + offs_n
-        kt = tl.load(kt_ptrs,
-                     mask=dk_ok & (kpos[None, :] < T), other=0.0)
+        kt = tl.load(kt_ptrs, mask=dk_ok & (kpos[None, :] < T), other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        ok = (kpos[None, :] <= t_row[:, None]) & (kpos[None, :] > t_row[:, None] - W)
-        s = tl.where(ok, s, float("-inf"))
+        if (start < mid_lo) | (start >= mid_hi):
+            ok = (kpos[None, :] <= t_row[:, None]) & (kpos[None, :] > t_row[:, None] - W)
+            s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs,
-                    mask=dv_ok & (kpos[:, None] < T), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-        kt_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
-    # inside every row's window: no mask
-    for _start in range(mid_lo, mid_hi, BLOCK_N):
-        kt = tl.load(kt_ptrs, mask=dk_ok, other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=dv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-        kt_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
-    # causal diagonal: masked
-    for start in range(mid_hi, hi, BLOCK_N):
-        kpos = start + offs_n
-        kt = tl.load(kt_ptrs,
-                     mask=dk_ok & (kpos[None, :] < T), other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        ok = (kpos[None, :] <= t_row[:, None]) & (kpos[None, :] > t_row[:, None] - W)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs,
-                    mask=dv_ok & (kpos[:, None] < T), other=0.0)
+        v = tl.load(v_ptrs, mask=dv_ok & (kpos[:, None] < T), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
         kt_ptrs += BLOCK_N * stride_kt

@@ -13,6 +13,7 @@ from nsa.ops.compression.launch import (
     head_dim_tile,
     last_dim_contiguous,
     rows_per_position,
+    shrink_on_oor,
 )
 from nsa.ops.window.kernels import _win_fwd_kernel
 
@@ -52,17 +53,20 @@ def win_forward(
         o = torch.empty(B, T, HQ, d_v, device=q.device, dtype=q.dtype)
     bm, bn, warps, stages = _win_config(DK, DV, GP2, q.device)
     bm, bn = block_m or bm, block_n or bn
-    PP = max(1, bm // GP2)
-    grid = (triton.cdiv(T, PP), H, B)
-    _win_fwd_kernel[grid](
-        q, k, v, o,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        T, w, scale * LOG2E,
-        G=G, GP2=GP2, PP=PP, BLOCK_N=bn, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
-        DOT_PREC=dot_precision(q.dtype, q.device),
-        num_warps=warps, num_stages=stages,
-    )
+
+    def launch(bm_, stages_):
+        PP = max(1, bm_ // GP2)
+        _win_fwd_kernel[(triton.cdiv(T, PP), H, B)](
+            q, k, v, o,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            T, w, scale * LOG2E,
+            G=G, GP2=GP2, PP=PP, BLOCK_N=bn, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
+            DOT_PREC=dot_precision(q.dtype, q.device),
+            num_warps=warps, num_stages=stages_,
+        )
+
+    shrink_on_oor(launch, bm, stages, max(16, GP2))
     return o
