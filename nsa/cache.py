@@ -105,7 +105,8 @@ class NSACache:
         self.v_raw = torch.zeros(B, config.l, H, dv, **kw)
         # tokens actually read by the last decode step, per branch, [B, H] (set by nsa_decode)
         self.last_reads: dict[str, Tensor] = {}
-        self.total_reads: dict[str, Tensor] = {}
+        # running totals [B, H, 3] in BRANCH_NAMES order, updated in place (graph replays too)
+        self.reads_total = torch.zeros(batch, self.H, 3, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -277,10 +278,15 @@ class NSACache:
             kc, vc = self.compress(kb, vb)  # [B, 1, H, *]
         return kc[:, 0], vc[:, 0]
 
-    def record_reads(self, reads: dict[str, Tensor]) -> None:
+    @property
+    def total_reads(self) -> dict[str, Tensor]:
+        """Tokens read so far per branch, [B, H] views of ``reads_total``."""
+        return {name: self.reads_total[..., i] for i, name in enumerate(BRANCH_NAMES)}
+
+    def record_reads(self, reads: dict[str, Tensor], accumulated: bool = False) -> None:
+        """Set last_reads; add them to the totals unless the kernel already did."""
         self.last_reads = reads
-        for k, v in reads.items():
-            if k in self.total_reads:
-                self.total_reads[k].add_(v)  # in place: a CUDA-graph replay accumulates too
-            else:
-                self.total_reads[k] = v.clone()
+        if not accumulated:
+            for i, name in enumerate(BRANCH_NAMES):
+                if name in reads:
+                    self.reads_total[..., i].add_(reads[name])

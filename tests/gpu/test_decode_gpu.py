@@ -25,7 +25,7 @@ def _copy64(cache: NSACache) -> NSACache:
     c.__dict__.update(cache.__dict__)
     for name in ("k_sel", "v_sel", "k_cmp", "v_cmp", "k_win", "v_win", "k_raw", "v_raw"):
         setattr(c, name, getattr(cache, name).double())
-    c.dtype, c.last_reads, c.total_reads = torch.float64, {}, {}
+    c.dtype, c.last_reads, c.reads_total = torch.float64, {}, cache.reads_total.clone()
     return c
 
 

@@ -65,7 +65,7 @@ def _as64(cache: NSACache) -> NSACache:
     for name in ("k_sel", "v_sel", "k_cmp", "v_cmp", "k_win", "v_win", "k_raw", "v_raw"):
         setattr(c, name, getattr(cache, name).double())
     c.dtype = torch.float64
-    c.last_reads, c.total_reads = {}, {}
+    c.last_reads, c.reads_total = {}, cache.reads_total.clone()
     _as64.cache = c
     return c
 

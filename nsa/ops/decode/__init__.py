@@ -89,7 +89,7 @@ def nsa_decode(
         from nsa.ops.decode.launch import triton_decode
 
         out, reads, idx = triton_decode(q_t, cache, g_cmp, g_sel, g_win, cfg, scale)
-        cache.record_reads(reads)
+        cache.record_reads(reads, accumulated=True)
         return (out, idx) if return_indices else out
 
     ct = compute_dtype(q_t.dtype)
