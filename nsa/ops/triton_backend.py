@@ -47,12 +47,16 @@ def triton_not_supported_reasons(
     """Why the Triton backend cannot run this case, one sentence each ([] = it can).
 
     Device (CUDA SM >= 8.0, or CPU under TRITON_INTERPRET=1), dtype (bf16, fp16, fp32),
-    d_k (64, 128, 192, 256 or a power of two >= 16), d_v <= d_k, 1 <= G <= 128.
+    d_k (64, 128, 192, 256 or a power of two >= 16), d_v <= d_k, 1 <= G <= 128; on CPU
+    (interpreter) no bfloat16.
     Routing policy (e.g. SM 8.9 selection) is not capability and is not checked here.
     """
     from nsa.backends import Shapes, not_supported_reasons
 
     reasons = not_supported_reasons("triton", device, dtype, Shapes(d_k=d_k, d_v=d_v, G=G))
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+        reasons.append("bfloat16 on CPU: the Triton interpreter's tl.dot gives wrong results "
+                       "for bfloat16 (use float32 or float16 there)")
     if G > MAX_GROUP:
         reasons.append(f"group size G={G} above the Triton kernels' maximum {MAX_GROUP}")
     if G < 1:

@@ -1,0 +1,407 @@
+"""Triton prefill kernels (TRITON_INTERPRET=1 on CPU) against the float64 reference.
+
+Every kernel is launched directly on small shapes (T not a multiple of any block size,
+several G including 1 and 3, l = l' = d and the paper's l=32, d=16, l'=64 with small n
+and w), outputs poisoned with NaN (or -7 for indices) so an unwritten element fails, and
+compared by ||out - ref|| / ||ref|| with the reference computed in float64 on the same
+rounded inputs: fp32 below 1e-4, fp16 below 1e-2. Selection is checked where it cannot
+depend on near-ties: top-n on given scores (with many exact ties) must equal
+``reference.select_blocks``; end to end, indices must equal the reference's on every row
+whose n-th and (n+1)-th free scores are clearly apart, and outputs are compared with
+the reference's own indices passed in. Then the public op with backend="triton".
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from nsa import NSAConfig, compress_mean, nsa_attention  # noqa: E402
+from nsa.ops import BACKENDS  # noqa: E402
+from nsa.ops import reference as R  # noqa: E402
+from nsa.ops.compression import cmp_forward  # noqa: E402
+from nsa.ops.selection import sel_forward, select_topn  # noqa: E402
+from nsa.ops.triton_backend import (  # noqa: E402
+    config_not_supported_reasons,
+    triton_not_supported_reasons,
+)
+from nsa.ops.window import win_forward  # noqa: E402
+from tests.conftest import build_inputs  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="CPU kernel tests need TRITON_INTERPRET=1"),
+    pytest.mark.usefixtures("single_thread"),
+]
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+PAPER = dict(l=32, d=16, l_sel=64)  # the paper's block sizes (with small n, w below)
+EQUAL = dict(l=16, d=16, l_sel=16)  # l = l' = d: the setting public kernels use
+ARGS = ("q", "k_sel", "v_sel", "k_win", "v_win", "k_cmp", "v_cmp", "g_cmp", "g_sel", "g_win")
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert not torch.isnan(out).any(), "NaN in the output (an element was not written?)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def nan_like(shape, dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def rand(gen, *shape, dtype=torch.float32, scale=1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def readable(T: int, N: int, cfg: NSAConfig) -> torch.Tensor:
+    """[T, nb] score entries selection may read: candidates j*l' <= t that can hold a
+    visible compressed token (the others are 0 by definition and never stored)."""
+    nb = cfg.num_sel_blocks(T)
+    t = torch.arange(T)[:, None]
+    j = torch.arange(nb)[None, :]
+    nvis = R.num_cmp_visible(torch.arange(T), cfg.l, cfg.d).clamp(max=N)[:, None]
+    return (j * (cfg.l_sel // cfg.d) - (cfg.l // cfg.d - 1) < nvis) & (j * cfg.l_sel <= t)
+
+
+def ref_cmp(q, kc, vc, H, cfg, scale):
+    """(o_cmp [B,T,HQ,dv], group scores [B,H,T,nb]) in float64."""
+    B, T = q.shape[:2]
+    pos = torch.arange(T).unsqueeze(0).expand(B, -1)
+    o, p, _ = R.cmp_attention(R._to_groups(q.double(), H), kc.double(), vc.double(), pos, cfg,
+                              scale)
+    scores = R.group_scores(R.block_scores(p, cfg.num_sel_blocks(T), cfg.l, cfg.d, cfg.l_sel))
+    return R._from_groups(o), scores
+
+
+# ----------------------------------------------------------------------------- compressed
+
+
+# block_n = 16 gives several key tiles, so scores cross tile boundaries (the carried tail)
+@pytest.mark.parametrize("blocks,G,H,T,dk,dv,dtype,mode,block_n", [
+    (PAPER, 3, 2, 403, 32, 16, torch.float32, "fused", 16),
+    (PAPER, 3, 1, 403, 32, 16, torch.float32, "two_pass", 16),
+    (PAPER, 3, 2, 203, 32, 16, torch.float32, "fused", None),
+    (EQUAL, 1, 2, 150, 16, 16, torch.float32, "fused", None),
+    (PAPER, 4, 1, 330, 32, 32, torch.float16, "fused", 16),
+    (dict(l=32, d=8, l_sel=32), 2, 1, 181, 32, 32, torch.float32, "two_pass", 16),
+])
+def test_cmp_kernel_outputs_and_block_scores(blocks, G, H, T, dk, dv, dtype, mode, block_n,
+                                             rng):
+    cfg = NSAConfig(n=4, w=32, **blocks)
+    B, HQ = 1, G * H
+    q = rand(rng, B, T, HQ, dk, dtype=dtype)
+    # 3 compressed tokens more than T makes: no query may ever see them
+    N = R.num_compressed(T, cfg.l, cfg.d) + 3
+    kc, vc = rand(rng, B, N, H, dk, dtype=dtype, scale=2.0), rand(rng, B, N, H, dv, dtype=dtype)
+    scale = dk ** -0.5
+    nb = cfg.num_sel_blocks(T)
+    o = nan_like((B, T, HQ, dv), dtype)
+    scores = torch.full((B, H, T, nb), float("nan"), dtype=torch.float32)
+    cmp_forward(q, kc, vc, cfg, scale, o=o, scores=scores, mode=mode, block_n=block_n)
+    o_ref, s_ref = ref_cmp(q, kc, vc, H, cfg, scale)
+    assert rel(o, o_ref) < TOL[dtype]
+    mask = readable(T, N, cfg)
+    got, want = scores[..., mask], s_ref[..., mask]
+    assert not torch.isnan(got).any(), "a block score selection reads was never written"
+    assert rel(got, want) < TOL[dtype]
+    assert (got - want).abs().max() < 1e-5 if dtype == torch.float32 else True
+
+
+def test_cmp_fused_and_two_pass_write_the_same_scores(rng):
+    cfg = NSAConfig(n=4, w=32, **PAPER)
+    T, H, G, dk = 170, 1, 2, 32
+    q = rand(rng, 1, T, G * H, dk)
+    N = R.num_compressed(T, cfg.l, cfg.d)
+    kc, vc = rand(rng, 1, N, H, dk), rand(rng, 1, N, H, dk)
+    outs = [cmp_forward(q, kc, vc, cfg, 0.2, mode=m) for m in ("fused", "two_pass")]
+    mask = readable(T, N, cfg)
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1][..., mask], outs[1][1][..., mask])
+
+
+def test_cmp_scores_only_skips_the_value_pass(rng):
+    cfg = NSAConfig(n=4, w=32, **PAPER)
+    T, H, G, dk = 120, 1, 3, 16
+    q = rand(rng, 1, T, G * H, dk)
+    N = R.num_compressed(T, cfg.l, cfg.d)
+    kc, vc = rand(rng, 1, N, H, dk), rand(rng, 1, N, H, dk)
+    o, scores = cmp_forward(q, kc, vc, cfg, 0.25, want_o=False)
+    assert o is None
+    mask = readable(T, N, cfg)
+    assert rel(scores[..., mask], ref_cmp(q, kc, vc, H, cfg, 0.25)[1][..., mask]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- top-n
+
+
+@pytest.mark.parametrize("cfg_kw,T,levels", [
+    (dict(n=4, n_initial=1, n_local=2, **PAPER), 700, 0),
+    (dict(n=4, n_initial=1, n_local=2, **PAPER), 700, 3),  # many exact ties
+    (dict(n=5, n_initial=0, n_local=1, **EQUAL), 501, 4),
+    (dict(n=3, n_initial=1, n_local=0, **PAPER), 600, 5),  # the newest blocks are free
+    (dict(n=3, n_initial=1, n_local=2, **EQUAL), 333, 2),  # no free slot
+    (dict(n=24, n_initial=2, n_local=3, **EQUAL), 250, 2),  # more slots than blocks
+])
+def test_topn_equals_reference_select_blocks(cfg_kw, T, levels, rng):
+    cfg = NSAConfig(w=32, **cfg_kw)
+    B, H = 1, 2
+    N = R.num_compressed(T, cfg.l, cfg.d)
+    nb = cfg.num_sel_blocks(T)
+    s = torch.rand(B, H, T, nb, generator=rng, dtype=torch.float64)
+    if levels:
+        s = (s * levels).floor() / levels  # exact ties: the lower block index must win
+    mask = readable(T, N, cfg)
+    ref_scores = torch.where(mask, s, torch.zeros_like(s))
+    # entries selection must not read are NaN: reading one would change the result
+    given = torch.where(mask, s, torch.full_like(s, float("nan"))).float()
+    pos = torch.arange(T).unsqueeze(0).expand(B, -1)
+    want = R.select_blocks(ref_scores.float().double(), pos, cfg).permute(0, 2, 1, 3)
+    out = torch.full((B, T, H, cfg.n), -7, dtype=torch.int32)
+    select_topn(given, T, N, cfg, out=out)
+    assert torch.equal(out.long(), want)
+
+
+def test_topn_treats_negative_zero_as_zero():
+    cfg = NSAConfig(n=3, n_initial=0, n_local=1, w=32, **EQUAL)
+    T = 80
+    s = torch.zeros(1, 1, T, 5)
+    s[..., 1] = -0.0
+    s[..., 3] = -0.0
+    out = select_topn(s, T, 5, cfg)
+    pos = torch.arange(T).unsqueeze(0)
+    want = R.select_blocks(s.double(), pos, cfg).permute(0, 2, 1, 3)
+    assert torch.equal(out.long(), want)
+
+
+# ----------------------------------------------------------------------------- selected
+
+
+def ref_indices(rng, B, H, T, cfg) -> torch.Tensor:
+    """Canonical indices [B, H, T, n] from random scores (the reference's selection)."""
+    s = torch.rand(B, H, T, cfg.num_sel_blocks(T), generator=rng, dtype=torch.float64)
+    pos = torch.arange(T).unsqueeze(0).expand(B, -1)
+    return R.select_blocks(s, pos, cfg)
+
+
+@pytest.mark.parametrize("blocks,G,H,T,dk,dv,dtype,pp", [
+    (PAPER, 1, 2, 211, 32, 16, torch.float32, None),  # 16 positions per program (union)
+    (PAPER, 3, 1, 190, 32, 32, torch.float32, None),  # 4 positions, padded heads
+    (PAPER, 16, 1, 97, 32, 32, torch.float32, None),  # one position per program
+    (PAPER, 16, 1, 97, 16, 16, torch.float16, 2),  # union path with G = 16
+    (EQUAL, 2, 1, 150, 16, 16, torch.float16, None),
+    (PAPER, 4, 1, 130, 32, 32, torch.float32, 1),  # small G, one position per program
+])
+def test_sel_kernel_against_reference(blocks, G, H, T, dk, dv, dtype, pp, rng):
+    cfg = NSAConfig(n=4, w=32, **blocks)
+    B, HQ = 1, G * H
+    q, k, v = rand(rng, B, T, HQ, dk, dtype=dtype), rand(rng, B, T, H, dk, dtype=dtype), \
+        rand(rng, B, T, H, dv, dtype=dtype)
+    idx = ref_indices(rng, B, H, T, cfg)
+    scale = dk ** -0.5
+    pos = torch.arange(T).unsqueeze(0).expand(B, -1)
+    want, _ = R.sel_attention(R._to_groups(q.double(), H), k.double(), v.double(), idx, pos,
+                              cfg, scale)
+    o = nan_like((B, T, HQ, dv), dtype)
+    sel_forward(q, k, v, idx.permute(0, 2, 1, 3).to(torch.int32).contiguous(), cfg, scale,
+                o_branch=o, positions_per_program=pp)
+    assert rel(o, R._from_groups(want)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sel_kernel_fuses_the_gate_combine(dtype, rng):
+    cfg = NSAConfig(n=3, w=32, **PAPER)
+    B, T, H, G, dk, dv = 1, 140, 1, 2, 32, 32
+    HQ = G * H
+    q, k, v = rand(rng, B, T, HQ, dk, dtype=dtype), rand(rng, B, T, H, dk, dtype=dtype), \
+        rand(rng, B, T, H, dv, dtype=dtype)
+    idx = ref_indices(rng, B, H, T, cfg)
+    g = [torch.rand(B, T, HQ, generator=rng).to(dtype) for _ in range(3)]
+    oc, ow = rand(rng, B, T, HQ, dv, dtype=dtype), rand(rng, B, T, HQ, dv, dtype=dtype)
+    ob, out = nan_like((B, T, HQ, dv), dtype), nan_like((B, T, HQ, dv), dtype)
+    sel_forward(q, k, v, idx.permute(0, 2, 1, 3).to(torch.int32).contiguous(), cfg, 0.2,
+                o_branch=ob, out=out, g_sel=g[0], o_cmp=oc, g_cmp=g[1], o_win=ow, g_win=g[2])
+    pos = torch.arange(T).unsqueeze(0).expand(B, -1)
+    o_sel, _ = R.sel_attention(R._to_groups(q.double(), H), k.double(), v.double(), idx, pos,
+                               cfg, 0.2)
+    o_sel = R._from_groups(o_sel)
+    want = sum(x.double() * gg.double()[..., None] for x, gg in ((o_sel, g[0]), (oc, g[1]),
+                                                                  (ow, g[2])))
+    assert rel(ob, o_sel) < TOL[dtype]
+    assert rel(out, want) < TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- window
+
+
+@pytest.mark.parametrize("G,H,T,w,dk,dv,dtype,bm,bn", [
+    (3, 2, 203, 37, 32, 16, torch.float32, None, None),
+    (1, 1, 250, 64, 32, 32, torch.float32, None, None),  # w a multiple of the key tile
+    (4, 1, 150, 1, 16, 16, torch.float32, 16, 16),  # only the token itself
+    (16, 1, 130, 1000, 32, 32, torch.float16, None, None),  # w >= T: dense causal
+    (2, 1, 190, 50, 16, 16, torch.float16, 32, 16),
+])
+def test_win_kernel_against_reference(G, H, T, w, dk, dv, dtype, bm, bn, rng):
+    B, HQ = 1, G * H
+    q, k, v = rand(rng, B, T, HQ, dk, dtype=dtype), rand(rng, B, T, H, dk, dtype=dtype), \
+        rand(rng, B, T, H, dv, dtype=dtype)
+    scale = dk ** -0.5
+    pos = torch.arange(T).unsqueeze(0).expand(B, -1)
+    want, _ = R.win_attention(R._to_groups(q.double(), H), k.double(), v.double(), pos, pos,
+                              NSAConfig(w=w), scale)
+    o = nan_like((B, T, HQ, dv), dtype)
+    win_forward(q, k, v, w, scale, o=o, block_m=bm, block_n=bn)
+    assert rel(o, R._from_groups(want)) < TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- the op
+
+
+def op_inputs(rng, cfg, T, H, G, dk, dv, dtype, gates=("cmp", "sel", "win")):
+    inp = build_inputs(rng, cfg, 1, T, G * H, H, dk, dv, dtype=torch.float64, gates=gates)
+    # compressed keys from the raw keys (phi = mean), scaled so scores are peaked
+    k = torch.randn(1, T, H, dk, generator=rng, dtype=torch.float64) * 3.0
+    inp["k_cmp"] = compress_mean(k, cfg.l, cfg.d)
+    inp["v_cmp"] = compress_mean(inp["v_sel"], cfg.l, cfg.d)
+    return {name: None if x is None else x.to(dtype) for name, x in inp.items()}
+
+
+def clear_rows(inp, cfg, gap=1e-5) -> torch.Tensor:
+    """[B, T, H] rows whose selection cannot flip under rounding: the last free block taken
+    and the first one left out differ by more than ``gap`` in the float64 reference."""
+    q, kc, vc = inp["q"], inp["k_cmp"], inp["v_cmp"]
+    B, T, HQ, _ = q.shape
+    H = kc.shape[2]
+    _, s = ref_cmp(q, kc, vc, H, cfg, q.shape[-1] ** -0.5)
+    nb = s.shape[-1]
+    t = torch.arange(T)[:, None]
+    j = torch.arange(nb)[None, :]
+    cur = t // cfg.l_sel
+    forced = (j < cfg.n_initial) | ((cur - j >= 0) & (cur - j < cfg.n_local))
+    free = (j <= cur) & ~forced
+    k = cfg.n - cfg.n_initial - cfg.n_local
+    ranked = torch.where(free, s, torch.full_like(s, -1.0)).sort(-1, descending=True).values
+    if k == 0 or nb <= k:
+        return torch.ones(B, T, H, dtype=torch.bool)
+    gap_ok = (ranked[..., k - 1] - ranked[..., k]) > gap
+    all_taken = free.sum(-1) <= k  # every free candidate is selected: nothing can flip
+    return (gap_ok | all_taken).permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("blocks,n,w,T,H,G,dk,dv,dtype", [
+    (PAPER, 4, 48, 237, 1, 3, 32, 16, torch.float32),
+    (EQUAL, 4, 40, 150, 1, 1, 16, 16, torch.float32),
+    (PAPER, 3, 64, 200, 1, 4, 32, 32, torch.float16),
+    (EQUAL, 5, 24, 133, 1, 2, 32, 32, torch.float16),
+])
+def test_op_matches_reference(blocks, n, w, T, H, G, dk, dv, dtype, rng):
+    cfg = NSAConfig(n=n, w=w, **blocks)
+    inp = op_inputs(rng, cfg, T, H, G, dk, dv, dtype)
+    out, aux = nsa_attention(**inp, config=cfg, backend="triton", return_aux=True)
+    ref, raux = nsa_attention(**{k: None if x is None else x.double() for k, x in inp.items()},
+                              config=cfg, backend="reference", return_aux=True)
+    assert out.dtype == dtype and aux.block_indices.dtype == torch.int64
+    assert aux.block_indices.shape == raux.block_indices.shape
+    for name in ("o_cmp", "o_win"):
+        assert rel(getattr(aux, name), getattr(raux, name)) < TOL[dtype], name
+    if dtype == torch.float32:
+        rows = clear_rows(inp, cfg)
+        assert rows.float().mean() > 0.9, "too few rows clear of near-ties to test selection"
+        assert torch.equal(aux.block_indices[rows], raux.block_indices[rows])
+        if torch.equal(aux.block_indices, raux.block_indices):
+            assert rel(out, ref) < TOL[dtype]
+            assert rel(aux.o_sel, raux.o_sel) < TOL[dtype]
+    # with the reference's indices passed in, the whole output must match
+    out2, aux2 = nsa_attention(**inp, config=cfg, backend="triton",
+                               block_indices=raux.block_indices, return_aux=True)
+    assert rel(out2, ref) < TOL[dtype]
+    assert rel(aux2.o_sel, raux.o_sel) < TOL[dtype]
+    assert torch.equal(aux2.block_indices, raux.block_indices)
+
+
+def test_op_canonicalises_given_indices_like_the_reference(rng):
+    cfg = NSAConfig(n=5, w=32, **EQUAL)
+    T, H, G, dk = 120, 1, 2, 16
+    inp = op_inputs(rng, cfg, T, H, G, dk, dk, torch.float32, gates=("sel",))
+    nb = cfg.num_sel_blocks(T)
+    # duplicates, -1 anywhere, future blocks, any order
+    idx = torch.randint(-1, nb, (1, T, H, cfg.n), generator=rng)
+    idx[..., 1] = idx[..., 0]
+    out, aux = nsa_attention(**inp, config=cfg, backend="triton", block_indices=idx,
+                             return_aux=True)
+    ref, raux = nsa_attention(**{k: None if x is None else x.double() for k, x in inp.items()},
+                              config=cfg, backend="reference", block_indices=idx,
+                              return_aux=True)
+    assert torch.equal(aux.block_indices, raux.block_indices)
+    # rows whose every given block lies in the future see nothing: output 0 in both
+    assert rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("gates", [("sel",), ("cmp", "win"), ("win",), ("cmp",),
+                                   ("sel", "win")])
+def test_op_branch_subsets(gates, rng):
+    cfg = NSAConfig(n=3, w=40, **PAPER)
+    T, H, G, dk = 150, 1, 2, 16
+    inp = op_inputs(rng, cfg, T, H, G, dk, dk, torch.float32, gates=gates)
+    ref, raux = nsa_attention(**{k: None if x is None else x.double() for k, x in inp.items()},
+                              config=cfg, backend="reference", return_aux=True)
+    out = nsa_attention(**inp, config=cfg, backend="triton",
+                        block_indices=raux.block_indices if "sel" in gates else None)
+    assert rel(out, ref) < 1e-4
+
+
+def test_op_shorter_than_one_compressed_block(rng):
+    """T < l: no compressed token exists, O_cmp = 0 and selection keeps the forced blocks."""
+    cfg = NSAConfig(n=4, w=16, **PAPER)
+    inp = op_inputs(rng, cfg, 27, 1, 2, 16, 16, torch.float32)
+    assert inp["k_cmp"].shape[1] == 0
+    out, aux = nsa_attention(**inp, config=cfg, backend="triton", return_aux=True)
+    ref, raux = nsa_attention(**{k: None if x is None else x.double() for k, x in inp.items()},
+                              config=cfg, backend="reference", return_aux=True)
+    assert torch.equal(aux.block_indices, raux.block_indices)
+    assert rel(out, ref) < 1e-4 and torch.count_nonzero(aux.o_cmp) == 0
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def test_backend_is_registered_and_explains_what_it_cannot_run():
+    assert "triton" in BACKENDS
+    assert triton_not_supported_reasons("cpu", torch.float32, 64, 64, 4) == []
+    assert any("float64" in r for r in triton_not_supported_reasons("cpu", torch.float64,
+                                                                     64, 64, 4))
+    assert any("bfloat16" in r for r in triton_not_supported_reasons("cpu", torch.bfloat16,
+                                                                      64, 64, 4))
+    assert any("G=200" in r for r in triton_not_supported_reasons("cpu", torch.float32,
+                                                                   64, 64, 200))
+    assert any("d_v" in r for r in triton_not_supported_reasons("cpu", torch.float32,
+                                                                 64, 128, 1))
+    assert config_not_supported_reasons(NSAConfig(**PAPER)) == []
+    assert config_not_supported_reasons(NSAConfig(l=128, d=16, l_sel=64))  # l > l' + d
+
+
+def test_unsupported_config_needs_given_indices(rng):
+    cfg = NSAConfig(l=128, d=16, l_sel=64, n=3, w=16)
+    inp = op_inputs(rng, cfg, 200, 1, 2, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="block-score"):
+        nsa_attention(**inp, config=cfg, backend="triton")
+    ref, raux = nsa_attention(**{k: None if x is None else x.double() for k, x in inp.items()},
+                              config=cfg, backend="reference", return_aux=True)
+    out = nsa_attention(**inp, config=cfg, backend="triton", block_indices=raux.block_indices)
+    assert rel(out, ref) < 1e-4
+
+
+def test_inputs_requiring_grad_run_the_reference_with_autograd(rng):
+    cfg = NSAConfig(n=3, w=16, **EQUAL)
+    inp = op_inputs(rng, cfg, 40, 1, 2, 16, 16, torch.float32)
+    inp["q"].requires_grad_(True)
+    out = nsa_attention(**inp, config=cfg, backend="triton")
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert inp["q"].grad is not None and torch.isfinite(inp["q"].grad).all()
