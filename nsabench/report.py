@@ -65,6 +65,7 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
         Col("NSA bytes", "nsa_bytes"), Col("dense bytes", "dense_bytes"),
         Col("read fraction", "read_fraction"), Col("read / spec max", "read_vs_spec"),
         Col("rel err", "rel_err", optional=True),
+        Col("sel match", "sel_match", optional=True),
     ]),
 }
 

@@ -63,8 +63,8 @@ def git_info() -> dict[str, Any]:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
                                 capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
-            return {"commit": None, "dirty": None,
-                    "reason": f"not a git checkout: {commit.stderr.strip()[:200]}"}
+            first = (commit.stderr.strip().splitlines() or ["git rev-parse failed"])[0]
+            return {"commit": None, "dirty": None, "reason": f"not a git checkout: {first[:200]}"}
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
                                  "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=30)

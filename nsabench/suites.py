@@ -151,7 +151,8 @@ KIND_THRESHOLDS: dict[str, tuple[str, ...]] = {
     "parity": ("max_rel_err", "max_abs_err", "max_grad_rel_err", "min_sel_match"),
     "prefill": ("min_speedup_fwd", "min_speedup_fwd_bwd", "max_nsa_fwd_ms",
                 "max_nsa_fwd_bwd_ms"),
-    "decode": ("min_speedup", "max_read_vs_spec", "max_read_fraction", "max_rel_err"),
+    "decode": ("min_speedup", "max_read_vs_spec", "max_read_fraction", "max_rel_err",
+               "min_sel_match"),
     "needle": ("min_accuracy",),
     "train": ("max_final_loss", "max_loss_ratio"),
 }

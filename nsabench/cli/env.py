@@ -56,8 +56,8 @@ def render(d: dict[str, Any]) -> None:
     con.print(t)
 
     if d["gpus"]:
-        g = _t("GPUs", "index", "name", "SM", "SMs", "memory GiB", "SM clock MHz (max)",
-               "mem clock MHz (max)", "source")
+        g = _t("GPUs", "index", "name", "SM", "SMs", "memory GiB", "SM clock MHz now (max)",
+               "mem clock MHz now (max)", "source")
         for x in d["gpus"]:
             g.add_row(*(escape(str(x.get(k))) if x.get(k) is not None else "-" for k in
                         ("index", "name", "capability", "sm_count", "memory_total_gib")),

@@ -74,7 +74,7 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
             t = bench(lambda: nsa_attention(**nsa_args()), device, **tp)
             d = bench(dense_fwd, device, **tp)
             m.update(nsa_fwd_ms=t.ms, dense_fwd_ms=d.ms, speedup_fwd=speedup(d.ms, t.ms),
-                     timer=t.timer, samples_fwd=t.n)
+                     timer_fwd=t.timer, samples_fwd=t.n)
             if fa_why is None:
                 from flash_attn import flash_attn_func
 
@@ -83,46 +83,15 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
                 m.update(fa2_fwd_ms=fa.ms, speedup_fwd_vs_fa2=speedup(fa.ms, t.ms))
 
     if "fwd_bwd" in p["modes"]:
-        leaves = x.leaves()
-        kc = compress_mean(leaves.k_cmp_raw, cfg.l, cfg.d).detach().requires_grad_(True)
-        vc = compress_mean(leaves.v_cmp_raw, cfg.l, cfg.d).detach().requires_grad_(True)
-        args = nsa_args(src=leaves, kc=kc, vc=vc)
-        inputs = [leaves.q, leaves.k_sel, leaves.v_sel, leaves.k_win, leaves.v_win, kc, vc,
-                  leaves.g_cmp, leaves.g_sel, leaves.g_win]
-        gen = torch.Generator(device=device).manual_seed(p["seed"] + 1)
-        do = torch.randn(x.q.shape[:-1] + (p["d_v"],), generator=gen, device=device,
-                         dtype=dtype)
-
-        def nsa_fb():
-            out = nsa_attention(**args)
-            return torch.autograd.grad(out, inputs, do)
-
-        grads = nsa_fb()
-        finite = finite and all_finite(*grads)
-        del grads
-        dq, dk, dv = (t.detach().requires_grad_(True) for t in (qd, kd, vd))
-        ddo = do.transpose(1, 2).contiguous()
-
-        def dense_fb():
-            out = dense_fwd(dq, dk, dv)
-            return torch.autograd.grad(out, (dq, dk, dv), ddo)
-
-        t = bench(nsa_fb, device, **tp)
-        d = bench(dense_fb, device, **tp)
-        m.update(nsa_fwd_bwd_ms=t.ms, dense_fwd_bwd_ms=d.ms,
-                 speedup_fwd_bwd=speedup(d.ms, t.ms), timer=t.timer, samples_fwd_bwd=t.n)
-        if fa_why is None:
-            from flash_attn import flash_attn_func
-
-            fq, fk, fv = (t_.detach().requires_grad_(True)
-                          for t_ in (x.q, x.k_sel, x.v_sel))
-
-            def fa_fb():
-                out = flash_attn_func(fq, fk, fv, causal=True)
-                return torch.autograd.grad(out, (fq, fk, fv), do)
-
-            fa = bench(fa_fb, device, **tp)
-            m.update(fa2_fwd_bwd_ms=fa.ms, speedup_fwd_bwd_vs_fa2=speedup(fa.ms, t.ms))
+        try:
+            finite = _fwd_bwd(m, p, x, cfg, nsa_args, dense_fwd, qd, kd, vd, device, dtype,
+                              tp, fa_why) and finite
+        except torch.OutOfMemoryError as exc:
+            # recorded, not fatal: the forward numbers stay, the fwd+bwd thresholds then
+            # read "not measured"
+            m["fwd_bwd_error"] = f"out of memory: {str(exc).splitlines()[0]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     if p["branches"]:
         with torch.no_grad():
@@ -131,3 +100,48 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
                 m[f"{b}_fwd_ms"] = t.ms
     m["finite"] = finite
     return m
+
+
+def _fwd_bwd(m, p, x, cfg, nsa_args, dense_fwd, qd, kd, vd, device, dtype, tp,
+             fa_why) -> bool:
+    """Forward+backward of NSA, dense (and flash-attn) timed into ``m``; returns whether
+    NSA's gradients are finite."""
+    leaves = x.leaves()
+    kc = compress_mean(leaves.k_cmp_raw, cfg.l, cfg.d).detach().requires_grad_(True)
+    vc = compress_mean(leaves.v_cmp_raw, cfg.l, cfg.d).detach().requires_grad_(True)
+    args = nsa_args(src=leaves, kc=kc, vc=vc)
+    inputs = [leaves.q, leaves.k_sel, leaves.v_sel, leaves.k_win, leaves.v_win, kc, vc,
+              leaves.g_cmp, leaves.g_sel, leaves.g_win]
+    gen = torch.Generator(device=device).manual_seed(p["seed"] + 1)
+    do = torch.randn(x.q.shape[:-1] + (p["d_v"],), generator=gen, device=device, dtype=dtype)
+
+    def nsa_fb():
+        out = nsa_attention(**args)
+        return torch.autograd.grad(out, inputs, do)
+
+    grads = nsa_fb()
+    finite = all_finite(*grads)
+    del grads
+    dq, dk, dv = (t.detach().requires_grad_(True) for t in (qd, kd, vd))
+    ddo = do.transpose(1, 2).contiguous()
+
+    def dense_fb():
+        out = dense_fwd(dq, dk, dv)
+        return torch.autograd.grad(out, (dq, dk, dv), ddo)
+
+    t = bench(nsa_fb, device, **tp)
+    d = bench(dense_fb, device, **tp)
+    m.update(nsa_fwd_bwd_ms=t.ms, dense_fwd_bwd_ms=d.ms, speedup_fwd_bwd=speedup(d.ms, t.ms),
+             timer_fwd_bwd=t.timer, samples_fwd_bwd=t.n)
+    if fa_why is None:
+        from flash_attn import flash_attn_func
+
+        fq, fk, fv = (t_.detach().requires_grad_(True) for t_ in (x.q, x.k_sel, x.v_sel))
+
+        def fa_fb():
+            out = flash_attn_func(fq, fk, fv, causal=True)
+            return torch.autograd.grad(out, (fq, fk, fv), do)
+
+        fa = bench(fa_fb, device, **tp)
+        m.update(fa2_fwd_bwd_ms=fa.ms, speedup_fwd_bwd_vs_fa2=speedup(fa.ms, t.ms))
+    return finite

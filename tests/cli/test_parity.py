@@ -47,7 +47,8 @@ def test_parity_passes_and_writes_the_run_folder(invoke, write_suite, tmp_path):
         assert len(c["checks"]) == 4 and all(k["passed"] for k in c["checks"])
     # bf16 is measurably worse than float32: the comparison is real
     assert cases[2]["metrics"]["rel_err"] > 100 * cases[0]["metrics"]["rel_err"]
-    assert data["summary"]["verdict"] == "PASS" and data["git"]["commit"] is not None
+    assert data["summary"]["verdict"] == "PASS"
+    assert data["git"]["commit"] is not None or data["git"]["reason"]  # a copy without .git
     csv = (folder / "parity.csv").read_text().splitlines()
     assert csv[0].startswith("case,status,backend,dtype,T,") and len(csv) == 5
     assert "max_rel_err" in (folder / "report.md").read_text()
