@@ -169,10 +169,13 @@ class BackendSpec:
     device_types: tuple[str, ...] = ("cpu", "cuda")
     min_capability: tuple[int, int] | None = None  # for CUDA devices
     cpu_via_interpreter: bool = False  # CPU only when TRITON_INTERPRET=1
+    # dtypes the interpreter computes correctly on CPU (None: same as ``dtypes``)
+    interpreter_dtypes: tuple[str, ...] | None = None
     dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
     head_dims: HeadDims | None = None  # None: any d_k
     d_v_at_most_d_k: bool = False
     min_group: int = 1
+    max_group: int | None = None
     # modules that must be importable; (module, import it to check?)
     requires: tuple[tuple[str, bool], ...] = ()
     # an op backend registered in nsa.ops.BACKENDS under this name counts as installed
@@ -232,6 +235,9 @@ class BackendSpec:
                 out.append(f"d_v={shapes.d_v} must be <= d_k={shapes.d_k}")
         if shapes.G is not None and shapes.G < self.min_group:
             out.append(f"group size G={shapes.G} below the minimum {self.min_group}")
+        if shapes.G is not None and self.max_group is not None and shapes.G > self.max_group:
+            out.append(f"group size G={shapes.G} above the maximum {self.max_group} (one GQA "
+                       f"group must fit one program)")
         return out
 
     def not_supported_reasons(
@@ -249,8 +255,14 @@ class BackendSpec:
             flags = read_flags()
         dev = device_info(device)
         shapes = shapes or Shapes()
-        return (self.install_reasons() + self.device_reasons(dev, flags)
-                + self.case_reasons(dtype, shapes, branch))
+        out = (self.install_reasons() + self.device_reasons(dev, flags)
+               + self.case_reasons(dtype, shapes, branch))
+        name = dtype_name(dtype)
+        if (dev.type == "cpu" and self.cpu_via_interpreter and self.interpreter_dtypes
+                is not None and name in self.dtypes and name not in self.interpreter_dtypes):
+            out.append(f"{name} on CPU: the Triton interpreter computes it wrongly (supported "
+                       f"there: {', '.join(self.interpreter_dtypes)})")
+        return out
 
     def _cuda_need(self) -> str:
         if self.min_capability is None:
@@ -276,7 +288,8 @@ class BackendSpec:
         ]
         if self.d_v_at_most_d_k:
             parts.append("d_v <= d_k")
-        parts.append(f"G >= {self.min_group}")
+        parts.append(f"G >= {self.min_group}" if self.max_group is None
+                     else f"{self.min_group} <= G <= {self.max_group}")
         return "; ".join(parts)
 
 
@@ -294,8 +307,11 @@ BACKEND_SPECS: dict[str, BackendSpec] = {
         min_capability=(8, 0),
         cpu_via_interpreter=True,
         dtypes=("float16", "bfloat16", "float32"),
+        # the interpreter's tl.dot gives wrong results for bfloat16
+        interpreter_dtypes=("float16", "float32"),
         head_dims=HeadDims(listed=(64, 128, 192, 256), pow2_min=16),
         d_v_at_most_d_k=True,
+        max_group=128,
         requires=(("triton", False), ("nsa.ops.triton_backend", False)),
         op_backend=True,
     ),

@@ -138,10 +138,16 @@ def test_cpu_uses_the_reference_and_says_why(installed):
     assert "TRITON_INTERPRET=1" in r.op.reason
     assert "needs a CUDA device with compute capability >= 8.0 (got cpu)" in \
         r.branches["win"].reason
-    # the interpreter makes Triton usable on the CPU
+    # the interpreter makes Triton usable on the CPU, except in bfloat16
     interp = route(CPU, torch.float32, PAPER, Flags(triton_interpret=True))
     assert interp.op.backend == "triton"
     assert interp.branches["sel"].backend == "triton"
+    bf16 = route(CPU, torch.bfloat16, PAPER, Flags(triton_interpret=True))
+    assert bf16.op.backend == "reference"
+    assert "bfloat16 on CPU: the Triton interpreter computes it wrongly" in bf16.op.reason
+    # ... which is a CPU matter only
+    assert route(H100, torch.bfloat16, PAPER, Flags(triton_interpret=True)).op.backend == \
+        "triton"
 
 
 def test_triton_not_installed_is_a_reason(installed):
@@ -170,6 +176,9 @@ def test_old_gpu_is_below_the_required_capability(installed):
         (Shapes(64, 64, 4), "float64", ["dtype float64 not supported (supported: float16, "
                                         "bfloat16, float32)"]),
         (Shapes(64, 64, 0), "float32", ["group size G=0 below the minimum 1"]),
+        (Shapes(64, 64, 128), "float32", []),
+        (Shapes(64, 64, 129), "float32", ["group size G=129 above the maximum 128 (one GQA "
+                                          "group must fit one program)"]),
     ],
 )
 def test_triton_capability_table(installed, shapes, dtype, expected):
