@@ -79,6 +79,8 @@ def sel_forward(
     o_win: Tensor | None = None,
     g_win: Tensor | None = None,
     positions_per_program: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Selected-block attention, optionally fused with the gate combine.
 
@@ -88,7 +90,8 @@ def sel_forward(
     With ``g_sel`` given, also writes ``out`` = g_sel*O_sel (+ g_cmp*o_cmp) (+ g_win*o_win)
     in q's dtype. Returns (o_branch or None, out or None).
     ``positions_per_program``: query positions packed into one program (default
-    max(1, 16 // GP2): every dot has at least 16 rows).
+    max(1, 16 // GP2): every dot has at least 16 rows). ``num_warps``/``num_stages``
+    override the launch config (for tuning runs).
     """
     q, k, v = map(last_dim_contiguous, (q, k, v))
     B, T, HQ, d_k = q.shape
@@ -105,6 +108,7 @@ def sel_forward(
     if write_out and out is None:
         out = torch.empty(B, T, HQ, d_v, device=q.device, dtype=q.dtype)
     bn, warps, stages = _sel_config(DK, DV, cfg.l_sel, q.device)
+    warps, stages = num_warps or warps, num_stages or stages
     dummy = q.new_empty(1, 1, 1, 1)
 
     def t3(x):

@@ -1,0 +1,304 @@
+"""Time the Triton NSA prefill forward against dense SDPA on a CUDA GPU; print a table.
+
+    python scripts/gpu_check_forward.py                  # paper shape, T = 8k..64k
+    python scripts/gpu_check_forward.py --quick          # T = 8k and 16k only
+    python scripts/gpu_check_forward.py --out DIR        # also write DIR/forward_bench.json
+    python scripts/gpu_check_forward.py --compile-only   # no GPU: compile every kernel for
+                                                         # sm_90 and print registers/spills
+
+Paper shape: B=1, HQ=64, H=4 (G=16), d_k=d_v=128, bf16, l=32, d=16, l'=64, n=16, w=512.
+Dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True) in
+[B, HQ, T, D] layout. Times are medians of triton.testing.do_bench (CUDA events, after a
+warm-up that includes compilation), inputs random normal, built outside the timed region.
+Each row also gives the kernel's floor from PERF.md: max(FLOPs / 700 TFLOP/s,
+compulsory HBM bytes / 3 TB/s); the selected-attention row adds the bytes it must pull
+from L2 (every position reads its n*l' keys and values; with random data no two
+positions share a block), which no FLOP floor shows.
+GPU tests: python -m pytest -m gpu tests/gpu/test_triton_forward_gpu.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+PEAK_FLOPS = 700e12
+PEAK_BYTES = 3.0e12
+
+
+def floors(T: int, HQ: int, H: int, dk: int, dv: int, l: int, d: int, ls: int, n: int,
+           w: int) -> dict[str, dict[str, float]]:
+    """FLOPs and compulsory bytes per kernel (bf16 inputs, fp32 scores)."""
+    import torch
+
+    t = torch.arange(T, dtype=torch.float64)
+    nvis = torch.clamp(torch.div(t + 1 - l + d, d, rounding_mode="floor"), min=0)
+    cur = torch.div(t, ls, rounding_mode="floor")
+    n_sel_tok = torch.minimum(cur + 1, torch.tensor(float(n))) * ls - (ls - 1 - (t % ls))
+    n_sel_tok = torch.minimum(n_sel_tok, t + 1)
+    n_win = torch.minimum(t + 1, torch.tensor(float(w)))
+    pair = 2 * (dk + dv)
+    N = max(0, (T - l) // d + 1)
+    nb = -(-T // ls)
+    q_b, o_b = T * HQ * dk * 2, T * HQ * dv * 2
+    kv_b = T * H * (dk + dv) * 2
+    sc_b = H * T * nb * 4
+    out = {
+        "dense": dict(flops=HQ * (t + 1).sum().item() * pair, bytes=q_b + kv_b + o_b),
+        "cmp_attn": dict(flops=HQ * nvis.sum().item() * pair,
+                         bytes=q_b + N * H * (dk + dv) * 2 + o_b),
+        "cmp_fused": dict(flops=HQ * nvis.sum().item() * (pair + 2 * dk),
+                          bytes=q_b + N * H * (dk + dv) * 2 + o_b + sc_b),
+        "topn": dict(flops=0.0, bytes=sc_b + T * H * n * 4),
+        "win": dict(flops=HQ * n_win.sum().item() * pair, bytes=q_b + kv_b + o_b),
+        "sel": dict(flops=HQ * n_sel_tok.sum().item() * pair,
+                    bytes=q_b + kv_b + 3 * o_b + 3 * T * HQ * 2 + T * H * n * 4,
+                    l2_bytes=H * n_sel_tok.sum().item() * (dk + dv) * 2),
+    }
+    for v in out.values():
+        v["floor_ms"] = 1e3 * max(v["flops"] / PEAK_FLOPS, v["bytes"] / PEAK_BYTES)
+    out["nsa"] = dict(flops=sum(out[k]["flops"] for k in ("cmp_fused", "sel", "win")),
+                      bytes=sum(out[k]["bytes"] for k in ("cmp_fused", "topn", "sel", "win")))
+    out["nsa"]["floor_ms"] = sum(out[k]["floor_ms"] for k in ("cmp_fused", "topn", "sel", "win"))
+    return out
+
+
+DEVICE = "cuda"
+
+
+def bench(fn) -> float:
+    if DEVICE != "cuda":  # --smoke: one timed call on the CPU interpreter
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def make(T, HQ, H, dk, dv, cfg, dtype, seed=0):
+    import torch
+
+    from nsa import compress_mean
+
+    device = DEVICE
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device).to(dtype)  # noqa: E731
+    k_raw, v_raw = r(1, T, H, dk), r(1, T, H, dv)
+    return dict(
+        q=r(1, T, HQ, dk), k_sel=r(1, T, H, dk), v_sel=r(1, T, H, dv), k_win=r(1, T, H, dk),
+        v_win=r(1, T, H, dv), k_cmp=compress_mean(k_raw, cfg.l, cfg.d),
+        v_cmp=compress_mean(v_raw, cfg.l, cfg.d),
+        **{f"g_{b}": torch.rand(1, T, HQ, generator=g, device=device).to(dtype)
+           for b in ("cmp", "sel", "win")},
+    )
+
+
+def run_case(T, HQ, H, d, cfg, per_kernel=True, variants=False, dense=True):
+    import torch
+    import torch.nn.functional as F
+
+    from nsa import nsa_attention
+    from nsa.ops.compression import cmp_forward
+    from nsa.ops.selection import sel_forward, select_topn
+    from nsa.ops.window import win_forward
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    inp = make(T, HQ, H, d, d, cfg, dtype)
+    scale = d ** -0.5
+    row: dict[str, float] = {}
+    fl = floors(T, HQ, H, d, d, cfg.l, cfg.d, cfg.l_sel, cfg.n, cfg.w)
+    if dense:
+        qt, kt, vt = (inp[k].transpose(1, 2).contiguous() for k in ("q", "k_sel", "v_sel"))
+        row["dense"] = bench(lambda: F.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=True, enable_gqa=True))
+        del qt, kt, vt
+    if DEVICE != "cuda":
+        row["dense"] = float("nan")
+    row["nsa"] = bench(lambda: nsa_attention(**inp, config=cfg, backend="triton"))
+    if per_kernel:
+        q, kc, vc = inp["q"], inp["k_cmp"], inp["v_cmp"]
+        N = kc.shape[1]
+        row["cmp_fused"] = bench(lambda: cmp_forward(q, kc, vc, cfg, scale, mode="fused"))
+        row["cmp_two_pass"] = bench(lambda: cmp_forward(q, kc, vc, cfg, scale, mode="two_pass"))
+        row["cmp_attn"] = bench(lambda: cmp_forward(q, kc, vc, cfg, scale, want_scores=False))
+        o_cmp, scores = cmp_forward(q, kc, vc, cfg, scale)
+        row["topn"] = bench(lambda: select_topn(scores, T, N, cfg))
+        idx = select_topn(scores, T, N, cfg)
+        row["win"] = bench(lambda: win_forward(q, inp["k_win"], inp["v_win"], cfg.w, scale))
+        o_win = win_forward(q, inp["k_win"], inp["v_win"], cfg.w, scale)
+
+        def sel(**kw):
+            return sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale,
+                               g_sel=inp["g_sel"], o_cmp=o_cmp, g_cmp=inp["g_cmp"],
+                               o_win=o_win, g_win=inp["g_win"], **kw)
+
+        row["sel"] = bench(sel)
+        if variants:
+            for pp in (2, 4):
+                row[f"sel_pp{pp}"] = bench(lambda pp=pp: sel(positions_per_program=pp))
+            row["sel_w2"] = bench(lambda: sel(num_warps=2))
+            row["sel_s2"] = bench(lambda: sel(num_stages=2))
+        del o_cmp, scores, idx, o_win
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return row, fl
+
+
+def compile_only() -> None:
+    """Compile every kernel for sm_90 without a GPU; print registers, spills, smem, MMA."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nsa.ops.compression.kernels import _cmp_fwd_kernel
+    from nsa.ops.selection.kernels import _sel_fwd_kernel, _topn_kernel
+    from nsa.ops.window.kernels import _win_fwd_kernel
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    not16 = {"stride_lh", "stride_st", "stride_it", "stride_ib", "stride_ih", "stride_sb",
+             "stride_sh", "stride_lb"} | {f"stride_g{a}{b}" for a in "scw" for b in "bth"}
+
+    def one(fn, ptrs, consts, warps, stages):
+        sig = {}
+        for name in fn.arg_names:
+            sig[name] = ("constexpr" if name in consts else ptrs.get(name)
+                         or ("fp32" if name == "qk_scale" else "i32"))
+        attrs = {(i,): [["tt.divisibility", 16]] for i, nm in enumerate(fn.arg_names)
+                 if sig[nm].startswith("*") or (nm.startswith("stride_") and nm not in not16)}
+        c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(c.asm["cubin"])
+        ru = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                            text=True).stdout
+        os.unlink(f.name)
+        regs = " ".join(x for x in ru.split() if x.split(":")[0] in ("REG", "STACK"))
+        mma = ("wgmma" if "wgmma" in c.asm["ptx"] else
+               "mma.sync" if "mma.sync" in c.asm["ptx"] else "-")
+        return f"smem={c.metadata.shared // 1024}KB {regs} {mma}"
+
+    bf = {n: "*bf16" for n in ("Q", "K", "V", "O", "OB", "OC", "OW", "GS", "GC", "GW")}
+    for G, d in ((16, 128), (4, 128), (1, 128), (4, 192), (16, 256), (3, 64)):
+        G2 = 1 << (G - 1).bit_length()
+        D = 1 << (d - 1).bit_length()
+        for p1, p2 in ((True, True), (True, False), (False, True)):
+            bn = (128 if not p1 else 64) if d <= 128 else 32
+            c = dict(G=G, GP2=G2, PP=128 // G2, BLOCK_N=bn, DK=D, DV=D, D_K=d, D_V=d,
+                     CMP_L=32, CMP_D=16, SEL_B=4, SEL_A=2, PASS1=p1, PASS2=p2, DO_PV=True,
+                     STORE_LSE=not p2, DOT_PREC="tf32")
+            print(f"cmp  G={G:2d} d={d} pass1={p1:d} pass2={p2:d}: " + one(
+                _cmp_fwd_kernel, {**bf, "LSE": "*fp32", "SCORES": "*fp32"}, c, 8,
+                3 if d <= 128 else 2), flush=True)
+        c = dict(G=G, GP2=G2, PP=128 // G2, BLOCK_N=64 if d <= 128 else 32, DK=D, DV=D,
+                 D_K=d, D_V=d, DOT_PREC="tf32")
+        print(f"win  G={G:2d} d={d}: " + one(_win_fwd_kernel, bf, c, 8, 3 if d <= 128 else 2))
+        c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
+                 BLOCK_N=64 if d <= 128 else 32, N_SEL=16, NP=16, WRITE_OUT=True,
+                 WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True, DOT_PREC="tf32")
+        print(f"sel  G={G:2d} d={d}: " + one(_sel_fwd_kernel, {**bf, "IDX": "*i32"}, c, 4, 3))
+    c = dict(CMP_L=32, CMP_D=16, L_SEL=64, SEL_B=4, SEL_A=2, N_SEL=16, N_INIT=1, N_LOCAL=2,
+             K_FREE=13, P=16, NOUT=16, ROWS=16, CH=128)
+    print("topn n=16: " + one(_topn_kernel, {"SCORES": "*fp32", "IDX": "*i32"}, c, 4, 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="T = 8192 and 16384 only")
+    ap.add_argument("--out", default=None, help="folder for forward_bench.json")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="no GPU: compile every kernel for sm_90 and print resources")
+    ap.add_argument("--Ts", default=None, help="comma-separated sequence lengths")
+    ap.add_argument("--no-groups", action="store_true", help="skip the G = 1, 4 rows")
+    ap.add_argument("--smoke", action="store_true",
+                    help="no GPU: run this script's code paths on tiny shapes on the CPU "
+                         "interpreter (TRITON_INTERPRET=1), numbers meaningless")
+    args = ap.parse_args()
+    if args.compile_only:
+        compile_only()
+        return
+    if args.smoke:
+        global DEVICE
+        os.environ["TRITON_INTERPRET"] = "1"
+        DEVICE = "cpu"
+
+    import torch
+    import triton
+
+    from nsa import NSAConfig
+
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check_forward: needs a CUDA GPU (or --compile-only / --smoke)")
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter smoke run)"
+    print(f"GPU: {gpu}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
+    Ts = ([int(x) for x in args.Ts.split(",")] if args.Ts else
+          [8192, 16384] if args.quick else [8192, 16384, 32768, 65536])
+    HQ, H, d = 64, 4, 128
+    groups = ((4, 16), (1, 4))
+    if args.smoke:
+        cfg = NSAConfig(l=32, d=16, l_sel=64, n=4, n_initial=1, n_local=2, w=64)
+        Ts, HQ, H, d, groups = [300], 4, 1, 32, ((1, 1),)
+    results = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+               "rows": []}
+    for T in Ts:
+        t0 = time.time()
+        row, fl = run_case(T, HQ, H, d, cfg, variants=(T == Ts[-1]), dense=DEVICE == "cuda")
+        results["rows"].append(dict(T=T, G=HQ // H, HQ=HQ, H=H, ms=row,
+                                    floor_ms={k: v["floor_ms"] for k, v in fl.items()},
+                                    flops={k: v["flops"] for k, v in fl.items()},
+                                    l2_bytes=fl["sel"]["l2_bytes"]))
+        print(f"T={T}: " + " ".join(f"{k}={v:.3f}ms" for k, v in row.items())
+              + f" ({time.time() - t0:.0f}s)", flush=True)
+    if not args.no_groups:
+        T = Ts[-1]
+        for G, HQg in groups:
+            row, fl = run_case(T, HQg, H, d, cfg, dense=DEVICE == "cuda")
+            results["rows"].append(dict(T=T, G=G, HQ=HQg, H=H, ms=row,
+                                        floor_ms={k: v["floor_ms"] for k, v in fl.items()},
+                                        flops={k: v["flops"] for k, v in fl.items()},
+                                        l2_bytes=fl["sel"]["l2_bytes"]))
+            print(f"T={T} G={G}: " + " ".join(f"{k}={v:.3f}ms" for k, v in row.items()),
+                  flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "forward_bench.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    print(f"\n## NSA prefill forward, {gpu}, bf16, B=1, H={H}, d={d}, l={cfg.l}, d={cfg.d}, "
+          f"l'={cfg.l_sel}, n={cfg.n}, w={cfg.w} (median ms; floor = max(FLOPs/700T, "
+          f"bytes/3TB/s))")
+    print("| T | G | dense | NSA | dense/NSA | cmp fused | cmp 2-pass | cmp attn only | top-n "
+          "| win | sel+combine | sel L2 TB/s | NSA floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        m, f = r["ms"], r["floor_ms"]
+        print(f"| {r['T']} | {r['G']} | {m.get('dense', float('nan')):.2f} | {m['nsa']:.2f} | "
+              f"{m.get('dense', float('nan')) / m['nsa']:.2f}x | {m['cmp_fused']:.2f} | "
+              f"{m['cmp_two_pass']:.2f} | {m['cmp_attn']:.2f} | {m['topn']:.2f} | "
+              f"{m['win']:.2f} | {m['sel']:.2f} | {r['l2_bytes'] / m['sel'] / 1e9:.1f} | "
+              f"{f['nsa']:.2f} |")
+    print("\nper-kernel floors (ms) and achieved TFLOP/s:")
+    for r in results["rows"]:
+        m, f, fl = r["ms"], r["floor_ms"], r["flops"]
+        parts = []
+        for k in ("cmp_fused", "cmp_attn", "topn", "win", "sel", "nsa", "dense"):
+            if k in m:
+                parts.append(f"{k} {f[k]:.2f} floor / {fl[k] / m[k] / 1e9:.0f} TF/s")
+        print(f"T={r['T']} G={r['G']}: " + "; ".join(parts))
+        extra = {k: v for k, v in m.items() if k.startswith("sel_")}
+        if extra:
+            print("  sel variants: " + " ".join(f"{k}={v:.2f}ms" for k, v in extra.items()))
+
+
+if __name__ == "__main__":
+    main()
