@@ -55,6 +55,7 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
         Col("cmp fwd ms", "cmp_fwd_ms", optional=True),
         Col("sel fwd ms", "sel_fwd_ms", optional=True),
         Col("win fwd ms", "win_fwd_ms", optional=True),
+        Col("fwd+bwd not measured", "fwd_bwd_error", optional=True),
     ]),
     "decode": ("Decode: one step against dense decode (same run)", [
         *CASE_COLS, Col("backend", "backend"), *_param_cols("dtype", "S", "B", "H", "G", "d_k"),

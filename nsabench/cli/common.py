@@ -218,10 +218,10 @@ def execute(
     if json_out:
         sys.stdout.write(text)
         sys.stdout.flush()
+        err_console().print(f"{data['summary']['verdict_text']}\nrun folder: {run_dir}",
+                            markup=False)
     else:
         print_summary(data, run_dir)
-    err_console().print(f"{data['summary']['verdict_text']}\nrun folder: {run_dir}",
-                        markup=False)
     return data["summary"]["exit_code"]
 
 

@@ -59,7 +59,12 @@ def evaluate(spec: CaseSpec, metrics: dict[str, Any]) -> list[dict[str, Any]]:
             passed = value == threshold
         elif _is_bad(value) or isinstance(value, str):
             passed = False
-            note = note or ("not measured" if value is None else "not a number")
+            if value is None:
+                errors = [v for k, v in metrics.items() if k.endswith("_error")
+                          and isinstance(v, str)]
+                note = note or "; ".join(["not measured", *errors])
+            else:
+                note = note or "not a number"
         elif op == "<=":
             passed = bool(float(value) <= threshold)
         else:

@@ -180,7 +180,7 @@ def all_finite(*ts: Tensor | None) -> bool:
 @dataclass(frozen=True)
 class Timing:
     ms: float
-    n: int
+    n: int | None  # timed calls; None when the timer chose
     timer: str
 
 
@@ -212,7 +212,9 @@ def bench(fn, device: torch.device, warmup: int = 1, repeats: int = 5,
             try:
                 from triton.testing import do_bench
 
-                return Timing(float(do_bench(fn, return_mode="median")), 0, "triton.do_bench")
+                # do_bench picks its own number of repeats (about 100 ms of calls)
+                return Timing(float(do_bench(fn, return_mode="median")), None,
+                              "triton.do_bench")
             except ImportError:
                 pass
         times = []

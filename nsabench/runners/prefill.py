@@ -89,7 +89,8 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
         except torch.OutOfMemoryError as exc:
             # recorded, not fatal: the forward numbers stay, the fwd+bwd thresholds then
             # read "not measured"
-            m["fwd_bwd_error"] = f"out of memory: {str(exc).splitlines()[0]}"
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            m["fwd_bwd_error"] = f"out of memory: {first.split('. GPU')[0][:120]}"
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
