@@ -155,22 +155,24 @@ def tables(results: dict[str, Any]) -> list[Table]:
 
 # ----------------------------------------------------------------------------- plots
 
+# parameters that do not tell series apart (timing knobs, switches)
+_NOT_SERIES = {"seed", "threads", "warmup", "repeats", "budget_s", "check", "branches",
+               "modes", "device", "grad"}
+
+
 def _series(results: dict[str, Any], kind: str, x: str) -> dict[str, list[dict[str, Any]]]:
-    """Cases that ran, grouped by case name and the parameters that vary besides x."""
+    """Cases of a kind that ran, grouped by the parameters that vary among them (x and
+    timing knobs aside): points of equal configuration form one series across cases."""
     ran = [c for c in results["cases"]
            if c["kind"] == kind and c["status"] in ("passed", "failed")]
+    if not ran:
+        return {}
+    keys = [k for k in ran[0]["params"] if k != x and k not in _NOT_SERIES]
+    varying = [k for k in keys if len({repr(c["params"].get(k)) for c in ran}) > 1]
     groups: dict[str, list[dict[str, Any]]] = {}
-    by_case: dict[str, list[dict[str, Any]]] = {}
     for c in ran:
-        by_case.setdefault(c["case"], []).append(c)
-    many = len(by_case) > 1
-    for name, cs in by_case.items():
-        varying = [k for k in cs[0]["params"]
-                   if k not in (x, "seed") and len({repr(c["params"][k]) for c in cs}) > 1]
-        for c in cs:
-            label = ",".join(f"{k}={c['params'][k]}" for k in varying)
-            key = (name + (f"[{label}]" if label else "")) if many else label
-            groups.setdefault(key, []).append(c)
+        label = ",".join(f"{k}={c['params'].get(k)}" for k in varying)
+        groups.setdefault(label, []).append(c)
     return groups
 
 
@@ -186,17 +188,20 @@ def plot_files(results: dict[str, Any], run_dir: Path) -> list[str]:
     for fname, (kind, x, title, ylabel, metrics, logy) in PLOTS.items():
         groups = _series(results, kind, x)
         lines = []
-        for gkey, cs in groups.items():
-            for metric, mlabel in metrics:
+        for gi, (gkey, cs) in enumerate(groups.items()):
+            for mi, (metric, mlabel) in enumerate(metrics):
                 pts = sorted((c["params"][x], c["metrics"][metric]) for c in cs
                              if isinstance(c["metrics"].get(metric), (int, float)))
                 if pts:
-                    lines.append((f"{mlabel} {gkey}".strip(), pts))
+                    lines.append((f"{mlabel} {gkey}".strip(), pts, gi, mi))
         if not lines:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        for label, pts in lines:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        styles = ("-", "--", ":", "-.")
+        marks = ("o", "s", "^", "D", "v")
+        for label, pts, gi, mi in lines:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{gi % 10}",
+                    ls=styles[mi % 4], marker=marks[mi % 5], label=label)
         ax.set_xscale("log", base=2)
         if logy:
             ax.set_yscale("log")
@@ -345,6 +350,8 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
         command=results["command"],
         suite_name=suite.get("name"),
         suite_source=suite.get("source"),
+        suite_description=(f"Suite: {suite['description']}" if suite.get("description")
+                           else ""),
         overrides=ov,
         verdict_text=summary["verdict_text"],
         argv=" ".join(results.get("argv") or []),

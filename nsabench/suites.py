@@ -407,7 +407,17 @@ def load_suite(name_or_path: str | Path) -> Suite:
         text = path.read_text()
     except OSError as exc:
         raise UsageError(f"cannot read suite {path}: {exc}") from None
-    return parse_suite(text, str(path))
+    return parse_suite(text, _source_name(path))
+
+
+def _source_name(path: Path) -> str:
+    """A shipped suite is named by its place in the package (same on every machine)."""
+    try:
+        if path.resolve().parent == shipped_dir().resolve():
+            return f"nsabench/suites/{path.name}"
+    except OSError:
+        pass
+    return str(path)
 
 
 def parse_suite(text: str, source: str = "<suite>") -> Suite:
