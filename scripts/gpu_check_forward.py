@@ -140,10 +140,19 @@ def run_case(T, HQ, H, d, cfg, per_kernel=True, variants=False, dense=True):
 
         row["sel"] = bench(sel)
         if variants:
-            for pp in (2, 4):
-                row[f"sel_pp{pp}"] = bench(lambda pp=pp: sel(positions_per_program=pp))
+            row["sel_pp4"] = bench(lambda: sel(positions_per_program=4))
+            row["sel_w1"] = bench(lambda: sel(num_warps=1))
             row["sel_w2"] = bench(lambda: sel(num_warps=2))
-            row["sel_s2"] = bench(lambda: sel(num_stages=2))
+            row["sel_s4"] = bench(lambda: sel(num_stages=4))
+            row["sel_w2s4"] = bench(lambda: sel(num_warps=2, num_stages=4))
+            for rows in (8, 32):
+                row[f"topn_rows{rows}"] = bench(lambda r=rows: select_topn(scores, T, N, cfg,
+                                                                           rows=r))
+            row["topn_ch256"] = bench(lambda: select_topn(scores, T, N, cfg, chunk=256))
+            row["cmp_fused_bn128s2"] = bench(lambda: cmp_forward(
+                q, kc, vc, cfg, scale, block_n=128, num_stages=2))
+            row["cmp_fused_bm64w4"] = bench(lambda: cmp_forward(
+                q, kc, vc, cfg, scale, block_m=64, num_warps=4))
         del o_cmp, scores, idx, o_win
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -234,7 +243,7 @@ def main() -> None:
     import torch
     import triton
 
-    from nsa import NSAConfig
+    from nsa import NSAConfig, nsa_attention
 
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check_forward: needs a CUDA GPU (or --compile-only / --smoke)")
@@ -269,6 +278,18 @@ def main() -> None:
                                         l2_bytes=fl["sel"]["l2_bytes"]))
             print(f"T={T} G={G}: " + " ".join(f"{k}={v:.3f}ms" for k, v in row.items()),
                   flush=True)
+    if not args.no_groups and not args.smoke:
+        # the configuration fla's parallel_nsa supports: l = l' = d = 64, n = 16, no window
+        T = Ts[-1]
+        fla_cfg = NSAConfig(l=64, d=64, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
+        inp = make(T, HQ, H, d, d, fla_cfg, torch.bfloat16)
+        inp["g_win"] = None
+        ms = bench(lambda: nsa_attention(**inp, config=fla_cfg, backend="triton"))
+        results["fla_config"] = dict(T=T, ms=ms, note="l=l'=d=64, n=16, no window; fla "
+                                     "parallel_nsa anchor (PERF.md, H100): 56.99 ms at 64k")
+        print(f"T={T} fla-comparable config (l=l'=d=64, n=16, no window): nsa={ms:.3f}ms",
+              flush=True)
+        del inp
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "forward_bench.json"), "w") as f:
@@ -295,9 +316,10 @@ def main() -> None:
             if k in m:
                 parts.append(f"{k} {f[k]:.2f} floor / {fl[k] / m[k] / 1e9:.0f} TF/s")
         print(f"T={r['T']} G={r['G']}: " + "; ".join(parts))
-        extra = {k: v for k, v in m.items() if k.startswith("sel_")}
+        main_keys = ("dense", "nsa", "cmp_fused", "cmp_two_pass", "cmp_attn", "topn", "win", "sel")
+        extra = {k: v for k, v in m.items() if k not in main_keys}
         if extra:
-            print("  sel variants: " + " ".join(f"{k}={v:.2f}ms" for k, v in extra.items()))
+            print("  variants: " + " ".join(f"{k}={v:.2f}ms" for k, v in extra.items()))
 
 
 if __name__ == "__main__":

@@ -150,6 +150,8 @@ def cmp_forward(
     mode: str = "fused",
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Compressed-branch attention and/or the group block scores, in one or two launches.
 
@@ -160,7 +162,8 @@ def cmp_forward(
     whenever j*l_sel < (min(N, N_cmp(t)) * d) + l - d, the only ones selection reads.
     ``o``/``scores`` may be passed preallocated (tests poison them with NaN).
     ``mode``: "fused" runs both passes in one program; "two_pass" hands the log-sum-exp
-    through memory to a second launch.
+    through memory to a second launch. ``block_m``/``block_n``/``num_warps``/``num_stages``
+    override the launch config of the (first) kernel, for tuning runs.
     """
     if mode not in CMP_MODES:
         raise ValueError(f"cmp_forward: mode must be one of {CMP_MODES}, got {mode!r}")
@@ -185,6 +188,7 @@ def cmp_forward(
         return None, None
     bm, bn, warps, stages = _cmp_config(DK, DV, GP2, SEL_B, q.device)
     bm, bn = block_m or bm, block_n or bn
+    warps, stages = num_warps or warps, num_stages or stages
     prec = dot_precision(q.dtype, q.device)
     qk_scale = scale * LOG2E
     dummy = q.new_empty(1)

@@ -6,21 +6,23 @@ the int64 key ``order(score) << 32 | (2^31 - 1 - j)``; ``order`` maps float bits
 integers with the same order (-0.0 is first made +0.0, so equal scores give equal keys).
 The largest key is the highest score, ties going to the lower block index: exactly the
 order of the reference's stable descending sort. The row is streamed in chunks of CH
-blocks (only up to the last candidate of the tile); after each chunk the running set of
-the K_FREE best keys is rebuilt by K_FREE rounds of "take the maximum of chunk and set,
-knock it out". With C candidates and C > n, the forced blocks (n_initial first, n_local
-last) are distinct and all exist, so exactly n - n_initial - n_local free picks remain;
-with C <= n every candidate is taken and the free ones number at most that many too.
-The forced blocks are then joined to the picks and one small sort writes them ascending
-with -1 last: the canonical order of ``reference.select_blocks``. No host sync.
+blocks (only up to the last candidate of the tile) and a running set of the K_FREE best
+keys is kept: while the chunk's largest key beats the set's smallest, it replaces it (so
+after the first chunk only the few keys that enter the set cost a round). With C
+candidates and C > n, the forced blocks (n_initial first, n_local last) are distinct and
+all exist, so exactly n - n_initial - n_local free picks remain; with C <= n every
+candidate is taken and the free ones number at most that many too. The forced blocks
+are then joined to the picks; each block's output slot is the number of smaller chosen
+blocks, so they are written ascending with -1 last: the canonical order of
+``reference.select_blocks``. No host sync.
 
 Selected attention (:func:`_sel_fwd_kernel`), group-centric: one program per (tile of PP
 query positions, KV head, batch); the dot's M dimension packs PP positions x GP2 heads
 (GP2 = G rounded up to a power of two; PP = max(1, 16 // GP2) by default, so G < 16
 packs several positions and no program runs a dot with fewer than 16 rows). With PP = 1
 the program streams the n selected blocks of its position straight from the index row.
-With PP > 1 it streams the *union* of its positions' blocks (sorted, duplicates
-dropped): each block is loaded once and each row keeps only the blocks its own position
+With PP > 1 it streams the *union* of its positions' blocks (first occurrences, in
+position order): each block is loaded once and each row keeps only the blocks its own position
 selected, so positions that share blocks (always the forced ones; in trained models
 most) share the loads and the dots. Causal inside the block (key position <= t). The
 epilogue optionally fuses the gate combine ``g_sel*O_sel + g_cmp*O_cmp + g_win*O_win``
@@ -33,6 +35,7 @@ import triton
 import triton.language as tl
 
 _KEY_NONE = tl.constexpr(-9223372036854775808)  # int64 min: "no candidate"
+_KEY_FULL = tl.constexpr(9223372036854775807)  # int64 max: a slot that is not in use
 _IDX_NONE = tl.constexpr(2147483647)  # int32 max: an unused index slot while sorting
 
 
@@ -58,7 +61,8 @@ def _topn_kernel(
     # blocks past this one received no visible compressed token: score 0, never stored
     j_scored = (n_vis + SEL_A - 2) // SEL_B  # j*SEL_B - (SEL_A - 1) < n_vis  <=>  j <= this
     slot = tl.arange(0, P)
-    best = tl.full([ROWS, P], _KEY_NONE, tl.int64)
+    # the K_FREE best keys so far; slots past K_FREE hold a key nothing can displace
+    best = tl.where(slot[None, :] < K_FREE, _KEY_NONE, _KEY_FULL) + tl.zeros([ROWS, P], tl.int64)
     if K_FREE > 0:
         s_base = SCORES + b * stride_sb + h * stride_sh
         s_rows = s_base + (t.to(tl.int64) * stride_st)[:, None]
@@ -76,14 +80,20 @@ def _topn_kernel(
             okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
             key = (okey.to(tl.int64) << 32) | (0x7FFFFFFF - jr).to(tl.int64)
             key = tl.where(free, key, _KEY_NONE)
-            fresh = tl.full([ROWS, P], _KEY_NONE, tl.int64)
-            for it in tl.static_range(K_FREE):
-                m = tl.maximum(tl.max(key, 1), tl.max(best, 1))
-                fresh = tl.where(slot[None, :] == it, m[:, None], fresh)
-                key = tl.where(key == m[:, None], _KEY_NONE, key)
-                best = tl.where(best == m[:, None], _KEY_NONE, best)
-            best = fresh
-    picked = tl.where(best != _KEY_NONE, 0x7FFFFFFF - (best & 0xFFFFFFFF), _IDX_NONE)
+            # insert the chunk's best keys while one beats a row's current worst: after
+            # the first chunk only a few per chunk do, so later chunks cost few rounds
+            top = tl.max(key, 1)
+            worst = tl.min(best, 1)
+            need = top > worst
+            while tl.max(need.to(tl.int32), 0) > 0:
+                at = tl.min(tl.where(best == worst[:, None], slot[None, :], P), 1)
+                best = tl.where(need[:, None] & (slot[None, :] == at[:, None]), top[:, None], best)
+                key = tl.where(need[:, None] & (key == top[:, None]), _KEY_NONE, key)
+                top = tl.max(key, 1)
+                worst = tl.min(best, 1)
+                need = top > worst
+    taken = (best != _KEY_NONE) & (slot[None, :] < K_FREE)
+    picked = tl.where(taken, 0x7FFFFFFF - (best & 0xFFFFFFFF), _IDX_NONE)
     picked = picked.to(tl.int32)
     # forced blocks: slots 0..N_INIT-1 initial, N_INIT..N_INIT+N_LOCAL-1 local
     sl = slot[None, :]
