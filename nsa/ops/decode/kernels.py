@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
+# order-preserving int32 of -inf (bits ^ 0x7FFFFFFF for negatives) times 2^32
+ORD_NEG_INF_KEY = tl.constexpr(-2139095041 * 4294967296)
 
 
 @triton.jit
@@ -64,7 +66,7 @@ def _partial(q, k, v, ok, scale, PM, PL, PO, CNT, slot, G: tl.constexpr, GP: tl.
 
 @triton.jit
 def _dec_stage1(
-    Q, KC, VC, KW, VW, LENGTHS, PM, PL, PO, CNT, PS, FS, SC, IDX, TICKET,
+    Q, KC, VC, KW, VW, LENGTHS, PM, PL, PO, CNT, PS, SC, IDX, TICKET,
     stride_qb, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -97,20 +99,20 @@ def _dec_stage1(
         pos = t - ((t - slot) % W + W) % W
         ok = (slot < W) & (pos >= 0)
         slot = tl.where(ok, slot, 0)
-        k = tl.load(KW + b * stride_kwb + slot[:, None] * stride_kwn + h * stride_kwh
-                    + dk[None, :], mask=ok[:, None] & mk, other=0.0)
-        v = tl.load(VW + b * stride_vwb + slot[:, None] * stride_vwn + h * stride_vwh
-                    + dv[None, :], mask=ok[:, None] & mv, other=0.0)
-        _partial(q, k, v, ok, scale, PM, PL, PO, CNT, base + u, G, GP, DV, D_V)
+        kw = tl.load(KW + b * stride_kwb + slot[:, None] * stride_kwn + h * stride_kwh
+                     + dk[None, :], mask=ok[:, None] & mk, other=0.0)
+        vw = tl.load(VW + b * stride_vwb + slot[:, None] * stride_vwn + h * stride_vwh
+                     + dv[None, :], mask=ok[:, None] & mv, other=0.0)
+        _partial(q, kw, vw, ok, scale, PM, PL, PO, CNT, base + u, G, GP, DV, D_V)
     else:
         sp = u - N_WT
         i = sp * BLOCK_C + tl.arange(0, BLOCK_C)
-        ok = i < n_vis
-        k = tl.load(KC + b * stride_kb + i[:, None] * stride_kn + h * stride_kh + dk[None, :],
-                    mask=ok[:, None] & mk, other=0.0)
-        v = tl.load(VC + b * stride_vb + i[:, None] * stride_vn + h * stride_vh + dv[None, :],
-                    mask=ok[:, None] & mv, other=0.0)
-        p, m = _partial(q, k, v, ok, scale, PM, PL, PO, CNT, base + SLOT_CMP + sp,
+        okc = i < n_vis
+        kc = tl.load(KC + b * stride_kb + i[:, None] * stride_kn + h * stride_kh + dk[None, :],
+                     mask=okc[:, None] & mk, other=0.0)
+        vc = tl.load(VC + b * stride_vb + i[:, None] * stride_vn + h * stride_vh + dv[None, :],
+                     mask=okc[:, None] & mv, other=0.0)
+        p, m = _partial(q, kc, vc, okc, scale, PM, PL, PO, CNT, base + SLOT_CMP + sp,
                         G, GP, DV, D_V)
         if DO_SELECT:
             # Eq. 9 on this split: blocks j0 .. j0 + JB - 1, weights overlap(i, j) / d
@@ -118,7 +120,7 @@ def _dec_stage1(
             jj = j0 + tl.arange(0, JB)
             ov = (tl.minimum(i[:, None] * CMP_D + CMP_L, (jj[None, :] + 1) * SEL_L)
                   - tl.maximum(i[:, None] * CMP_D, jj[None, :] * SEL_L))
-            wgt = tl.where(ok[:, None], tl.maximum(ov, 0).to(tl.float32) / CMP_D, 0.0)
+            wgt = tl.where(okc[:, None], tl.maximum(ov, 0).to(tl.float32) / CMP_D, 0.0)
             ps = tl.dot(p, wgt, input_precision="ieee")  # [GP, JB], relative to m
             # only the blocks this split touches: the same-parity neighbours own the rest
             j_last = (((sp + 1) * BLOCK_C - 1) * CMP_D + CMP_L - 1) // SEL_L
@@ -130,13 +132,13 @@ def _dec_stage1(
         ticket = tl.atomic_add(TICKET + bh, 1, sem="acq_rel")
         if ticket == SPLITS + N_WT - 1:
             tl.store(TICKET + bh, 0)  # ready for the next step
-            _select(PM, PL, PS, FS, SC, IDX, bh, base + SLOT_CMP, t, n_vis, SPLITS,
+            _select(PM, PL, PS, SC, IDX, bh, base + SLOT_CMP, t, n_vis, SPLITS,
                     NBCAP, G, GP, CMP_L, CMP_D, SEL_L, BLOCK_C, N_SEL, NP, N_INIT,
                     N_LOCAL, NB_P, JT, SPC)
 
 
 @triton.jit
-def _select(PM, PL, PS, FS, SC, IDX, bh, slot0, t, n_vis, SPLITS, NBCAP,
+def _select(PM, PL, PS, SC, IDX, bh, slot0, t, n_vis, SPLITS, NBCAP,
             G: tl.constexpr, GP: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
             SEL_L: tl.constexpr, BLOCK_C: tl.constexpr, N_SEL: tl.constexpr,
             NP: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
@@ -159,17 +161,9 @@ def _select(PM, PL, PS, FS, SC, IDX, bh, slot0, t, n_vis, SPLITS, NBCAP,
         mx = new
     mx_safe = tl.where(mx > NEG_INF, mx, 0.0)
     inv_l = tl.where(ls > 0, 1.0 / tl.where(ls > 0, ls, 1.0), 0.0)
-    # factor turning a split's partial scores into probabilities: exp(m_s - M) / L
-    for c0 in range(0, SPLITS, SPC):
-        s = c0 + tl.arange(0, SPC)
-        r = (slot0 + s)[:, None] * G + g[None, :]
-        okc = (s[:, None] < SPLITS) & gm[None, :]
-        m_s = tl.load(PM + r, mask=okc, other=NEG_INF, cache_modifier=".cg")
-        f = tl.where(m_s > NEG_INF, tl.exp(m_s - mx_safe[None, :]), 0.0) * inv_l[None, :]
-        tl.store(FS + (bh * SPLITS + s[:, None]) * G + g[None, :], f, mask=okc)
-    tl.debug_barrier()
     # group block scores: a block gets the partials of the (at most two) splits that hold
-    # compressed tokens overlapping it; layer = split parity
+    # compressed tokens overlapping it (layer = split parity), each turned into
+    # probabilities by exp(m_split - M) / L
     LB: tl.constexpr = SEL_L // CMP_D
     LC: tl.constexpr = CMP_L // CMP_D
     nb = t // SEL_L + 1
@@ -180,14 +174,18 @@ def _select(PM, PL, PS, FS, SC, IDX, bh, slot0, t, n_vis, SPLITS, NBCAP,
         s_a = i_lo // BLOCK_C
         s_b = tl.minimum(((j + 1) * LB - 1) // BLOCK_C, SPLITS - 1)
         m2 = gm[:, None] & okj[None, :]
-        fa = tl.load(FS + (bh * SPLITS + s_a[None, :]) * G + g[:, None], mask=m2, other=0.0)
+        two = m2 & (s_b > s_a)[None, :]
+        ma = tl.load(PM + (slot0 + s_a[None, :]) * G + g[:, None], mask=m2, other=NEG_INF,
+                     cache_modifier=".cg")
+        mb = tl.load(PM + (slot0 + s_b[None, :]) * G + g[:, None], mask=two, other=NEG_INF,
+                     cache_modifier=".cg")
         pa = tl.load(PS + ((bh * 2 + s_a[None, :] % 2) * G + g[:, None]) * NBCAP + j[None, :],
                      mask=m2, other=0.0, cache_modifier=".cg")
-        two = m2 & (s_b > s_a)[None, :]
-        fb = tl.load(FS + (bh * SPLITS + s_b[None, :]) * G + g[:, None], mask=two, other=0.0)
         pb = tl.load(PS + ((bh * 2 + s_b[None, :] % 2) * G + g[:, None]) * NBCAP + j[None, :],
                      mask=two, other=0.0, cache_modifier=".cg")
-        tl.store(SC + bh * NB_P + j, tl.sum(fa * pa + fb * pb, 0))
+        fa = tl.where(ma > NEG_INF, tl.exp(ma - mx_safe[:, None]), 0.0)
+        fb = tl.where(mb > NEG_INF, tl.exp(mb - mx_safe[:, None]), 0.0)
+        tl.store(SC + bh * NB_P + j, tl.sum((fa * pa + fb * pb) * inv_l[:, None], 0))
     tl.debug_barrier()
     j = tl.arange(0, NB_P)
     score = tl.load(SC + bh * NB_P + j)
@@ -195,14 +193,21 @@ def _select(PM, PL, PS, FS, SC, IDX, bh, slot0, t, n_vis, SPLITS, NBCAP,
     cand = j <= cur
     forced = cand & ((j < N_INIT) | ((cur - j >= 0) & (cur - j < N_LOCAL)))
     prio = tl.where(forced, float("inf"), tl.where(cand, score, NEG_INF))
+    # one max-reduction per pick: key = (order-preserving int of the score) * 2^32
+    # + (2^32 - 1 - j), so equal scores go to the lower block index
+    bits = prio.to(tl.int32, bitcast=True)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+    key = ordered * 4294967296 + (4294967295 - j.to(tl.int64))
+    floor = ORD_NEG_INF_KEY  # key of -inf at j = 2^32 - 1: below every real key
     slot = tl.arange(0, NP)
     BIG: tl.constexpr = 1 << 30
     chosen = tl.full([NP], BIG, tl.int32)
     for it in range(N_SEL):
-        top = tl.max(prio, 0)
-        pick = tl.min(tl.where(prio == top, j, BIG), 0)
-        chosen = tl.where(slot == it, tl.where(top > NEG_INF, pick, BIG), chosen)
-        prio = tl.where(j == pick, NEG_INF, prio)
+        top = tl.max(key, 0)
+        pick = (4294967295 - (top & 4294967295)).to(tl.int32)
+        # a -inf top means no candidate is left: the slot stays unused
+        chosen = tl.where(slot == it, tl.where(top >= floor + 4294967296, pick, BIG), chosen)
+        key = tl.where(j == pick, floor, key)
     chosen = tl.sort(chosen, 0)
     tl.store(IDX + bh * N_SEL + slot, tl.where(chosen == BIG, -1, chosen), mask=slot < N_SEL)
 

@@ -18,6 +18,7 @@ BLOCK_C = 64  # compressed tokens per split
 JT = 128  # selection blocks per chunk of the score pass
 SPC = 32  # splits per chunk of the log-sum-exp pass
 PC = 32  # partials per chunk of the final merge
+STAGE1_WARPS = 4
 MAX_BLOCKS = 8192  # selection blocks the in-register top-n handles
 
 
@@ -58,7 +59,7 @@ def _allocator(poison: bool):
 def _workspace(cache: NSACache, G: int, poison: bool) -> dict[str, Tensor]:
     """Scratch sized by capacity; rebuilt when the cache grows (or for poisoned runs)."""
     cfg = cache.config
-    key = (cache.capacity, G, poison)
+    key = (cache.capacity, G, poison, BLOCK_C)
     ws = getattr(cache, "_triton_ws", None)
     if ws is not None and ws["key"] == key and not poison:
         return ws
@@ -79,7 +80,6 @@ def _workspace(cache: NSACache, G: int, poison: bool) -> dict[str, Tensor]:
         "po": empty(B * H * npart * G, dv, **f32),
         "cnt": torch.zeros(B * H * npart, device=dev, dtype=torch.int32),
         "ps": empty(B * H * 2 * G, nbcap, **f32),
-        "fs": empty(B * H * splits * G, **f32),
         "sc": empty(B * H, nb_p, **f32),
         "idx": torch.full((B * H, cfg.n), -1, device=dev, dtype=torch.int32),
         "ticket": torch.zeros(B * H, device=dev, dtype=torch.int32),
@@ -123,7 +123,7 @@ def triton_decode(
     if splits + n_wt:
         _dec_stage1[(B * H, n_wt + splits)](
             q, kc, vc, kw, vw, cache.lengths, ws["pm"], ws["pl"], ws["po"], ws["cnt"],
-            ws["ps"], ws["fs"], ws["sc"], ws["idx"], ws["ticket"],
+            ws["ps"], ws["sc"], ws["idx"], ws["ticket"],
             q.stride(0), q.stride(1),
             kc.stride(0), kc.stride(1), kc.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2),
@@ -134,7 +134,7 @@ def triton_decode(
             CMP_L=cfg.l, CMP_D=cfg.d, SEL_L=cfg.l_sel, BLOCK_C=BLOCK_C, JB=jb, LP=LP,
             W=cfg.w, N_WT=n_wt, SLOT_CMP=n_wt_slots + cfg.n, N_SEL=cfg.n,
             NP=_p2(cfg.n, 1), N_INIT=cfg.n_initial, N_LOCAL=cfg.n_local,
-            NB_P=ws["nb_p"], JT=JT, SPC=SPC, DO_SELECT=use_sel,
+            NB_P=ws["nb_p"], JT=JT, SPC=SPC, DO_SELECT=use_sel, num_warps=STAGE1_WARPS,
         )
     if use_sel:
         _dec_stage2[(B * H, cfg.n)](
