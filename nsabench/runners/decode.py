@@ -1,7 +1,8 @@
 """Decode: one NSA decode step against dense SDPA decode at context length S.
 
 The cache is filled with S - 1 prefilled tokens plus one appended token (one real
-decode step), then ``nsa_decode`` for the newest token is timed; dense attention is
+decode step), then ``nsa_decode`` for the newest token is timed (on CUDA as CUDA-graph
+replays, for both sides, plus eager times for reference); dense attention is
 one query row over the S cached keys, keys sliced to S and no ``is_causal`` (with one
 query row, is_causal=True would align the mask top-left and see only key 0).
 
@@ -25,6 +26,7 @@ from nsabench.runners.common import (
     bench,
     case_config,
     flash_attn_status,
+    graphed,
     rel_err,
     resolve_backend,
     speedup,
@@ -96,10 +98,16 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
         return F.scaled_dot_product_attention(qd, kd[:, :, :S], vd[:, :, :S], enable_gqa=True)
 
     with torch.no_grad():
-        t = bench(step, device, **tp)
-        d = bench(dense, device, **tp)
-    m.update(nsa_ms=t.ms, dense_ms=d.ms, speedup=speedup(d.ms, t.ms), timer=t.timer,
-             samples=t.n)
+        t = bench(graphed(step, device), device, **tp)
+        d = bench(graphed(dense, device), device, **tp)
+        timer = t.timer + (" over CUDA-graph replays" if device.type == "cuda" else "")
+        m.update(nsa_ms=t.ms, dense_ms=d.ms, speedup=speedup(d.ms, t.ms), timer=timer,
+                 samples=t.n)
+        if device.type == "cuda":  # what a caller without graphs pays (launches, Python)
+            te = bench(step, device, **tp)
+            de = bench(dense, device, **tp)
+            m.update(nsa_eager_ms=te.ms, dense_eager_ms=de.ms,
+                     speedup_eager=speedup(de.ms, te.ms))
     fa_why = flash_attn_status(device, dtype)
     if fa_why is None and dk != dv:
         fa_why = "flash-attn needs d_v == d_k"
