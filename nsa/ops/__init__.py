@@ -183,7 +183,9 @@ def nsa_attention(
     if backend == "auto":
         from nsa.policy import choose_op_backend
 
-        backend = choose_op_backend(q, config).backend
+        v_any = next(v for v in (v_sel, v_win, v_cmp) if v is not None)
+        backend = choose_op_backend(q, config, d_v=int(v_any.shape[-1]),
+                                    n_kv_heads=int(v_any.shape[2])).backend
     if backend not in BACKENDS and backend in _LAZY_BACKENDS:
         importlib.import_module(_LAZY_BACKENDS[backend])  # registers itself
     if backend not in BACKENDS:
