@@ -140,19 +140,13 @@ def run_case(T, HQ, H, d, cfg, per_kernel=True, variants=False, dense=True):
 
         row["sel"] = bench(sel)
         if variants:
-            row["sel_pp4"] = bench(lambda: sel(positions_per_program=4))
-            row["sel_w1"] = bench(lambda: sel(num_warps=1))
-            row["sel_w2"] = bench(lambda: sel(num_warps=2))
-            row["sel_s4"] = bench(lambda: sel(num_stages=4))
-            row["sel_w2s4"] = bench(lambda: sel(num_warps=2, num_stages=4))
-            for rows in (8, 32):
-                row[f"topn_rows{rows}"] = bench(lambda r=rows: select_topn(scores, T, N, cfg,
-                                                                           rows=r))
-            row["topn_ch256"] = bench(lambda: select_topn(scores, T, N, cfg, chunk=256))
-            row["cmp_fused_bn128s2"] = bench(lambda: cmp_forward(
-                q, kc, vc, cfg, scale, block_n=128, num_stages=2))
-            row["cmp_fused_bm64w4"] = bench(lambda: cmp_forward(
-                q, kc, vc, cfg, scale, block_m=64, num_warps=4))
+            # the previous defaults, for comparison in the same run
+            row["sel_w4"] = bench(lambda: sel(num_warps=4))
+            row["topn_rows16"] = bench(lambda: select_topn(scores, T, N, cfg, rows=16))
+            row["cmp_fused_bm128w8"] = bench(lambda: cmp_forward(
+                q, kc, vc, cfg, scale, block_m=128, num_warps=8))
+            row["win_bm64w4"] = bench(lambda: win_forward(
+                q, inp["k_win"], inp["v_win"], cfg.w, scale, block_m=64, num_warps=4))
         del o_cmp, scores, idx, o_win
     if DEVICE == "cuda":
         torch.cuda.empty_cache()

@@ -142,10 +142,10 @@ def test_cmp_scores_only_skips_the_value_pass(rng):
 
 
 @pytest.mark.parametrize("cfg_kw,T,levels", [
-    (dict(n=4, n_initial=1, n_local=2, **PAPER), 700, 0),
-    (dict(n=4, n_initial=1, n_local=2, **PAPER), 700, 3),  # many exact ties
-    (dict(n=5, n_initial=0, n_local=1, **EQUAL), 501, 4),
-    (dict(n=3, n_initial=1, n_local=0, **PAPER), 600, 5),  # the newest blocks are free
+    (dict(n=4, n_initial=1, n_local=2, **PAPER), 610, 0),
+    (dict(n=4, n_initial=1, n_local=2, **PAPER), 610, 3),  # many exact ties
+    (dict(n=5, n_initial=0, n_local=1, **EQUAL), 301, 4),
+    (dict(n=3, n_initial=1, n_local=0, **PAPER), 520, 5),  # the newest blocks are free
     (dict(n=3, n_initial=1, n_local=2, **EQUAL), 333, 2),  # no free slot
     (dict(n=24, n_initial=2, n_local=3, **EQUAL), 250, 2),  # more slots than blocks
 ])

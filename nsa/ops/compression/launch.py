@@ -120,10 +120,10 @@ def _cmp_config(DK: int, DV: int, GP2: int, SEL_B: int, device: torch.device, pa
     else:
         major, _ = cuda_capability(device)
         big = max(DK, DV)
-        if big <= 64:
-            bm, bn, warps, stages = 128, 64, 4, 3
-        elif big <= 128:
-            bm, bn, warps, stages = 128, 64, 8, 3 if major >= 9 else 2
+        # H200, paper shape, T = 64k: 64 x 64 tiles on 4 warps 18.5 ms, 128 x 64 on 8 warps
+        # 19.8 ms (docs/perf-notes.md)
+        if big <= 128:
+            bm, bn, warps, stages = 64, 64, 4, 3 if major >= 9 else 2
         else:
             bm, bn, warps, stages = 128, 32, 8, 2
         if pass2_only and big <= 128:

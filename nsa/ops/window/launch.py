@@ -36,7 +36,7 @@ def _win_config(DK: int, DV: int, GP2: int, device: torch.device):
 
 def win_forward(
     q: Tensor, k: Tensor, v: Tensor, w: int, scale: float, *, o: Tensor | None = None,
-    block_m: int | None = None, block_n: int | None = None,
+    block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
 ) -> Tensor:
     """Sliding-window attention: query t attends to keys (t - w, t].
 
@@ -53,6 +53,7 @@ def win_forward(
         o = torch.empty(B, T, HQ, d_v, device=q.device, dtype=q.dtype)
     bm, bn, warps, stages = _win_config(DK, DV, GP2, q.device)
     bm, bn = block_m or bm, block_n or bn
+    warps = num_warps or warps
 
     def launch(bm_, stages_):
         PP = max(1, bm_ // GP2)
