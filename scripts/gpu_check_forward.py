@@ -3,6 +3,7 @@
     python scripts/gpu_check_forward.py                  # paper shape, T = 8k..64k
     python scripts/gpu_check_forward.py --quick          # T = 8k and 16k only
     python scripts/gpu_check_forward.py --out DIR        # also write DIR/forward_bench.json
+    python scripts/gpu_check_forward.py --groups 8,4,2,1 # time more group sizes at 64k
     python scripts/gpu_check_forward.py --compile-only   # no GPU: compile every kernel for
                                                          # sm_90 and print registers/spills
 
@@ -221,7 +222,10 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true",
                     help="no GPU: compile every kernel for sm_90 and print resources")
     ap.add_argument("--Ts", default=None, help="comma-separated sequence lengths")
-    ap.add_argument("--no-groups", action="store_true", help="skip the G = 1, 4 rows")
+    ap.add_argument("--no-groups", action="store_true", help="skip the G < 16 rows")
+    ap.add_argument("--groups", default="4,1",
+                    help="group sizes G < 16 timed at the largest T with H=4 (HQ = 4*G); "
+                         "default 4,1 (try 8,4,2,1)")
     ap.add_argument("--smoke", action="store_true",
                     help="no GPU: run this script's code paths on tiny shapes on the CPU "
                          "interpreter (TRITON_INTERPRET=1), numbers meaningless")
@@ -247,7 +251,7 @@ def main() -> None:
     Ts = ([int(x) for x in args.Ts.split(",")] if args.Ts else
           [8192, 16384] if args.quick else [8192, 16384, 32768, 65536])
     HQ, H, d = 64, 4, 128
-    groups = ((4, 16), (1, 4))
+    groups = tuple((int(g), 4 * int(g)) for g in args.groups.split(","))
     if args.smoke:
         cfg = NSAConfig(l=32, d=16, l_sel=64, n=4, n_initial=1, n_local=2, w=64)
         Ts, HQ, H, d, groups = [300], 4, 1, 32, ((1, 1),)

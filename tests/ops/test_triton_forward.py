@@ -405,3 +405,18 @@ def test_inputs_requiring_grad_run_the_reference_with_autograd(rng):
     assert out.grad_fn is not None
     out.sum().backward()
     assert inp["q"].grad is not None and torch.isfinite(inp["q"].grad).all()
+
+
+def test_policy_can_keep_selection_on_the_reference(rng, monkeypatch):
+    """Where routing sends the selection branch to the reference (SM 8.9), the other
+    branches still run in Triton and the result is the same."""
+    import nsa.ops.triton_backend as tb
+
+    monkeypatch.setattr(tb, "_sel_on_triton", lambda *a: False)
+    cfg = NSAConfig(n=3, w=40, **PAPER)
+    inp = op_inputs(rng, cfg, 140, 1, 2, 16, 16, torch.float32)
+    ref, raux = nsa_attention(**{k: None if x is None else x.double() for k, x in inp.items()},
+                              config=cfg, backend="reference", return_aux=True)
+    out, aux = nsa_attention(**inp, config=cfg, backend="triton", return_aux=True)
+    assert torch.equal(aux.block_indices, raux.block_indices)
+    assert rel(out, ref) < 1e-4 and rel(aux.o_sel, raux.o_sel) < 1e-4

@@ -158,8 +158,10 @@ def cmp_forward(
     q [B, T, HQ, d_k]; k_cmp [B, N, H, d_k]; v_cmp [B, N, H, d_v] (compressed tokens after phi).
     Returns (o_cmp [B, T, HQ, d_v] in q's dtype or None,
              scores [B, H, T, ceil(T / l_sel)] float32 or None).
-    Score entries a query cannot use are left unwritten: block j of query t is written
-    whenever j*l_sel < (min(N, N_cmp(t)) * d) + l - d, the only ones selection reads.
+    Score entries are written at least where they can be nonzero: block j of query t
+    whenever one of its visible compressed tokens overlaps it, i.e. j*(l_sel/d) - (l/d - 1)
+    < min(N, N_cmp(t)); later entries (0 by definition) may be left unwritten, and
+    :func:`nsa.ops.selection.select_topn` never reads them.
     ``o``/``scores`` may be passed preallocated (tests poison them with NaN).
     ``mode``: "fused" runs both passes in one program; "two_pass" hands the log-sum-exp
     through memory to a second launch. ``block_m``/``block_n``/``num_warps``/``num_stages``
