@@ -157,7 +157,8 @@ def _cmp_fwd_kernel(
         BJ: tl.constexpr = BLOCK_N // SEL_B  # selection blocks per key tile
         offs_p = tl.arange(0, PP)
         t_pos = t0 + offs_p
-        s_base = SCORES + b * stride_sb + h * stride_sh + t0.to(tl.int64) * stride_st
+        s_base = (SCORES + b * stride_sb + h.to(tl.int64) * stride_sh
+                  + t0.to(tl.int64) * stride_st)
         s_ptrs = s_base + (offs_p * stride_st)[:, None] + tl.arange(0, BJ)[None, :]
         pos_ok = (t_pos < T)[:, None]
         carry = tl.zeros([PP], tl.float32)

@@ -64,7 +64,7 @@ def _topn_kernel(
     # the K_FREE best keys so far; slots past K_FREE hold a key nothing can displace
     best = tl.where(slot[None, :] < K_FREE, _KEY_NONE, _KEY_FULL) + tl.zeros([ROWS, P], tl.int64)
     if K_FREE > 0:
-        s_base = SCORES + b * stride_sb + h * stride_sh
+        s_base = SCORES + b * stride_sb + h.to(tl.int64) * stride_sh  # H*T*NB may pass 2^31
         s_rows = s_base + (t.to(tl.int64) * stride_st)[:, None]
         t_hi = tl.minimum(tile * ROWS + ROWS - 1, T - 1)
         n_cand = t_hi // L_SEL + 1
