@@ -300,7 +300,15 @@ def choose_op_backend(
         G = q.shape[2] // n_kv_heads
     shapes = Shapes(d_k=int(q.shape[-1]), d_v=d_v, G=G)
     flags = read_flags() if flags is None else flags
-    return _op_choice(device_info(q.device), q.dtype, shapes, flags)
+    choice = _op_choice(device_info(q.device), q.dtype, shapes, flags)
+    if choice.backend == "triton":
+        # the block-score kernel serves l'/d a power of two and l <= l' + d only
+        from nsa.ops.triton_backend import config_not_supported_reasons
+
+        why = config_not_supported_reasons(config)
+        if why:
+            return Choice("reference", "triton not usable: " + "; ".join(why))
+    return choice
 
 
 __all__ = [

@@ -5,8 +5,6 @@ Also holds the few launch helpers the selection and window launchers share.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from torch import Tensor
@@ -48,8 +46,11 @@ _interpreter_numpy_shim()
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1, Triton's flag)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1, Triton's flag;
+    read by nsa.policy, the one place environment variables are read)."""
+    from nsa.policy import read_flags
+
+    return read_flags().triton_interpret
 
 
 def next_pow2(x: int) -> int:
