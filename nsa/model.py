@@ -6,7 +6,7 @@ the attention rule. Used by the needle and training commands.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +20,18 @@ from nsa.module import NSAAttention, rope
 
 @dataclass
 class DenseCache:
-    """Preallocated K/V cache of one dense layer (grows by doubling when max_len is None)."""
+    """Preallocated K/V cache of one dense layer (grows by doubling when max_len is None).
 
-    k: Tensor  # [B, cap, H, d_k]
-    v: Tensor  # [B, cap, H, d_v]
+    Head-major [B, H, cap, D], so a step's keys k[:, :, :t+1] are contiguous per head, the
+    layout SDPA's fused kernels read without a copy."""
+
+    k: Tensor  # [B, H, cap, d_k]
+    v: Tensor  # [B, H, cap, d_v]
     growable: bool
     length: int = 0
-    last_reads: dict[str, Tensor] = field(default_factory=dict)
 
     def ensure(self, needed: int) -> None:
-        cap = self.k.shape[1]
+        cap = self.k.shape[2]
         if needed <= cap:
             return
         if not self.growable:
@@ -39,8 +41,8 @@ class DenseCache:
             cap *= 2
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_empty(old.shape[0], cap, *old.shape[2:])
-            new[:, : old.shape[1]] = old
+            new = old.new_empty(old.shape[0], old.shape[1], cap, old.shape[3])
+            new[:, :, : old.shape[2]] = old
             setattr(self, name, new)
 
 
@@ -80,7 +82,8 @@ class DenseAttention(nn.Module):
             if cache.length:
                 raise RuntimeError("DenseAttention.forward: prefill needs an empty cache")
             cache.ensure(T)
-            cache.k[:, :T], cache.v[:, :T] = k.detach(), v.detach()
+            cache.k[:, :, :T] = k.detach().transpose(1, 2)
+            cache.v[:, :, :T] = v.detach().transpose(1, 2)
             cache.length = T
         return self.o_proj(self._attend(q, k, v, causal=True).reshape(B, T, -1))
 
@@ -90,8 +93,8 @@ class DenseAttention(nn.Module):
         cap = max_len or initial_capacity
         kw = {"device": ref.device if device is None else device,
               "dtype": ref.dtype if dtype is None else dtype}
-        return DenseCache(torch.empty(batch, cap, c.n_kv_heads, c.d_k, **kw),
-                          torch.empty(batch, cap, c.n_kv_heads, c.d_v, **kw),
+        return DenseCache(torch.empty(batch, c.n_kv_heads, cap, c.d_k, **kw),
+                          torch.empty(batch, c.n_kv_heads, cap, c.d_v, **kw),
                           growable=max_len is None)
 
     @torch.no_grad()
@@ -101,11 +104,13 @@ class DenseAttention(nn.Module):
         t = cache.length
         q, k, v = self._qkv(x_t, torch.tensor([t], device=x_t.device))
         cache.ensure(t + 1)
-        cache.k[:, t], cache.v[:, t] = k[:, 0], v[:, 0]
+        cache.k[:, :, t], cache.v[:, :, t] = k[:, 0], v[:, 0]
         cache.length = t + 1
         # one query row over all t+1 cached keys: every key is visible, so no causal mask
-        o = self._attend(q, cache.k[:, : t + 1], cache.v[:, : t + 1], causal=False)
-        cache.last_reads = {"dense": torch.full((B, self.config.n_kv_heads), t + 1)}
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), cache.k[:, :, : t + 1], cache.v[:, :, : t + 1],
+            scale=self.config.scale, enable_gqa=True,
+        ).transpose(1, 2)
         return self.o_proj(o.reshape(B, 1, -1))
 
 
