@@ -79,13 +79,13 @@ def nsa_decode(
                          f"got {backend!r}")
     if scale is None:
         scale = cfg.scale if cfg.scale is not None else dk ** -0.5
-    if backend == "auto":
-        backend = "triton" if q_t.is_cuda and not _triton_reasons(q_t, cache) else "reference"
-    if backend == "triton":
+    if backend == "triton" or (backend == "auto" and q_t.is_cuda):
         reasons = _triton_reasons(q_t, cache)
-        if reasons:
+        if reasons and backend == "triton":
             raise ValueError("nsa_decode: backend='triton' cannot run this step: "
                              + "; ".join(reasons))
+        backend = "reference" if reasons else "triton"
+    if backend == "triton":
         from nsa.ops.decode.launch import triton_decode
 
         out, reads, idx = triton_decode(q_t, cache, g_cmp, g_sel, g_win, cfg, scale)
