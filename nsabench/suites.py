@@ -40,22 +40,22 @@ from nsabench.errors import SuiteError, UsageError
 
 SCHEMA_VERSION = 1
 KINDS = ("env", "parity", "prefill", "decode", "needle", "train")
-# kinds whose runner exists; the others are recorded as skipped with this reason
-NOT_IMPLEMENTED = {
-    "needle": "not implemented yet (issue: needle/train)",
-    "train": "not implemented yet (issue: needle/train)",
-}
+# kinds whose runner does not exist yet, recorded as skipped with this reason (none now)
+NOT_IMPLEMENTED: dict[str, str] = {}
 DEVICE_TYPES = ("cpu", "cuda")
 BACKEND_CHOICES = ("auto", "reference", "triton")
 DTYPE_CHOICES = ("float16", "bfloat16", "float32", "float64")
 PREFILL_MODES = ("fwd", "fwd_bwd")
+NEEDLE_ABLATIONS = ("none", "random_selection", "unaligned")
+NEEDLE_GATES = ("sel", "all")
+TRAIN_TASKS = ("lm", "passkey")
 
 
 @dataclass(frozen=True)
 class Param:
     """One case parameter: its type, default, and whether a list means a grid."""
 
-    type: str  # int | float | bool | str | str_list | float_list
+    type: str  # int | float | bool | str | str_list | float_list | int_list
     default: Any
     help: str
     grid: bool = True  # scalar types only: a YAML list expands to a grid
@@ -132,16 +132,58 @@ KIND_PARAMS: dict[str, dict[str, Param]] = {
         **COMMON, **SHAPE, **BLOCK,
         "T": _p("int", 4096, "haystack length", min=1),
         "depths": _p("float_list", [0.0, 0.25, 0.5, 0.75, 1.0], "needle depths in [0, 1]"),
-        "trials": _p("int", 4, "trials per (length, depth)", min=1, grid=False),
+        "trials": _p("int", 4, "trials (haystacks per KV head) per (length, depth)", min=1,
+                     grid=False),
+        "distractors": _p("int", 8, "distractor blocks (cycling half / weak / spike), each "
+                                    "with a wrong code", min=0),
+        "codes": _p("int", 32, "codebook size (chance = 1 / codes); orthonormal codes when "
+                               "codes <= d_v", min=2, grid=False),
+        "gates": _p("str", "sel", "sel: only the selection gate on (the code can only come "
+                                  "through selected blocks); all: the three gates at 1/3",
+                    choices=NEEDLE_GATES),
+        "ablation": _p("str", "none", "none; random_selection (random block indices instead "
+                                      "of the op's own); unaligned (needle keys not "
+                                      "aligned): both must fail", choices=NEEDLE_ABLATIONS),
     },
     "train": {
-        "device": COMMON["device"], "dtype": COMMON["dtype"], "seed": COMMON["seed"],
+        **COMMON,
+        "task": _p("str", "lm", "lm: next-byte loss on the Python standard library's source; "
+                                "passkey: synthetic passkey retrieval, evaluated at longer "
+                                "lengths", choices=TRAIN_TASKS, grid=False),
+        "attention": _p("str_list", ["nsa", "dense"], "models to train (same data, same "
+                                                      "order, same seed)",
+                        choices=("nsa", "dense")),
         "steps": _p("int", 200, "optimizer steps", min=1, grid=False),
         "T": _p("int", 256, "training sequence length", min=1),
-        "B": _p("int", 8, "batch size", min=1),
-        "lr": _p("float", 3e-4, "learning rate", min=0),
-        "attention": _p("str_list", ["nsa", "dense"], "models to train",
-                        choices=("nsa", "dense")),
+        "B": _p("int", 8, "global batch size (split across --nproc ranks)", min=1),
+        "lr": _p("float", 3e-4, "peak learning rate (AdamW)", min=0),
+        "lr_warmup": _p("int", 20, "linear warm-up steps, then cosine decay to lr / 10",
+                        min=0, grid=False),
+        "weight_decay": _p("float", 0.1, "AdamW weight decay", min=0, grid=False),
+        "grad_clip": _p("float", 1.0, "gradient norm clip (0: off)", min=0, grid=False),
+        "nproc": _p("int", 1, "processes: > 1 launches torchrun with DistributedDataParallel "
+                              "(NCCL on GPU, gloo on CPU)", min=1, grid=False),
+        "layers": _p("int", 2, "transformer blocks", min=1),
+        "hidden": _p("int", 64, "hidden size", min=1),
+        "H": _p("int", 1, "KV heads", min=1),
+        "G": _p("int", 2, "query heads per KV head", min=1),
+        "d_k": _p("int", 32, "query/key head dim (even: RoPE)", min=1),
+        "d_v": _p("int", None, "value head dim (default: d_k)", min=1, nullable=True),
+        "phi": _p("str", "mlp", "NSA compression: mlp (paper) or mean", choices=("mlp", "mean")),
+        **BLOCK,
+        "eval_every": _p("int", 20, "validation every this many steps (and at the end)",
+                         min=1, grid=False),
+        "eval_batches": _p("int", 4, "validation batches of B windows each", min=1,
+                           grid=False),
+        "corpus_bytes": _p("int", 4_000_000, "lm: bytes of standard-library source read "
+                                             "(sorted files; the last 10% are validation)",
+                           min=1024, grid=False),
+        "eval_lengths": _p("int_list", [256, 512, 1024], "passkey: evaluation lengths",
+                           min=16),
+        "eval_depths": _p("float_list", [0.0, 0.25, 0.5, 0.75, 1.0],
+                          "passkey: depths of the key in [0, 1]"),
+        "eval_trials": _p("int", 8, "passkey: prompts per (length, depth)", min=1,
+                          grid=False),
     },
 }
 
@@ -153,8 +195,10 @@ KIND_THRESHOLDS: dict[str, tuple[str, ...]] = {
                 "max_nsa_fwd_bwd_ms"),
     "decode": ("min_speedup", "max_read_vs_spec", "max_read_fraction", "max_rel_err",
                "min_sel_match"),
-    "needle": ("min_accuracy",),
-    "train": ("max_final_loss", "max_loss_ratio"),
+    "needle": ("min_accuracy", "min_recall", "min_dense_accuracy", "min_worst_depth_accuracy",
+               "max_accuracy"),
+    "train": ("max_final_loss", "max_loss_ratio", "min_loss_drop", "min_passkey_accuracy",
+              "min_passkey_digit_accuracy"),
 }
 
 TOP_KEYS = {"schema_version", "name", "description", "defaults", "cases"}
@@ -301,7 +345,7 @@ def _plain(x: Any) -> Any:
 def _type_word(p: Param) -> str:
     return {"int": "an integer", "float": "a number", "bool": "true or false",
             "str": "a string", "str_list": "a list of strings",
-            "float_list": "a list of numbers"}[p.type]
+            "float_list": "a list of numbers", "int_list": "a list of integers"}[p.type]
 
 
 def coerce_scalar(p: Param, value: Any, key: str) -> Any:

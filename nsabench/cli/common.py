@@ -198,7 +198,7 @@ def execute(
     (run_dir / "env.json").write_text(results.to_json(env))
 
     with Reporter(len(specs), command) as rep:
-        cases = run_cases(specs, on_done=rep.done, on_start=rep.start)
+        cases = run_cases(specs, on_done=rep.done, on_start=rep.start, run_dir=run_dir)
 
     data = results.build_results(
         command=command, argv=argv if argv is not None else ["nsa", *sys.argv[1:]],

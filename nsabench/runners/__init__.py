@@ -14,13 +14,15 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from nsa import policy
+from nsabench import artifacts
 from nsabench.results import fmt
-from nsabench.runners import decode, envcase, parity, prefill
+from nsabench.runners import decode, envcase, needle, parity, prefill, train
 from nsabench.runners.common import CaseSkip, NotForDevice, resolve_device
 from nsabench.suites import NOT_IMPLEMENTED, CaseSpec, threshold_metric
 
@@ -29,6 +31,8 @@ RUNNERS: dict[str, Callable[[CaseSpec, torch.device], dict[str, Any]]] = {
     "parity": parity.run,
     "prefill": prefill.run,
     "decode": decode.run,
+    "needle": needle.run,
+    "train": train.run,
 }
 
 
@@ -37,9 +41,14 @@ def utc_now() -> str:
 
 
 def clean_number(v: Any) -> Any:
-    """JSON has no NaN/inf: store them as the strings "nan", "inf", "-inf"."""
+    """JSON has no NaN/inf: store them as the strings "nan", "inf", "-inf" (also inside
+    the lists and mappings a metric may hold, e.g. a loss curve)."""
     if isinstance(v, float) and not math.isfinite(v):
         return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, list):
+        return [clean_number(x) for x in v]
+    if isinstance(v, dict):
+        return {k: clean_number(x) for k, x in v.items()}
     return v
 
 
@@ -172,13 +181,17 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
 def run_cases(specs: list[CaseSpec],
               on_done: Callable[[int, CaseSpec, dict[str, Any]], None] | None = None,
               on_start: Callable[[int, CaseSpec], None] | None = None,
+              run_dir: Path | None = None,
               ) -> list[dict[str, Any]]:
+    """Run every case in order; ``run_dir`` is where runners may write files beside
+    results.json (train checkpoints), None for none."""
     out = []
-    for i, spec in enumerate(specs):
-        if on_start:
-            on_start(i, spec)
-        rec = run_case(spec)
-        out.append(rec)
-        if on_done:
-            on_done(i, spec, rec)
+    with artifacts.run_folder(run_dir):
+        for i, spec in enumerate(specs):
+            if on_start:
+                on_start(i, spec)
+            rec = run_case(spec)
+            out.append(rec)
+            if on_done:
+                on_done(i, spec, rec)
     return out
