@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from nsabench.cli import decode, env, parity, prefill, readiness, report, suite
+from nsabench.cli import decode, env, needle, parity, prefill, readiness, report, suite, train
 
 app = typer.Typer(
     name="nsa",
     help="Native Sparse Attention toolkit: environment, parity, decode/prefill benchmarks, "
-         "readiness reports. Exit codes: 0 ok, 1 a check or threshold failed, 2 bad usage "
-         "or suite file, 3 the environment cannot run what was asked. NSA_DEBUG=1 shows "
-         "tracebacks.",
+         "needle retrieval, training showcase, readiness reports. Exit codes: 0 ok, 1 a "
+         "check or threshold failed, 2 bad usage or suite file, 3 the environment cannot "
+         "run what was asked. NSA_DEBUG=1 shows tracebacks.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,6 +29,12 @@ app.command("decode", epilog=decode.EPILOG,
 app.command("prefill", epilog=prefill.EPILOG,
             short_help="Prefill fwd and fwd+bwd time against dense attention, per branch."
             )(prefill.prefill)
+app.command("needle", epilog=needle.EPILOG,
+            short_help="Needle in a haystack through NSA attention: accuracy, recall, heat map."
+            )(needle.needle)
+app.command("train", epilog=train.EPILOG,
+            short_help="Tiny byte-level LM with NSA and dense: loss curves, passkey, DDP."
+            )(train.train)
 app.command("readiness", epilog=readiness.EPILOG,
             short_help="A readiness suite end to end: one report, every check, a verdict."
             )(readiness.readiness)
