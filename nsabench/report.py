@@ -14,6 +14,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from nsabench import report_showcase as showcase
 from nsabench.env import short_device
 from nsabench.results import fmt
 
@@ -67,6 +68,29 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
         Col("read fraction", "read_fraction"), Col("read / spec max", "read_vs_spec"),
         Col("rel err", "rel_err", optional=True),
         Col("sel match", "sel_match", optional=True),
+    ]),
+    "needle": ("Needle: retrieval through NSA attention (dense attention is the control)", [
+        *CASE_COLS, Col("backend", "backend"),
+        *_param_cols("dtype", "T", "H", "G", "d_k", "n", "gates", "ablation", "distractors",
+                     "trials"),
+        Col("NSA accuracy", "accuracy"), Col("NSA recall", "recall"),
+        Col("dense accuracy", "dense_accuracy"),
+        Col("worst depth (NSA)", "worst_depth_accuracy"), Col("chance", "chance"),
+        Col("selected fraction", "selected_fraction"),
+    ]),
+    "train": ("Training: tiny byte-level LM, NSA against dense (same data, same order)", [
+        *CASE_COLS, *_param_cols("task", "T", "B", "steps", "nproc", "layers", "hidden"),
+        Col("NSA val loss", "final_val_loss_nsa", optional=True),
+        Col("dense val loss", "final_val_loss_dense", optional=True),
+        Col("NSA / dense", "loss_ratio", optional=True),
+        Col("NSA loss drop", "loss_drop", optional=True),
+        Col("NSA tokens/s", "tokens_per_s_nsa", optional=True),
+        Col("dense tokens/s", "tokens_per_s_dense", optional=True),
+        Col("NSA passkey acc", "passkey_accuracy_nsa", optional=True),
+        Col("NSA passkey digits", "passkey_digit_accuracy_nsa", optional=True),
+        Col("NSA passkey >= 0.5 up to", "passkey_generalizes_to_nsa", optional=True),
+        Col("dense passkey acc", "passkey_accuracy_dense", optional=True),
+        Col("processes", "world_size", optional=True),
     ]),
 }
 
@@ -140,6 +164,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
                 if not col.optional or any(_value(c, col) is not None for c in rows_c)]
         out.append(Table(kind, title, [c.header for c in keep],
                          [[_value(c, col) for col in keep] for c in rows_c]))
+    out += [Table(*t) for t in showcase.tables(results)]
     env = results.get("env") or {}
     brow = []
     for b in env.get("backends", []):
@@ -216,6 +241,7 @@ def plot_files(results: dict[str, Any], run_dir: Path) -> list[str]:
         fig.savefig(run_dir / fname)
         plt.close(fig)
         written.append(fname)
+    written += showcase.plots(results, run_dir, device)
     return written
 
 
@@ -226,7 +252,7 @@ def planned_plots(results: dict[str, Any]) -> list[str]:
         if any(isinstance(c["metrics"].get(m), (int, float))
                for cs in _series(results, kind, x).values() for c in cs for m, _ in metrics):
             out.append(fname)
-    return out
+    return out + showcase.planned(results)
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -331,8 +357,12 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
                   "(`cache.last_reads`); bytes per sequence = tokens x H x (d_k + d_v) x "
                   "element size; dense reads all S tokens. read / spec max = measured tokens "
                   "over the spec's bound N_cmp(t) + min(n l', t+1) + min(w, t+1).")
+        if kind == "needle":
+            s += "\n\n" + showcase.needle_md(results, plots)
+        if kind == "train":
+            s += "\n\n" + showcase.train_md(results, plots)
         for p in plots:
-            if p.startswith(kind):
+            if p.startswith(kind) and p in PLOTS:
                 s += f"\n\n![{p[:-4].replace('_', ' ')}]({p})"
         sections.append(s + "\n")
     skipped = [c for c in results["cases"] if c["status"] == "skipped"]
