@@ -55,12 +55,19 @@ def test_shipped_suites_are_all_valid_and_named_after_their_file():
 
 def test_readiness_suites_hold_the_right_kinds():
     cpu = suites.load_suite("readiness-cpu")
-    assert {c.kind for c in cpu.cases} == {"env", "parity", "prefill", "decode"}
+    assert {c.kind for c in cpu.cases} == {"env", "parity", "prefill", "decode", "needle",
+                                           "train"}
     gpu = suites.load_suite("readiness-gpu")
     kinds = {c.kind for c in gpu.cases}
     assert {"needle", "train", "parity", "prefill", "decode", "env"} <= kinds
-    pending = [c for c in gpu.cases if c.kind in suites.NOT_IMPLEMENTED]
-    assert pending and all("pending" in c.description for c in pending)
+    assert not suites.NOT_IMPLEMENTED  # every kind has a runner
+    for s in (cpu, gpu):
+        # a needle case that must fail (the ablation) sits beside the one that must pass
+        needles = [c for c in s.cases if c.kind == "needle"]
+        assert {c.params.get("ablation", "none") for c in needles} == {"none",
+                                                                        "random_selection"}
+        assert any("max_accuracy" in c.thresholds for c in needles)
+        assert all(c.thresholds for c in s.cases if c.kind == "train")
 
 
 def test_repo_level_links_point_at_the_package_data():

@@ -32,28 +32,31 @@ def test_readiness_cpu_default_end_to_end(invoke, tmp_path):
     assert data["env"] == json.loads((folder / "env.json").read_text())
 
     resolved = yaml.safe_load((folder / "suite.resolved.yaml").read_text())
-    assert resolved["name"] == "readiness-cpu" and len(resolved["cases"]) == 7
+    assert resolved["name"] == "readiness-cpu" and len(resolved["cases"]) == 10
 
     expected_files = {"suite.resolved.yaml", "env.json", "results.json", "report.md",
                       "cases.csv", "checks.csv", "parity.csv", "prefill.csv", "decode.csv",
                       "backends.csv", "prefill_latency.png", "prefill_speedup.png",
-                      "decode_latency.png", "decode_speedup.png"}
+                      "decode_latency.png", "decode_speedup.png", "needle.csv",
+                      "needle_depths.csv", "needle_heatmap.png", "train.csv",
+                      "train_curve.csv", "train_loss.png", "checkpoints"}
     assert expected_files <= {p.name for p in folder.iterdir()}
 
     # the report states every check's measured value, threshold and result
     report = (folder / "report.md").read_text()
-    assert report.startswith("# nsa readiness: readiness-cpu\n\n**PASS: all 23 cases ran")
+    assert report.startswith("# nsa readiness: readiness-cpu\n\n**PASS: all 26 cases ran")
     rows = list(csv.DictReader((folder / "checks.csv").open()))
     n_checks = sum(len(c["checks"]) for c in data["cases"])
     assert len(rows) == n_checks == data["summary"]["checks"]["passed"]
     kinds = {c["kind"] for c in data["cases"]}
-    assert kinds == {"env", "parity", "prefill", "decode"}
+    assert kinds == {"env", "parity", "prefill", "decode", "needle", "train"}
     for c in data["cases"]:
         for k in c["checks"]:
             assert f"| {c['id']} | {k['name']} |" in report
     names = {row["check"] for row in rows}
     assert {"max_rel_err", "max_grad_rel_err", "min_sel_match", "max_read_vs_spec",
-            "max_read_fraction", "backend reference usable"} <= names
+            "max_read_fraction", "backend reference usable", "min_accuracy", "max_accuracy",
+            "min_recall", "max_loss_ratio", "min_loss_drop"} <= names
     # decode at 8192 with the paper's blocks: a quarter of the bytes, as counted
     d8k = next(c for c in data["cases"] if c["id"] == "decode-long[S=8192,B=1]")
     assert d8k["metrics"]["nsa_tokens"] == 511 + 1024 + 512
