@@ -7,6 +7,7 @@ as CSV and places the Markdown sections and plots.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +124,8 @@ def needle_md(results: dict[str, Any], plots: list[str]) -> str:
             rows.append(row)
         p = cs[0]["params"]
         m0 = cs[0]["metrics"]
-        what = (f"ablation **{p['ablation']}** (must fail)" if p["ablation"] != "none"
-                else "NSA as specified")
-        parts.append(f"**{label}**: {what}; gates {p['gates']}, l={p['l']}, d={p['d']}, "
+        what = "" if p["ablation"] != "none" else "NSA as specified; "
+        parts.append(f"**{label}**: {what}gates {p['gates']}, l={p['l']}, d={p['d']}, "
                      f"l'={p['l_sel']}, n={p['n']}, H={p['H']}, G={p['G']}, d_k={p['d_k']}, "
                      f"{p['dtype']}, backend {m0.get('backend')}, {p['trials']} trial(s) x "
                      f"{p['H']} KV head(s) per cell, {p['distractors']} distractors, "
@@ -259,7 +259,8 @@ def plots(results: dict[str, Any], run_dir: Path, device: str) -> list[str]:
                         for c in cs for d in c["metrics"]["per_depth"]}
                 grid = [[cell.get((c["params"]["T"], dep), nan) for c in cs] for dep in depths]
                 im = _heat(axes[r][col], grid, [_len_label(c["params"]["T"]) for c in cs],
-                           [_pct(d) for d in depths], f"{name}\n{label}", plt)
+                           [_pct(d) for d in depths],
+                           f"{name}\n" + "\n".join(textwrap.wrap(label, 40)), plt)
                 axes[r][col].set_xlabel("context length", fontsize=8)
                 if col == 0:
                     axes[r][col].set_ylabel("needle depth", fontsize=8)
