@@ -330,22 +330,26 @@ def plots(results: dict[str, Any], run_dir: Path, device: str) -> list[str]:
     panels = [(c, a) for c in _ran(results, "train") for a in c["params"]["attention"]
               if any(r["model"] == a for r in c["metrics"].get("passkey") or [])]
     if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), dpi=110,
+        fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 7.4), dpi=110,
                                  squeeze=False, layout="constrained")
         im = None
         for i, (c, a) in enumerate(panels):
             rows_a = [r for r in c["metrics"]["passkey"] if r["model"] == a]
             Ls = sorted({r["T"] for r in rows_a})
             deps = sorted({r["depth"] for r in rows_a})
-            cell = {(r["T"], r["depth"]): r["accuracy"] for r in rows_a}
-            grid = [[cell.get((L, d), nan) for L in Ls] for d in deps]
-            im = _heat(axes[0][i], grid, [_len_label(L) for L in Ls], [_pct(d) for d in deps],
-                       f"{c['id']}: {a}, trained at T={c['params']['T']}", plt)
-            axes[0][i].set_xlabel("evaluation length", fontsize=8)
-            axes[0][i].set_ylabel("key depth", fontsize=8)
-        fig.suptitle(f"Passkey exact-match accuracy\n{device}", fontsize=10)
+            for row, (key, what) in enumerate((("accuracy", "exact match"),
+                                               ("digit_accuracy", "digit accuracy"))):
+                cell = {(r["T"], r["depth"]): r[key] for r in rows_a}
+                grid = [[cell.get((L, d), nan) for L in Ls] for d in deps]
+                im = _heat(axes[row][i], grid, [_len_label(L) for L in Ls],
+                           [_pct(d) for d in deps],
+                           f"{c['id']}: {a} {what}\ntrained at T={c['params']['T']}", plt)
+                axes[row][i].set_xlabel("evaluation length", fontsize=8)
+                axes[row][i].set_ylabel("key depth", fontsize=8)
+        fig.suptitle(f"Passkey retrieval after training (digit chance 0.1)\n{device}",
+                     fontsize=10)
         if im is not None:
-            fig.colorbar(im, ax=axes, shrink=0.7)
+            fig.colorbar(im, ax=axes, shrink=0.6)
         fig.savefig(run_dir / PASSKEY_HEATMAP)
         plt.close(fig)
         written.append(PASSKEY_HEATMAP)
