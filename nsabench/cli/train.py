@@ -43,7 +43,7 @@ same batches in the same order from --seed. passkey: filler text with "The pass 
 NNNNN." at a random depth; the loss is on the five answer digits; after training the
 model generates the digits greedily (cached decode) at every --eval-lengths and
 --depths. The run folder holds checkpoints/, the loss curve (train_curve.csv,
-train_loss.png) and, for passkey, passkey.csv and passkey_heatmap.png.
+train_loss.png) and, for passkey, passkey.csv and train_passkey_heatmap.png.
 """
 
 TaskOpt = Annotated[str | None, typer.Option(
