@@ -1,0 +1,56 @@
+"""Print the README's measured tables from committed run folders (never typed by hand).
+
+    python scripts/readme_tables.py reports/prefill-...-h200 reports/decode-...-h200
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+def gpu_name(run: Path) -> str:
+    env = json.loads((run / "env.json").read_text())
+    gpus = env.get("gpus") or []
+    return gpus[0].get("name", "?") if gpus else env.get("device", "?")
+
+
+def rows(run: Path, table: str) -> list[dict[str, str]]:
+    with open(run / f"{table}.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("status") in ("passed", "failed")]
+
+
+def fmt(x: str, digits: int = 2) -> str:
+    try:
+        return f"{float(x):.{digits}f}"
+    except ValueError:
+        return x or "—"
+
+
+def main(paths: list[str]) -> None:
+    for p in map(Path, paths):
+        kind = p.name.split("-")[0]
+        print(f"{kind.capitalize()} on {gpu_name(p)}, from [`{p}`]({p}/report.md):\n")
+        if kind == "prefill":
+            print("| T | G | NSA fwd ms | dense fwd ms | dense / NSA |")
+            print("|---|---|---|---|---|")
+            for r in rows(p, "prefill"):
+                print(f"| {r['T']} | {r['G']} | {fmt(r['NSA fwd ms'])} | "
+                      f"{fmt(r['dense fwd ms'])} | {fmt(r['speedup fwd'])}x |")
+        elif kind == "decode":
+            print("| context S | batch | NSA us | dense us | dense / NSA | NSA tokens read | "
+                  "read fraction |")
+            print("|---|---|---|---|---|---|---|")
+            for r in rows(p, "decode"):
+                if "check" in r["case"]:
+                    continue
+                print(f"| {r['S']} | {r['B']} | {float(r['NSA ms']) * 1e3:.1f} | "
+                      f"{float(r['dense ms']) * 1e3:.1f} | {fmt(r['speedup'])}x | "
+                      f"{fmt(r['NSA tokens'], 0)} | {fmt(r['read fraction'], 3)} |")
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
