@@ -17,30 +17,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-app.command("env", epilog=env.EPILOG,
-            short_help="Versions, GPUs, optional packages, backends and routing, explained."
-            )(env.env)
-app.command("parity", epilog=parity.EPILOG,
-            short_help="Each backend against the float64 reference (forward, gradients)."
-            )(parity.parity)
-app.command("decode", epilog=decode.EPILOG,
-            short_help="Decode step latency and bytes read against dense decode."
-            )(decode.decode)
-app.command("prefill", epilog=prefill.EPILOG,
-            short_help="Prefill fwd and fwd+bwd time against dense attention, per branch."
-            )(prefill.prefill)
-app.command("needle", epilog=needle.EPILOG,
-            short_help="Needle in a haystack through NSA attention: accuracy, recall, heat map."
-            )(needle.needle)
-app.command("train", epilog=train.EPILOG,
-            short_help="Tiny byte-level LM with NSA and dense: loss curves, passkey, DDP."
-            )(train.train)
-app.command("readiness", epilog=readiness.EPILOG,
-            short_help="A readiness suite end to end: one report, every check, a verdict."
-            )(readiness.readiness)
-app.command("report", epilog=report.EPILOG,
-            short_help="Re-render a run folder from its results.json alone."
-            )(report.report)
+# (name, module, function, one-line help): main.py only wires commands
+COMMANDS = (
+    ("env", env, env.env,
+     "Versions, GPUs, optional packages, backends and routing, explained."),
+    ("parity", parity, parity.parity,
+     "Each backend against the float64 reference (forward, gradients)."),
+    ("decode", decode, decode.decode,
+     "Decode step latency and bytes read against dense decode."),
+    ("prefill", prefill, prefill.prefill,
+     "Prefill fwd and fwd+bwd time against dense attention, per branch."),
+    ("needle", needle, needle.needle,
+     "Needle in a haystack through NSA attention: accuracy, recall, heat map."),
+    ("train", train, train.train,
+     "Tiny byte-level LM with NSA and dense: loss curves, passkey, DDP."),
+    ("readiness", readiness, readiness.readiness,
+     "A readiness suite end to end: one report, every check, a verdict."),
+    ("report", report, report.report,
+     "Re-render a run folder from its results.json alone."),
+)
+for _name, _module, _fn, _help in COMMANDS:
+    app.command(_name, epilog=_module.EPILOG, short_help=_help)(_fn)
 app.add_typer(suite.app, name="suite")
 
 
