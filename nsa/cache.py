@@ -81,7 +81,6 @@ class NSACache:
         self.device = torch.empty(0, device=device if device is not None else "cpu").device
         self.dtype = dtype
         self.max_len = max_len
-        self.growable = max_len is None
         self.static = static
         self.compress: CompressFn = compress or (
             lambda k, v: (compress_mean(k, config.l, config.d),
