@@ -1,0 +1,308 @@
+"""Gradients of ``nsa_attention(backend="triton")`` (TRITON_INTERPRET=1 on CPU) against
+the reference's autograd in float64.
+
+What is checked, for loss = sum(out * dout) with a fixed random dout (never zeros/ones):
+
+* the gradient of every input (q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel,
+  g_win) against the reference's, computed in float64 from the same rounded values, by
+  ||g - g_ref|| / ||g_ref||: fp32 below 1e-4 (the kernels compute in fp32), fp16 below
+  1e-2. Group sizes 1, 3, 4, 16 with H = 1 or 2, batch 1 and 2, T not a multiple of any
+  block size (and T < l: no compressed token at all), the paper's blocks l=32, d=16,
+  l'=64 with small n and w, and l = l' = d = 16; d_k 16 and 32, d_v < d_k.
+* selection: the reference's own block indices (float64) are passed to both runs, so
+  near-ties cannot make the runs attend to different blocks. One test lets the kernels
+  select on inputs with peaked scores (raw keys x3 before phi = mean) and requires
+  their indices to equal the reference's before comparing gradients.
+* each gate None in turn (that branch's k/v get no gradient, or an all-zero one, as in
+  the reference, where they take no part); g_sel alone with given indices and no
+  k_cmp/v_cmp; given indices with duplicates, -1 and blocks in the future.
+* compressed tokens no query may see (N larger than T makes) get exactly zero gradient.
+* no NaN/inf in outputs or gradients, and every input that takes part has a ``.grad``.
+* ``deterministic=True``: two backward passes give bitwise-equal gradients, equal within
+  1e-4 to the default (atomic) mode.
+* the module: ``NSAAttention(cfg, backend="triton")`` against the same weights on the
+  reference backend, every parameter gradient within 1e-4.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from nsa import NSAConfig, compress_mean, nsa_attention  # noqa: E402
+from nsa.module import NSAAttention  # noqa: E402
+from tests.conftest import build_inputs, num_compressed  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="CPU kernel tests need TRITON_INTERPRET=1"),
+    pytest.mark.usefixtures("single_thread"),
+]
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+PAPER = dict(l=32, d=16, l_sel=64)  # the paper's block sizes (with small n, w below)
+EQUAL = dict(l=16, d=16, l_sel=16)  # l = l' = d
+ARGS = ("q", "k_sel", "v_sel", "k_win", "v_win", "k_cmp", "v_cmp", "g_cmp", "g_sel", "g_win")
+BRANCH_KV = {"cmp": ("k_cmp", "v_cmp"), "sel": ("k_sel", "v_sel"), "win": ("k_win", "v_win")}
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "NaN/inf in a tensor under test"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def cast(inp: dict, dtype: torch.dtype) -> dict:
+    return {k: None if x is None else x.detach().to(dtype) for k, x in inp.items()}
+
+
+def forward_backward(inp: dict, cfg: NSAConfig, dout: torch.Tensor, backend: str, **kw):
+    """(out, aux or None, {name: grad or None}) of loss = sum(out * dout) on fresh leaves."""
+    x = {k: None if v is None else v.detach().clone().requires_grad_(True)
+         for k, v in inp.items()}
+    res = nsa_attention(**x, config=cfg, backend=backend, **kw)
+    out, aux = res if kw.get("return_aux") else (res, None)
+    assert out.requires_grad, "output is not attached to the autograd graph"
+    ct = torch.float64 if out.dtype == torch.float64 else torch.float32
+    (out.to(ct) * dout.to(ct)).sum().backward()
+    return out.detach(), aux, {k: None if v is None else v.grad for k, v in x.items()}
+
+
+def reference(inp: dict, cfg: NSAConfig, dout: torch.Tensor, **kw):
+    """The float64 reference on the same (rounded) values, with its aux (block indices)."""
+    return forward_backward(cast(inp, torch.float64), cfg, dout.double(), "reference",
+                            return_aux=True, **kw)
+
+
+def check_grads(got: dict, want: dict, dtype: torch.dtype, tol: float) -> dict:
+    """Every gradient within ``tol``; inputs the reference gives no (or a zero) gradient
+    must get None or exact zeros. Returns the relative errors."""
+    errs = {}
+    for name in ARGS:
+        g, w = got[name], want[name]
+        if w is None or not w.any():
+            assert g is None or (g == 0).all(), f"{name}: gradient where the reference has none"
+            continue
+        assert g is not None, f"{name}: no gradient (.grad is None)"
+        assert g.dtype == dtype, (name, g.dtype)
+        errs[name] = rel(g, w)
+    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e < tol}
+    assert not bad, f"relative gradient errors above {tol}: {bad}"
+    return errs
+
+
+def make(rng, cfg, B, T, H, G, dk, dv, dtype, gates=("cmp", "sel", "win"), extra_cmp=2,
+         peaked=False):
+    """(inputs in dtype, dout in dtype). ``peaked``: compressed keys/values are phi = mean
+    of raw keys scaled x3 / of v_sel, so selection scores have clear winners."""
+    inp = build_inputs(rng, cfg, B, T, G * H, H, dk, dv, dtype=torch.float64, gates=gates,
+                       extra_cmp=extra_cmp)
+    if peaked:
+        k = torch.randn(B, T, H, dk, generator=rng, dtype=torch.float64) * 3.0
+        inp["k_cmp"] = compress_mean(k, cfg.l, cfg.d)
+        inp["v_cmp"] = compress_mean(inp["v_sel"], cfg.l, cfg.d)
+    dout = torch.randn(B, T, G * H, dv, generator=rng, dtype=torch.float64)
+    return cast(inp, dtype), dout.to(dtype)
+
+
+def assert_unseen_cmp_grads_zero(grads: dict, cfg: NSAConfig, T: int) -> None:
+    """Compressed tokens past the last one T raw tokens make are invisible to every query."""
+    N = num_compressed(T, cfg.l, cfg.d)
+    for name in ("k_cmp", "v_cmp"):
+        g = grads[name]
+        if g is not None:
+            assert g.shape[1] > N
+            assert (g[:, N:] == 0).all(), f"{name}: gradient on compressed tokens no query sees"
+
+
+# ----------------------------------------------------------------------------- every input
+
+
+# blocks, (n, n_initial, n_local, w), B, T, H, G, d_k, d_v
+CASES = [
+    (PAPER, (3, 1, 1, 40), 1, 150, 2, 1, 32, 16),  # G = 1, H = 2, d_v < d_k
+    (PAPER, (3, 1, 1, 40), 2, 83, 1, 3, 16, 16),  # batch 2, -1 slots (n > blocks)
+    (PAPER, (2, 1, 0, 40), 1, 150, 1, 4, 32, 32),  # a free slot: not always own block
+    (PAPER, (3, 1, 1, 40), 1, 83, 1, 16, 16, 16),  # G = 16
+    (EQUAL, (4, 1, 2, 32), 1, 83, 2, 3, 32, 16),  # l = l' = d, H = 2, d_v < d_k
+]
+
+
+@pytest.mark.parametrize("blocks,sel,B,T,H,G,dk,dv", CASES)
+def test_grads_of_every_input_fp32(blocks, sel, B, T, H, G, dk, dv, rng):
+    n, ni, nl, w = sel
+    cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
+    inp, dout = make(rng, cfg, B, T, H, G, dk, dv, torch.float32)
+    ref, raux, want = reference(inp, cfg, dout)
+    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices)
+    assert out.dtype == torch.float32
+    assert rel(out, ref) < TOL[torch.float32]
+    check_grads(got, want, torch.float32, TOL[torch.float32])
+    assert_unseen_cmp_grads_zero(got, cfg, T)
+
+
+@pytest.mark.parametrize("blocks,sel,B,T,H,G,dk,dv", [
+    (PAPER, (3, 1, 1, 64), 1, 130, 1, 4, 32, 16),
+])
+def test_grads_of_every_input_fp16(blocks, sel, B, T, H, G, dk, dv, rng):
+    n, ni, nl, w = sel
+    cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
+    inp, dout = make(rng, cfg, B, T, H, G, dk, dv, torch.float16)
+    ref, raux, want = reference(inp, cfg, dout)
+    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices)
+    assert out.dtype == torch.float16
+    assert rel(out, ref) < TOL[torch.float16]
+    check_grads(got, want, torch.float16, TOL[torch.float16])
+    assert_unseen_cmp_grads_zero(got, cfg, T)
+
+
+def test_grads_shorter_than_one_compressed_block(rng):
+    """T < l: no compressed token is visible (O_cmp = 0): g_cmp's gradient is 0, k_cmp/v_cmp
+    (only tokens no query may see) get none; the other branches are unaffected."""
+    cfg = NSAConfig(n=3, n_initial=1, n_local=1, w=16, **PAPER)
+    T = 27
+    inp, dout = make(rng, cfg, 1, T, 1, 2, 16, 16, torch.float32, extra_cmp=2)
+    assert inp["k_cmp"].shape[1] == 2
+    ref, raux, want = reference(inp, cfg, dout)
+    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices)
+    assert rel(out, ref) < 1e-4
+    check_grads(got, want, torch.float32, 1e-4)
+    assert got["g_cmp"] is not None and (got["g_cmp"] == 0).all()
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+@pytest.mark.parametrize("blocks,sel,T,H,G,dk,gates", [
+    (PAPER, (2, 1, 0, 40), 150, 1, 2, 32, ("cmp", "sel", "win")),
+    (EQUAL, (4, 1, 1, 32), 100, 1, 3, 16, ("cmp", "sel", "win")),
+    # g_cmp None: the compressed branch only scores blocks and gets no gradient
+    (PAPER, (2, 1, 0, 40), 150, 2, 2, 16, ("sel", "win")),
+])
+def test_grads_with_the_kernels_own_selection(blocks, sel, T, H, G, dk, gates, rng):
+    n, ni, nl, w = sel
+    cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
+    inp, dout = make(rng, cfg, 1, T, H, G, dk, dk, torch.float32, gates=gates, extra_cmp=0,
+                     peaked=True)
+    ref, raux, want = reference(inp, cfg, dout)
+    out, aux, got = forward_backward(inp, cfg, dout, "triton", return_aux=True)
+    # peaked scores: no near-tie, so the fp32 selection must equal the float64 one
+    assert torch.equal(aux.block_indices, raux.block_indices)
+    assert rel(out, ref) < 1e-4
+    check_grads(got, want, torch.float32, 1e-4)
+    if "cmp" not in gates:
+        assert want["k_cmp"] is None and want["v_cmp"] is None  # scores carry no gradient
+
+
+# ----------------------------------------------------------------------------- branches
+
+
+@pytest.mark.parametrize("gates", [("sel", "win"), ("cmp", "win"), ("cmp", "sel"), ("cmp",),
+                                   ("win",)])
+def test_grads_with_branches_disabled(gates, rng):
+    cfg = NSAConfig(n=3, n_initial=1, n_local=1, w=40, **PAPER)
+    T, H, G, dk, dv = 100, 1, 3, 32, 16
+    inp, dout = make(rng, cfg, 1, T, H, G, dk, dv, torch.float32, gates=gates)
+    # with g_sel, the reference selects from the compressed branch (even if g_cmp is None)
+    ref, raux, want = reference(inp, cfg, dout)
+    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices)
+    assert rel(out, ref) < 1e-4
+    check_grads(got, want, torch.float32, 1e-4)
+    for branch, names in BRANCH_KV.items():
+        if branch not in gates:
+            assert got[f"g_{branch}"] is None
+            for name in names:
+                assert want[name] is None, name  # the reference does not touch them
+                assert got[name] is None or (got[name] == 0).all(), name
+        else:
+            for name in names:
+                assert got[name] is not None and got[name].any(), name
+
+
+def test_grads_selection_only_with_given_indices_and_no_compressed_inputs(rng):
+    """g_sel alone, block indices given (duplicates, -1 anywhere, blocks in the future,
+    any order), k_cmp/v_cmp None. Rows whose every block lies in the future read nothing:
+    output 0, and no NaN may leak into any gradient."""
+    cfg = NSAConfig(n=4, n_initial=1, n_local=1, w=32, **EQUAL)
+    T, H, G, dk, dv = 100, 2, 2, 16, 16
+    inp, dout = make(rng, cfg, 1, T, H, G, dk, dv, torch.float32, gates=("sel",))
+    inp["k_cmp"] = inp["v_cmp"] = None
+    nb = cfg.num_sel_blocks(T)
+    idx = torch.randint(-1, nb, (1, T, H, cfg.n), generator=rng)
+    idx[..., 1] = idx[..., 0]
+    idx[:, :3] = torch.tensor([nb - 1, -1, nb - 2, -1])  # the first rows: future only
+    ref, raux, want = reference(inp, cfg, dout, block_indices=idx)
+    out, aux, got = forward_backward(inp, cfg, dout, "triton", block_indices=idx,
+                                     return_aux=True)
+    assert torch.equal(aux.block_indices, raux.block_indices)
+    assert (out[:, :3] == 0).all()
+    assert rel(out, ref) < 1e-4
+    check_grads(got, want, torch.float32, 1e-4)
+    assert (got["q"][:, :3] == 0).all() and (got["g_sel"][:, :3] == 0).all()
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_deterministic_grads_are_bitwise_reproducible(rng):
+    """Under the interpreter programs run one after another, so this mostly checks the
+    keyword's wiring; the GPU suite checks bitwise reproducibility where atomics race."""
+    cfg = NSAConfig(n=3, n_initial=1, n_local=1, w=40, **PAPER)
+    T, H, G, dk, dv = 130, 1, 4, 32, 16
+    inp, dout = make(rng, cfg, 1, T, H, G, dk, dv, torch.float32, peaked=True)
+    out1, _, g1 = forward_backward(inp, cfg, dout, "triton", deterministic=True)
+    out2, _, g2 = forward_backward(inp, cfg, dout, "triton", deterministic=True)
+    assert torch.equal(out1, out2)
+    for name in ARGS:
+        assert g1[name] is not None, name
+        assert torch.equal(g1[name], g2[name]), f"{name}: deterministic grads differ"
+    out0, _, g0 = forward_backward(inp, cfg, dout, "triton")
+    assert rel(out1, out0) < 1e-4
+    check_grads(g1, g0, torch.float32, 1e-4)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+def test_module_parameter_grads_match_the_reference_module():
+    """NSAAttention (phi = "mlp", RoPE, gate MLP) on the triton backend against the same
+    weights on the reference backend. n * l' >= T: every causal block is selected, so the
+    fp32 scores of the two backends cannot choose differently."""
+    torch.manual_seed(5)
+    cfg = NSAConfig(l=16, d=8, l_sel=32, n=3, n_initial=1, n_local=2, w=24, hidden_size=32,
+                    n_heads=4, n_kv_heads=2, d_k=16, d_v=16, phi="mlp")
+    ref = NSAAttention(cfg, backend="reference")
+    torch.nn.init.normal_(ref.gate[-1].weight, std=0.5)  # zero at init: no gate gradient
+    torch.nn.init.normal_(ref.gate[-1].bias, std=0.5)
+    tri = NSAAttention(cfg, backend="triton")
+    tri.load_state_dict(ref.state_dict())
+    B, T = 2, 70
+    x = torch.randn(B, T, cfg.hidden_size)
+    dy = torch.randn(B, T, cfg.hidden_size)
+    ys = []
+    for m in (ref, tri):
+        y = m(x)
+        (y * dy).sum().backward()
+        ys.append(y.detach())
+    assert rel(ys[1], ys[0]) < 1e-4
+    grads = {n: (pr.grad, pt.grad) for (n, pr), (_, pt)
+             in zip(ref.named_parameters(), tri.named_parameters(), strict=True)}
+    errs = {}
+    for name, (gr, gt) in grads.items():
+        assert gt is not None, f"{name}: no gradient on the triton module"
+        if name == "phi_k.fc2.bias":
+            # shifts every compressed key of a row by the same q.b: softmax-invariant, so its
+            # true gradient is 0 and both backends hold rounding noise only
+            scale = grads["phi_k.fc2.weight"][0].norm()
+            assert gt.norm() < 1e-4 * scale and gr.norm() < 1e-4 * scale
+            continue
+        assert gr is not None and gr.any(), f"{name}: no reference gradient"
+        errs[name] = rel(gt, gr)
+    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e < 1e-4}
+    assert not bad, bad
