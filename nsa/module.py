@@ -60,6 +60,10 @@ class NSAAttention(nn.Module):
         super().__init__()
         self.config = config
         self.backend = backend
+        if backend != "reference":
+            from nsa.ops import load_backend
+
+            load_backend(backend)  # import kernels now, not inside a compiled forward
         c = config
         HQ, H, dk, dv, hid = c.n_heads, c.n_kv_heads, c.d_k, c.d_v, c.hidden_size
         self.q_proj = nn.Linear(hid, HQ * dk, bias=False)

@@ -120,6 +120,8 @@ KIND_PARAMS: dict[str, dict[str, Param]] = {
         "modes": _p("str_list", list(PREFILL_MODES), "fwd and/or fwd_bwd",
                     choices=PREFILL_MODES),
         "branches": _p("bool", True, "also time each branch alone (forward)", grid=False),
+        "deterministic": _p("bool", False, "fwd_bwd: bitwise-reproducible backward "
+                                           "(nsa_attention(deterministic=True))", grid=False),
     },
     "decode": {
         **COMMON, **SHAPE, **BLOCK, **TIMING,

@@ -204,12 +204,15 @@ def compile_only() -> None:
                 _cmp_fwd_kernel, {**bf, "LSE": "*fp32", "SCORES": "*fp32"}, c, 8,
                 3 if d <= 128 else 2), flush=True)
         c = dict(G=G, GP2=G2, PP=128 // G2, BLOCK_N=64 if d <= 128 else 32, DK=D, DV=D,
-                 D_K=d, D_V=d, DOT_PREC="tf32")
-        print(f"win  G={G:2d} d={d}: " + one(_win_fwd_kernel, bf, c, 8, 3 if d <= 128 else 2))
+                 D_K=d, D_V=d, STORE_LSE=True, DOT_PREC="tf32")
+        print(f"win  G={G:2d} d={d}: " + one(_win_fwd_kernel, {**bf, "LSE": "*fp32"}, c, 8,
+                                             3 if d <= 128 else 2))
         c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
                  BLOCK_N=64 if d <= 128 else 32, N_SEL=16, NP=16, WRITE_OUT=True,
-                 WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True, DOT_PREC="tf32")
-        print(f"sel  G={G:2d} d={d}: " + one(_sel_fwd_kernel, {**bf, "IDX": "*i32"}, c, 4, 3))
+                 WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True, STORE_LSE=True,
+                 DOT_PREC="tf32")
+        print(f"sel  G={G:2d} d={d}: " + one(_sel_fwd_kernel, {**bf, "IDX": "*i32",
+                                                               "LSE": "*fp32"}, c, 4, 3))
     c = dict(CMP_L=32, CMP_D=16, L_SEL=64, SEL_B=4, SEL_A=2, N_SEL=16, N_INIT=1, N_LOCAL=2,
              K_FREE=13, P=16, NOUT=16, ROWS=16, CH=128)
     print("topn n=16: " + one(_topn_kernel, {"SCORES": "*fp32", "IDX": "*i32"}, c, 4, 1))

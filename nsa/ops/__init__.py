@@ -15,7 +15,8 @@ from torch import Tensor
 from nsa.config import NSAConfig
 from nsa.ops.reference import NSAAux, compress_mean, reference_nsa
 
-__all__ = ["NSAAux", "compress_mean", "nsa_attention", "register_backend", "BACKENDS"]
+__all__ = ["NSAAux", "compress_mean", "load_backend", "nsa_attention", "register_backend",
+           "BACKENDS"]
 
 # name -> callable with reference_nsa's signature. Kernel backends register themselves.
 BACKENDS: dict[str, Callable[..., Tensor | tuple[Tensor, NSAAux]]] = {"reference": reference_nsa}
@@ -27,6 +28,23 @@ _LAZY_BACKENDS = {"triton": "nsa.ops.triton_backend"}
 
 def register_backend(name: str, fn: Callable[..., Tensor | tuple[Tensor, NSAAux]]) -> None:
     BACKENDS[name] = fn
+
+
+def load_backend(name: str) -> bool:
+    """Import a lazily registered backend now (True if it is registered afterwards).
+
+    ``nsa_attention`` does this on first use; modules call it at construction so that a
+    ``torch.compile``d forward never traces an import. "auto" loads "triton" when Triton is
+    importable and quietly does nothing otherwise.
+    """
+    if name == "auto":
+        try:
+            return load_backend("triton")
+        except ImportError:
+            return False
+    if name not in BACKENDS and name in _LAZY_BACKENDS:
+        importlib.import_module(_LAZY_BACKENDS[name])  # registers itself
+    return name in BACKENDS
 
 
 def _shape(x: Tensor) -> tuple[int, ...]:
@@ -157,6 +175,7 @@ def nsa_attention(
     scale: float | None = None,
     backend: str = "auto",
     return_aux: bool = False,
+    deterministic: bool = False,
 ) -> Tensor | tuple[Tensor, NSAAux]:
     """Native Sparse Attention over T causal tokens at positions 0..T-1.
 
@@ -173,7 +192,13 @@ def nsa_attention(
     block_indices are ascending with -1 last.
     ``backend``: "reference" (pure PyTorch), "triton", or "auto" (routing policy, see
     ``nsa.policy``). Every backend computes the function in NSA-SPEC.md.
+    ``deterministic``: on the Triton backend, the backward sums the selected branch's
+    key/value gradients in a fixed order instead of with atomics, so gradients are bitwise
+    reproducible (a little slower); the reference follows PyTorch's own determinism.
     """
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"nsa_attention: deterministic must be a bool, got "
+                        f"{type(deterministic).__name__}")
     kv = {"k_sel": k_sel, "v_sel": v_sel, "k_win": k_win, "v_win": v_win,
           "k_cmp": k_cmp, "v_cmp": v_cmp}
     gates = {"g_cmp": g_cmp, "g_sel": g_sel, "g_win": g_win}
@@ -187,11 +212,11 @@ def nsa_attention(
         backend = choose_op_backend(q, config, d_v=int(v_any.shape[-1]),
                                     n_kv_heads=int(v_any.shape[2])).backend
     if backend not in BACKENDS and backend in _LAZY_BACKENDS:
-        importlib.import_module(_LAZY_BACKENDS[backend])  # registers itself
+        load_backend(backend)
     if backend not in BACKENDS:
         raise ValueError(f"nsa_attention: backend must be one of {sorted(BACKENDS) + ['auto']}, "
                          f"got {backend!r}")
     return BACKENDS[backend](
         q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, config, scale,
-        block_indices=block_indices, return_aux=return_aux,
+        block_indices=block_indices, return_aux=return_aux, deterministic=deterministic,
     )

@@ -356,8 +356,13 @@ def reference_nsa(
     block_indices: Tensor | None = None,
     return_aux: bool = False,
     chunk_size: int | None = None,
+    deterministic: bool = False,
 ) -> Tensor | tuple[Tensor, NSAAux]:
-    """Prefill/training NSA over T tokens at positions 0..T-1 (inputs already validated)."""
+    """Prefill/training NSA over T tokens at positions 0..T-1 (inputs already validated).
+
+    ``deterministic`` is accepted for the backends' common signature: the reference's
+    determinism is PyTorch's own (``torch.use_deterministic_algorithms``).
+    """
     B, T, HQ, dk = q.shape
     ref = next(x for x in (k_sel, k_win, k_cmp) if x is not None)
     H = ref.shape[2]

@@ -13,8 +13,10 @@ attention, which reads O_cmp and O_win and writes ``out = g_cmp*O_cmp + g_sel*O_
 g_win*O_win`` in q's dtype (bf16, fp16 or fp32). Without a selection branch the combine
 is one elementwise PyTorch pass.
 
-Forward only: when autograd is recording and any input requires grad, this backend runs
-the reference (which has autograd) instead, until the backward kernels exist.
+Backward: :mod:`nsa.ops.triton_autograd` wraps the forward in the custom op
+``nsa::triton_fwd`` (opaque to ``torch.compile``) whose backward launches the Triton
+backward kernels (:mod:`nsa.ops.flashbwd` for the compressed and window branches,
+:mod:`nsa.ops.selection.bwd_launch` for the selected branch).
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (slow; for tests).
 The SM 8.9 policy of :mod:`nsa.policy` is honoured: where it routes the selection branch
 to the reference, that branch (scores, top-n, attention) runs in PyTorch and the other
@@ -96,6 +98,10 @@ def _combine(out_dtype: torch.dtype, *parts: tuple[Tensor | None, Tensor | None]
     return acc.to(out_dtype)
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def triton_nsa(
     q: Tensor,
     k_sel: Tensor | None,
@@ -111,21 +117,20 @@ def triton_nsa(
     scale: float,
     block_indices: Tensor | None = None,
     return_aux: bool = False,
+    deterministic: bool = False,
 ) -> Tensor | tuple[Tensor, NSAAux]:
-    """NSA prefill forward over positions 0..T-1 with the Triton kernels.
+    """NSA prefill over positions 0..T-1 with the Triton kernels, forward and backward.
 
     Same signature, semantics and outputs as :func:`nsa.ops.reference.reference_nsa`
     (inputs already validated by ``nsa_attention``). ``block_indices`` [B, T, H, n], when
     given, are deduplicated and put in canonical order exactly like the reference does.
-    Forward only: if autograd is on and any input requires grad, the reference runs
-    instead (it has autograd); backward kernels come later.
+    When autograd records (an input requires grad), the call goes through the custom op
+    ``nsa::triton_fwd`` whose backward runs the Triton backward kernels
+    (:mod:`nsa.ops.triton_autograd`); ``deterministic=True`` makes the selected branch's
+    key/value gradients bitwise reproducible (ordered partial sums instead of atomics).
+    The aux branch outputs carry no gradient on this backend.
     Raises ValueError listing the reasons when the kernels cannot run the case.
     """
-    tensors = (q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return reference_nsa(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel,
-                             g_win, cfg, scale, block_indices=block_indices,
-                             return_aux=return_aux)
     B, T, HQ, d_k = q.shape
     H = next(x for x in (k_sel, k_win, k_cmp) if x is not None).shape[2]
     d_v = next(x for x in (v_sel, v_win, v_cmp) if x is not None).shape[-1]
@@ -137,23 +142,76 @@ def triton_nsa(
     if reasons:
         raise ValueError("nsa_attention(backend='triton') cannot run this case: "
                          + "; ".join(reasons))
-    if T == 0:
+    tensors = (q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win)
+    sel_triton = g_sel is not None and _sel_on_triton(q, d_k, d_v, G)
+    if T == 0 or (g_sel is not None and not sel_triton and _needs_grad(*tensors)):
+        # nothing to launch, or the routing policy keeps selection on the reference for
+        # this device while autograd records: the reference (with autograd) runs it all
         return reference_nsa(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel,
                              g_win, cfg, scale, block_indices=block_indices,
                              return_aux=return_aux)
-    sel_triton = g_sel is not None and _sel_on_triton(q, d_k, d_v, G)
+    if g_sel is not None and not sel_triton:
+        return _forward_sel_reference(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp,
+                                      g_sel, g_win, cfg, scale, block_indices, return_aux)
+    from nsa.ops.triton_autograd import nsa_triton_op
 
+    out, idx, o_cmp, o_sel, o_win = nsa_triton_op(
+        q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, block_indices,
+        cfg, scale, save=_needs_grad(*tensors), want_o_sel=return_aux,
+        deterministic=deterministic,
+    )
+    if not return_aux:
+        return out
+    aux = NSAAux(
+        block_indices=None if idx is None else idx.long(),
+        o_cmp=None if o_cmp is None else o_cmp.detach(),
+        o_sel=None if o_sel is None else o_sel.detach(),
+        o_win=None if o_win is None else o_win.detach(),
+    )
+    return out, aux
+
+
+def forward_kernels(
+    q: Tensor,
+    k_sel: Tensor | None,
+    v_sel: Tensor | None,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    k_cmp: Tensor | None,
+    v_cmp: Tensor | None,
+    g_cmp: Tensor | None,
+    g_sel: Tensor | None,
+    g_win: Tensor | None,
+    block_indices: Tensor | None,
+    cfg: NSAConfig,
+    scale: float,
+    save: bool,
+    want_o_sel: bool,
+) -> dict[str, Tensor | None]:
+    """Launch the forward kernels (no autograd). Keys: out, idx (int32 [B, T, H, n]),
+    o_cmp, o_sel, o_win ([B, T, HQ, d_v]; o_sel only with ``save`` or ``want_o_sel``) and,
+    with ``save``, lse_cmp/lse_sel/lse_win (base-2, float32 [B, HQ, T]) for the backward.
+    Branches that are off give None."""
+    B, T, HQ, _ = q.shape
+    d_v = next(x for x in (v_sel, v_win, v_cmp) if x is not None).shape[-1]
+    need_scores = g_sel is not None and block_indices is None
+
+    def lse_buf(on: bool) -> Tensor | None:
+        return torch.empty(B, HQ, T, device=q.device, dtype=torch.float32) if on else None
+
+    lse_cmp = lse_buf(save and g_cmp is not None)
+    lse_sel = lse_buf(save and g_sel is not None)
+    lse_win = lse_buf(save and g_win is not None)
     o_cmp = scores = None
-    if g_cmp is not None or (need_scores and sel_triton):
+    if g_cmp is not None or need_scores:
         o_cmp, scores = cmp_forward(q, k_cmp, v_cmp, cfg, scale, want_o=g_cmp is not None,
-                                    want_scores=need_scores and sel_triton,
+                                    want_scores=need_scores, lse=lse_cmp,
                                     mode=CMP_SCORE_MODE)
-    o_win = win_forward(q, k_win, v_win, cfg.w, scale) if g_win is not None else None
-
+    o_win = win_forward(q, k_win, v_win, cfg.w, scale, lse=lse_win) if g_win is not None else None
     idx = o_sel = None
     if g_sel is None:
         out = _combine(q.dtype, (o_cmp, g_cmp), (o_win, g_win))
-    elif sel_triton:
+    else:
         if block_indices is None:
             idx = select_topn(scores, T, k_cmp.shape[1], cfg)
         else:
@@ -163,32 +221,38 @@ def triton_nsa(
             idx = idx.to(torch.int32).contiguous()
         o_sel, out = sel_forward(
             q, k_sel, v_sel, idx, cfg, scale,
-            o_branch=q.new_empty(B, T, HQ, d_v) if return_aux else None,
-            g_sel=g_sel, o_cmp=o_cmp, g_cmp=g_cmp, o_win=o_win, g_win=g_win,
+            o_branch=q.new_empty(B, T, HQ, d_v) if (save or want_o_sel) else None,
+            g_sel=g_sel, o_cmp=o_cmp, g_cmp=g_cmp, o_win=o_win, g_win=g_win, lse=lse_sel,
         )
-    else:
-        # routing policy keeps selection on the reference for this device
-        sel_out, sel_aux = reference_nsa(q, k_sel, v_sel, None, None, k_cmp, v_cmp, None,
-                                         g_sel, None, cfg, scale,
-                                         block_indices=block_indices, return_aux=True)
-        idx, o_sel = sel_aux.block_indices, sel_aux.o_sel
-        ones = torch.ones_like(g_sel)
-        out = _combine(q.dtype, (sel_out, ones), (o_cmp, g_cmp), (o_win, g_win))
+    return dict(out=out, idx=idx, o_cmp=o_cmp, o_sel=o_sel, o_win=o_win,
+                lse_cmp=lse_cmp, lse_sel=lse_sel, lse_win=lse_win)
+
+
+def _forward_sel_reference(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win,
+                           cfg, scale, block_indices, return_aux):
+    """Inference where the routing policy keeps the selection branch on the reference:
+    compressed and window branches in Triton, selection (scores, top-n, attention) in
+    PyTorch."""
+    o_cmp = None
+    if g_cmp is not None:
+        o_cmp, _ = cmp_forward(q, k_cmp, v_cmp, cfg, scale, want_o=True, want_scores=False)
+    o_win = win_forward(q, k_win, v_win, cfg.w, scale) if g_win is not None else None
+    sel_out, sel_aux = reference_nsa(q, k_sel, v_sel, None, None, k_cmp, v_cmp, None,
+                                     g_sel, None, cfg, scale,
+                                     block_indices=block_indices, return_aux=True)
+    ones = torch.ones_like(g_sel)
+    out = _combine(q.dtype, (sel_out, ones), (o_cmp, g_cmp), (o_win, g_win))
     if not return_aux:
         return out
-    aux = NSAAux(
-        block_indices=None if idx is None else idx.long(),
-        o_cmp=o_cmp if g_cmp is not None else None,
-        o_sel=o_sel,
-        o_win=o_win,
-    )
-    return out, aux
+    return out, NSAAux(block_indices=sel_aux.block_indices.long(), o_cmp=o_cmp,
+                       o_sel=sel_aux.o_sel, o_win=o_win)
 
 
 register_backend("triton", triton_nsa)
 
 __all__ = [
     "CMP_SCORE_MODE",
+    "forward_kernels",
     "config_not_supported_reasons",
     "triton_not_supported_reasons",
     "triton_nsa",

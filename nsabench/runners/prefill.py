@@ -103,6 +103,17 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
     return m
 
 
+def _peak_gib(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    res = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del res
+    return round(peak / 2**30, 3)
+
+
 def _fwd_bwd(m, p, x, cfg, nsa_args, dense_fwd, qd, kd, vd, device, dtype, tp,
              fa_why) -> bool:
     """Forward+backward of NSA, dense (and flash-attn) timed into ``m``; returns whether
@@ -116,8 +127,10 @@ def _fwd_bwd(m, p, x, cfg, nsa_args, dense_fwd, qd, kd, vd, device, dtype, tp,
     gen = torch.Generator(device=device).manual_seed(p["seed"] + 1)
     do = torch.randn(x.q.shape[:-1] + (p["d_v"],), generator=gen, device=device, dtype=dtype)
 
+    det = bool(p.get("deterministic", False))
+
     def nsa_fb():
-        out = nsa_attention(**args)
+        out = nsa_attention(**args, deterministic=det)
         return torch.autograd.grad(out, inputs, do)
 
     grads = nsa_fb()
@@ -129,6 +142,12 @@ def _fwd_bwd(m, p, x, cfg, nsa_args, dense_fwd, qd, kd, vd, device, dtype, tp,
     def dense_fb():
         out = dense_fwd(dq, dk, dv)
         return torch.autograd.grad(out, (dq, dk, dv), ddo)
+
+    if device.type == "cuda":
+        # memory one forward+backward adds on top of its inputs (activations, saved
+        # tensors, workspaces, the gradients it returns), GiB
+        m.update(nsa_fwd_bwd_peak_gib=_peak_gib(nsa_fb), dense_fwd_bwd_peak_gib=_peak_gib(dense_fb))
+    m["deterministic"] = det
 
     t = bench(nsa_fb, device, **tp)
     d = bench(dense_fb, device, **tp)

@@ -15,7 +15,9 @@ any block size, group sizes 1, 2, 4, 8, 16 at d_k = d_v = 128, head dims (192, 1
 
 Also: ``deterministic=True`` gives bitwise-equal gradients across two runs (T=4096, G=16,
 H=4, d=128, bf16); ``torch.compile`` of a small TinyLM on the triton backend (and with
-fullgraph=True) gives the eager loss and gradients within 2e-2; at the paper shape
+fullgraph=True), in float32 so that only the compilation can make a difference (bf16
+rounding of differently fused projections would swamp it), gives the eager loss and
+gradients within 1e-3; at the paper shape
 T=16384 (HQ=64, H=4, d=128, n=16, w=512, bf16) forward + backward has finite gradients
 and a peak memory below 0.5 x (B*HQ*T*(T/16) float32, the score matrix a dense-ish
 implementation would materialise) plus the inputs and their gradients.
@@ -176,7 +178,7 @@ def tiny_lm():
     model = TinyLM(cfg, n_layers=2, backend="triton")
     for blk in model.blocks:  # the gate's last layer starts at zero: give it a gradient path
         torch.nn.init.normal_(blk.attn.gate[-1].weight, std=0.1)
-    return model.cuda().to(torch.bfloat16)
+    return model.cuda()  # float32: compiled vs eager differ by compilation only
 
 
 def loss_and_grads(model, tokens):
@@ -203,7 +205,7 @@ def check_compiled(fullgraph: bool):
     for _ in range(2):  # the second call runs the cached compiled graph
         l_c, g_c = loss_and_grads(compiled, tokens)
     assert torch.isfinite(l_c)
-    assert abs(l_c.item() - l_e.item()) / abs(l_e.item()) < 2e-2, (l_c.item(), l_e.item())
+    assert abs(l_c.item() - l_e.item()) / abs(l_e.item()) < 1e-3, (l_c.item(), l_e.item())
     assert g_c.keys() == g_e.keys()
     errs = {}
     for name, ge in g_e.items():
@@ -212,7 +214,7 @@ def check_compiled(fullgraph: bool):
         assert torch.isfinite(gc).all(), f"{name}: NaN/inf in the compiled gradient"
         if name.endswith("phi_k.fc2.bias"):
             # shifts every compressed key of a row by the same q.b: softmax-invariant, so its
-            # true gradient is 0 and both hold bf16 rounding noise only (~1e-3 of the weight's)
+            # true gradient is 0 and both hold rounding noise only
             scale = g_e[name.replace(".bias", ".weight")].float().norm()
             assert gc.float().norm() < 1e-2 * scale and ge.float().norm() < 1e-2 * scale, name
             continue
@@ -222,7 +224,7 @@ def check_compiled(fullgraph: bool):
         errs[name] = rel(gc, ge)
     print(f"fullgraph={fullgraph}: loss eager {l_e.item():.4f} compiled {l_c.item():.4f}, "
           f"max grad rel err {max(errs.values()):.2e}")
-    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e < 2e-2}
+    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e < 1e-3}
     assert not bad, bad
 
 

@@ -148,6 +148,7 @@ def cmp_forward(
     want_scores: bool = True,
     o: Tensor | None = None,
     scores: Tensor | None = None,
+    lse: Tensor | None = None,
     mode: str = "fused",
     block_m: int | None = None,
     block_n: int | None = None,
@@ -164,6 +165,8 @@ def cmp_forward(
     < min(N, N_cmp(t)); later entries (0 by definition) may be left unwritten, and
     :func:`nsa.ops.selection.select_topn` never reads them.
     ``o``/``scores`` may be passed preallocated (tests poison them with NaN).
+    ``lse``: optional float32 [B, HQ, T] (last dim contiguous) that receives the base-2
+    log-sum-exp of every row (+inf where no compressed token is visible), for the backward.
     ``mode``: "fused" runs both passes in one program; "two_pass" hands the log-sum-exp
     through memory to a second launch. ``block_m``/``block_n``/``num_warps``/``num_stages``
     override the launch config of the (first) kernel, for tuning runs.
@@ -199,8 +202,10 @@ def cmp_forward(
     s_arg = scores if scores is not None else dummy.float()
     s_strides = scores.stride()[:3] if scores is not None else (0, 0, 0)
     two = mode == "two_pass" and want_scores
-    lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32) if two else dummy.float()
-    lse_strides = (lse.stride(0), lse.stride(1)) if two else (0, 0)
+    keep_lse = lse is not None
+    if lse is None:
+        lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32) if two else dummy.float()
+    lse_strides = (lse.stride(0), lse.stride(1)) if (two or keep_lse) else (0, 0)
 
     def launch(bm_, bn_, warps_, stages_, pass1, pass2, store_lse):
         pp = max(1, bm_ // GP2)
@@ -224,7 +229,7 @@ def cmp_forward(
 
     min_bm = max(16, GP2)
     if not two:
-        shrink_on_oor(lambda m, st: launch(m, bn, warps, st, True, want_scores, False),
+        shrink_on_oor(lambda m, st: launch(m, bn, warps, st, True, want_scores, keep_lse),
                       bm, stages, min_bm)
     else:
         shrink_on_oor(lambda m, st: launch(m, bn, warps, st, True, False, True),

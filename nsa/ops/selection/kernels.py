@@ -26,7 +26,8 @@ position order): each block is loaded once and each row keeps only the blocks it
 selected, so positions that share blocks (always the forced ones; in trained models
 most) share the loads and the dots. Causal inside the block (key position <= t). The
 epilogue optionally fuses the gate combine ``g_sel*O_sel + g_cmp*O_cmp + g_win*O_win``
-and writes the output in its dtype.
+and writes the output in its dtype; with ``STORE_LSE`` it also writes the base-2
+log-sum-exp of every row for the backward.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _topn_kernel(
 
 @triton.jit
 def _sel_fwd_kernel(
-    Q, K, V, IDX, O, OB, OC, OW, GS, GC, GW,
+    Q, K, V, IDX, O, OB, OC, OW, GS, GC, GW, LSE,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -129,12 +130,14 @@ def _sel_fwd_kernel(
     stride_gsb, stride_gst, stride_gsh,
     stride_gcb, stride_gct, stride_gch,
     stride_gwb, stride_gwt, stride_gwh,
+    stride_lb, stride_lh,
     T, qk_scale,
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     WRITE_OUT: tl.constexpr, WRITE_BRANCH: tl.constexpr,
-    HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
@@ -221,6 +224,10 @@ def _sel_fwd_kernel(
             m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if STORE_LSE:
+        # base-2 log-sum-exp per row for the backward (+inf: no selected key visible)
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+        tl.store(LSE + b * stride_lb + hq.to(tl.int64) * stride_lh + t_row, lse, mask=row_ok)
     st_mask = row_ok[:, None] & dv_ok
     rows_t = (p_loc * stride_ot + hq * stride_oh)[:, None]
     if WRITE_BRANCH:

@@ -82,6 +82,7 @@ def sel_forward(
     g_cmp: Tensor | None = None,
     o_win: Tensor | None = None,
     g_win: Tensor | None = None,
+    lse: Tensor | None = None,
     positions_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -93,6 +94,8 @@ def sel_forward(
     ``o_branch`` (allocated if None and ``g_sel`` is None): ungated O_sel [B, T, HQ, d_v].
     With ``g_sel`` given, also writes ``out`` = g_sel*O_sel (+ g_cmp*o_cmp) (+ g_win*o_win)
     in q's dtype. Returns (o_branch or None, out or None).
+    ``lse``: optional float32 [B, HQ, T] (last dim contiguous) that receives the base-2
+    log-sum-exp of every row (for the backward).
     ``positions_per_program``: query positions packed into one program (default
     max(1, 16 // GP2): every dot has at least 16 rows). ``num_warps``/``num_stages``
     override the launch config (for tuning runs).
@@ -118,6 +121,7 @@ def sel_forward(
         warps = 2
     warps, stages = num_warps or warps, num_stages or stages
     dummy = q.new_empty(1, 1, 1, 1)
+    lse_arg = lse if lse is not None else q.new_empty(1, 1, 1, dtype=torch.float32)
 
     def t3(x):
         return (x.stride(0), x.stride(1), x.stride(2)) if x is not None else (0, 0, 0)
@@ -128,9 +132,10 @@ def sel_forward(
             out if out is not None else dummy, o_branch if o_branch is not None else dummy,
             o_cmp if o_cmp is not None else dummy, o_win if o_win is not None else dummy,
             g_sel if g_sel is not None else dummy, g_cmp if g_cmp is not None else dummy,
-            g_win if g_win is not None else dummy,
+            g_win if g_win is not None else dummy, lse_arg,
             *t3(q), *t3(k), *t3(v), *t3(block_indices), *t3(out), *t3(o_branch),
             *t3(o_cmp), *t3(o_win), *t3(g_sel), *t3(g_cmp), *t3(g_win),
+            lse_arg.stride(0), lse_arg.stride(1),
             T, scale * LOG2E,
             G=G, GP2=GP2, PP=PP, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=block_indices.shape[-1],
@@ -138,7 +143,7 @@ def sel_forward(
             WRITE_OUT=write_out, WRITE_BRANCH=o_branch is not None,
             HAS_CMP=write_out and o_cmp is not None and g_cmp is not None,
             HAS_WIN=write_out and o_win is not None and g_win is not None,
-            DOT_PREC=dot_precision(q.dtype, q.device),
+            STORE_LSE=lse is not None, DOT_PREC=dot_precision(q.dtype, q.device),
             num_warps=warps, num_stages=stages_,
         )
 

@@ -4,7 +4,8 @@ One program per (tile of PP positions, KV head, batch); like the compressed kern
 M dimension packs PP positions x GP2 heads of one GQA group so each K/V tile is loaded
 once per group. Only key tiles that intersect [t_first - w + 1, t_last] are visited;
 tiles every row sees entirely skip the mask (lower window edge and causal diagonal are
-the only masked ones).
+the only masked ones). With ``STORE_LSE`` it also writes the base-2 log-sum-exp of every
+row ([B, HQ, T] float32) for the backward.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import triton.language as tl
 
 @triton.jit
 def _win_fwd_kernel(
-    Q, K, V, O,
+    Q, K, V, O, LSE,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh,
     T, W, qk_scale,
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, BLOCK_N: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
@@ -88,3 +90,7 @@ def _win_fwd_kernel(
     o_ptrs = (O + b * stride_ob + t0.to(tl.int64) * stride_ot
               + (p_loc * stride_ot + hq * stride_oh)[:, None] + offs_dv[None, :])
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
+    if STORE_LSE:
+        # base-2 log-sum-exp per row for the backward (+inf: no visible key)
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+        tl.store(LSE + b * stride_lb + hq.to(tl.int64) * stride_lh + t_row, lse, mask=row_ok)

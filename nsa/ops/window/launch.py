@@ -36,12 +36,15 @@ def _win_config(DK: int, DV: int, GP2: int, device: torch.device):
 
 def win_forward(
     q: Tensor, k: Tensor, v: Tensor, w: int, scale: float, *, o: Tensor | None = None,
-    block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+    lse: Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None,
 ) -> Tensor:
     """Sliding-window attention: query t attends to keys (t - w, t].
 
     q [B, T, HQ, d_k]; k/v [B, T, H, d_k/d_v] at positions 0..T-1.
     Returns o [B, T, HQ, d_v] in q's dtype (``o`` may be passed preallocated).
+    ``lse``: optional float32 [B, HQ, T] (last dim contiguous) that receives the base-2
+    log-sum-exp of every row (what the backward needs).
     """
     q, k, v = map(last_dim_contiguous, (q, k, v))
     B, T, HQ, d_k = q.shape
@@ -55,17 +58,20 @@ def win_forward(
     bm, bn = block_m or bm, block_n or bn
     warps = num_warps or warps
 
+    lse_arg = lse if lse is not None else q.new_empty(1, 1, 1, dtype=torch.float32)
+
     def launch(bm_, stages_):
         PP = max(1, bm_ // GP2)
         _win_fwd_kernel[(triton.cdiv(T, PP), H, B)](
-            q, k, v, o,
+            q, k, v, o, lse_arg,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
+            lse_arg.stride(0), lse_arg.stride(1),
             T, w, scale * LOG2E,
             G=G, GP2=GP2, PP=PP, BLOCK_N=bn, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
-            DOT_PREC=dot_precision(q.dtype, q.device),
+            STORE_LSE=lse is not None, DOT_PREC=dot_precision(q.dtype, q.device),
             num_warps=warps, num_stages=stages_,
         )
 

@@ -1,0 +1,217 @@
+"""Triton backward kernels shared by the compressed and the sliding-window branches.
+
+Both branches are flash attention with a structured mask, so one pair of kernels serves
+both; ``MASK`` (constexpr) picks the visibility rule:
+
+* ``MASK == 0`` (compressed): key i is visible to query t iff ``i*d + l - 1 <= t`` and
+  ``i < N``;
+* ``MASK == 1`` (window): key s is visible to query t iff ``t - w < s <= t``.
+
+Notation (per row r = one (position, query head)): ``dO = g * dout`` (the branch's gate
+times the output gradient, formed on the fly), ``P = exp2(S*log2e*scale - lse)`` from
+the base-2 log-sum-exp the forward stored, ``Delta = rowsum(dO * O)`` (precomputed),
+``dS = P * (dO V^T - Delta)``; then ``dQ = scale * dS K``, ``dK = scale * dS^T Q``,
+``dV = P^T dO``.
+
+As in the forward kernels, the M dimension of every dot packs PP consecutive positions
+times GP2 query heads of one GQA group (padded heads masked), so one key tile is loaded
+once for the whole group.
+
+* :func:`_bwd_dkdv_kernel`: one program per (key tile, query chunk, KV head x batch).
+  It walks the query positions that can see the tile (compressed: from the first t
+  with ``i*d + l - 1 <= t``; window: the tile's positions plus w - 1) in the chunk and
+  accumulates dK, dV in registers; each chunk writes its own float32 partial (summed in
+  a fixed order by the launcher: deterministic, no atomics). Chunks bound the work per
+  program: the compressed branch's first key tile is seen by every query.
+* :func:`_bwd_dq_kernel`: one program per (tile of PP positions, KV head, batch),
+  streaming the visible key tiles like the forward; adds its dQ to a float32 buffer
+  that the three branches share (each program owns its rows: no atomics).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _visible(t, k, N, W, MASK: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr):
+    """Broadcastable visibility of key k to query position t."""
+    if MASK == 0:
+        return (k * CMP_D + CMP_L - 1 <= t) & (k < N)
+    else:
+        return (k <= t) & (k > t - W)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, GATE, LSE, DELTA, DKP, DVP,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_gb, stride_gt, stride_gh,
+    stride_lb, stride_lh,
+    stride_pc, stride_pb, stride_pt, stride_ph,
+    stride_rc, stride_rb, stride_rt, stride_rh,
+    T, NK, H, W, QCHUNK, qk_scale, sm_scale,
+    G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    MASK: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = PP * GP2
+    kt_i = tl.program_id(0)
+    chunk = tl.program_id(1)
+    hb = tl.program_id(2)
+    h = hb % H
+    b = (hb // H).to(tl.int64)
+    n0 = kt_i * BLOCK_N
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    p_loc = offs_m // GP2
+    g_loc = offs_m % GP2
+    hq = h * G + g_loc
+    kpos = n0 + offs_n
+    key_ok = kpos < NK
+    dk_ok = offs_dk[None, :] < D_K
+    dv_ok = offs_dv[None, :] < D_V
+
+    n64 = n0.to(tl.int64)
+    k = tl.load(K + b * stride_kb + h * stride_kh + n64 * stride_kt
+                + (offs_n * stride_kt)[:, None] + offs_dk[None, :],
+                mask=key_ok[:, None] & dk_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + n64 * stride_vt
+                + (offs_n * stride_vt)[:, None] + offs_dv[None, :],
+                mask=key_ok[:, None] & dv_ok, other=0.0)
+
+    # query positions that can see some key of the tile
+    if MASK == 0:
+        t_lo = n0 * CMP_D + CMP_L - 1
+        t_hi = T
+    else:
+        t_lo = n0
+        t_hi = tl.minimum(T, n0 + BLOCK_N - 1 + W)
+    c_lo = t_lo + chunk * QCHUNK
+    c_hi = tl.minimum(t_hi, c_lo + QCHUNK)
+
+    dk = tl.zeros([BLOCK_N, DK], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], tl.float32)
+    # 32-bit offsets inside a tile, one 64-bit scalar base per tile (keeps registers free)
+    q_rows = p_loc * stride_qt + hq * stride_qh
+    o_rows = p_loc * stride_ot + hq * stride_oh
+    g_rows = p_loc * stride_gt + hq * stride_gh
+    l_rows = hq * stride_lh + p_loc
+    for p0 in range(c_lo, c_hi, PP):
+        t_row = p0 + p_loc
+        row_ok = (g_loc < G) & (t_row < c_hi)
+        p64 = tl.full([], 0, tl.int64) + p0  # (the interpreter hands loop indices as ints)
+        q = tl.load(Q + b * stride_qb + p64 * stride_qt + q_rows[:, None] + offs_dk[None, :],
+                    mask=row_ok[:, None] & dk_ok, other=0.0)
+        do = tl.load(DO + b * stride_ob + p64 * stride_ot + o_rows[:, None] + offs_dv[None, :],
+                     mask=row_ok[:, None] & dv_ok, other=0.0)
+        g_off = b * stride_gb + p64 * stride_gt + g_rows
+        gate = tl.load(GATE + g_off, mask=row_ok, other=0.0)
+        do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(q.dtype)
+        lse = tl.load(LSE + b * stride_lb + p64 + l_rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + g_off, mask=row_ok, other=0.0)  # gate's [B, T, HQ] layout
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
+        ok = _visible(t_row[None, :], kpos[:, None], NK, W, MASK, CMP_L, CMP_D) & row_ok[None, :]
+        p_t = tl.where(ok, tl.math.exp2(qk_t * qk_scale - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(q.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+
+    dk = dk * sm_scale
+    p_base = DKP + chunk.to(tl.int64) * stride_pc + b * stride_pb + h * stride_ph
+    tl.store(p_base + n64 * stride_pt + (offs_n * stride_pt)[:, None] + offs_dk[None, :], dk,
+             mask=key_ok[:, None] & dk_ok)
+    r_base = DVP + chunk.to(tl.int64) * stride_rc + b * stride_rb + h * stride_rh
+    tl.store(r_base + n64 * stride_rt + (offs_n * stride_rt)[:, None] + offs_dv[None, :], dv,
+             mask=key_ok[:, None] & dv_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, GATE, LSE, DELTA, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_gb, stride_gt, stride_gh,
+    stride_lb, stride_lh,
+    stride_db, stride_dt, stride_dh,
+    T, NK, W, qk_scale, sm_scale,
+    G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    MASK: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = PP * GP2
+    n_tiles_t = tl.cdiv(T, PP)
+    tile = n_tiles_t - 1 - tl.program_id(0)  # heaviest tiles first
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t0 = tile * PP
+    offs_m = tl.arange(0, BLOCK_M)
+    p_loc = offs_m // GP2
+    g_loc = offs_m % GP2
+    t_row = t0 + p_loc
+    row_ok = (g_loc < G) & (t_row < T)
+    hq = h * G + g_loc
+    t64 = t0.to(tl.int64)
+    offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    dk_ok = offs_dk[None, :] < D_K
+    dv_ok = offs_dv[None, :] < D_V
+
+    q = tl.load(Q + b * stride_qb + t64 * stride_qt
+                + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :],
+                mask=row_ok[:, None] & dk_ok, other=0.0)
+    do = tl.load(DO + b * stride_ob + t64 * stride_ot
+                 + (p_loc * stride_ot + hq * stride_oh)[:, None] + offs_dv[None, :],
+                 mask=row_ok[:, None] & dv_ok, other=0.0)
+    g_off = b * stride_gb + t64 * stride_gt + p_loc * stride_gt + hq * stride_gh
+    gate = tl.load(GATE + g_off, mask=row_ok, other=0.0)
+    do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(q.dtype)
+    lse = tl.load(LSE + b * stride_lb + t64 + hq * stride_lh + p_loc, mask=row_ok,
+                  other=float("inf"))
+    delta = tl.load(DELTA + g_off, mask=row_ok, other=0.0)
+
+    t_last = tl.minimum(t0 + PP - 1, T - 1)
+    if MASK == 0:
+        lo = 0
+        hi = tl.minimum(tl.maximum(t_last + 1 - CMP_L + CMP_D, 0) // CMP_D, NK)
+    else:
+        lo = (tl.maximum(t0 - W + 1, 0) // BLOCK_N) * BLOCK_N
+        hi = t_last + 1
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, DK], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        kpos = start + offs_n
+        s64 = tl.full([], 0, tl.int64) + start
+        key_ok = kpos < NK
+        k = tl.load(k_base + s64 * stride_kt + (offs_n * stride_kt)[:, None] + offs_dk[None, :],
+                    mask=key_ok[:, None] & dk_ok, other=0.0)
+        v = tl.load(v_base + s64 * stride_vt + (offs_n * stride_vt)[:, None] + offs_dv[None, :],
+                    mask=key_ok[:, None] & dv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        ok = _visible(t_row[:, None], kpos[None, :], NK, W, MASK, CMP_L, CMP_D) & row_ok[:, None]
+        p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT_PREC)
+
+    dq = dq * sm_scale
+    dq_ptrs = (DQ + b * stride_db + t64 * stride_dt
+               + (p_loc * stride_dt + hq * stride_dh)[:, None] + offs_dk[None, :])
+    st = row_ok[:, None] & dk_ok
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=st, other=0.0)
+    tl.store(dq_ptrs, dq, mask=st)

@@ -1,0 +1,148 @@
+"""Raw launchers of the shared flash backward (compressed and window branches).
+
+No autograd and no validation beyond shapes: :mod:`nsa.ops.triton_autograd` calls these.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from nsa.ops.compression.launch import (
+    LOG2E,
+    dot_precision,
+    head_dim_tile,
+    interpreting,
+    rows_per_position,
+    shrink_on_oor,
+)
+from nsa.ops.flashbwd.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
+
+MASK_CMP = 0
+MASK_WIN = 1
+
+
+def _configs(DK: int, DV: int, GP2: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, same of the dQ kernel.
+
+    Measured on an H200 at the paper shape, T = 64k (scripts/gpu_tune_backward.py,
+    docs/perf-notes.md): dK/dV 32 x 64 on 4 warps, 3 stages (compressed 26.5 ms, window
+    7.8 ms; 64 x 64 on 8 warps took 59.7 / 16.0 ms), dQ 64 x 64 on 4 warps, 2 stages
+    (15.5 / 4.9 ms; 128 x 32 on 8 warps 26.8 / 7.9 ms).
+    """
+    if interpreting() or device.type != "cuda":
+        return (32, 32, 4, 1), (32, 32, 4, 1)
+    if max(DK, DV) <= 128:
+        kv, dq = (32, 64, 4, 3), (64, 64, 4, 2)
+    else:
+        kv, dq = (32, 32, 4, 2), (64, 32, 4, 2)
+    return (max(kv[0], GP2), *kv[1:]), (max(dq[0], GP2), *dq[1:])
+
+
+def flash_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    gate: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    dq: Tensor,
+    scale: float,
+    *,
+    mask: int,
+    w: int = 0,
+    cmp_l: int = 1,
+    cmp_d: int = 1,
+    accumulate_dq: bool = True,
+    q_chunk: int | None = None,
+    kv_config: tuple[int, int, int] | None = None,
+    dq_config: tuple[int, int, int] | None = None,
+    num_stages: int | None = None,
+    parts: str = "all",
+) -> tuple[Tensor | None, Tensor | None]:
+    """dK, dV of one flash branch (in k's/v's dtype); adds (or writes) its dQ into ``dq``.
+
+    q [B, T, HQ, d_k]; k/v [B, NK, H, d_k/d_v] (compressed tokens, or the T raw tokens of
+    the window branch); dout [B, T, HQ, d_v] (gradient of the combined output); gate
+    [B, T, HQ] (this branch's gate: the kernels use dO = gate * dout); lse float32
+    [B, HQ, T] (base-2, from the forward); delta float32 [B, T, HQ] with gate's strides
+    (gate * rowsum(dout * O_branch)); dq float32 [B, T, HQ, d_k].
+    ``mask``: MASK_CMP (token i visible iff i*cmp_d + cmp_l - 1 <= t) or MASK_WIN (keys
+    (t - w, t]). ``q_chunk``: query positions per dK/dV program (default 4096 on the GPU).
+    Tuning runs: ``kv_config``/``dq_config`` = (BLOCK_M, BLOCK_N, num_warps) override the
+    two kernels' tiles, ``num_stages`` their pipelining; ``parts`` "dkdv" or "dq" launches
+    one kernel only (the other's outputs are then None / dq untouched).
+    """
+    if parts not in ("all", "dkdv", "dq"):
+        raise ValueError(f"flash_backward: parts must be all, dkdv or dq, got {parts!r}")
+    B, T, HQ, d_k = q.shape
+    NK, H, d_v = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP2 = rows_per_position(G)
+    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    if gate.stride() != delta.stride():
+        raise ValueError("flash_backward: delta must have the gate's strides")
+    (bm1, bn1, warps1, stages1), (bm2, bn2, warps2, stages2) = _configs(DK, DV, GP2, q.device)
+    bm1, bn1, warps1 = kv_config or (bm1, bn1, warps1)
+    bm2, bn2, warps2 = dq_config or (bm2, bn2, warps2)
+    stages1, stages2 = num_stages or stages1, num_stages or stages2
+    prec = dot_precision(q.dtype, q.device)
+    qk_scale = scale * LOG2E
+    on_gpu = q.device.type == "cuda" and not interpreting()
+    if mask == MASK_CMP:
+        span = max(T - (cmp_l - 1), 1)
+    else:
+        span = min(T, bn1 - 1 + w)
+    chunk = q_chunk or (4096 if on_gpu else 64)
+    n_chunks = max(1, triton.cdiv(span, chunk))
+    # every (key tile, chunk) program stores its whole partial (zeros when its chunk is
+    # empty), so the partials need no initialisation
+    dkp = torch.empty(n_chunks, B, NK, H, d_k, device=q.device, dtype=torch.float32)
+    dvp = torch.empty(n_chunks, B, NK, H, d_v, device=q.device, dtype=torch.float32)
+    common = (
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        gate.stride(0), gate.stride(1), gate.stride(2),
+        lse.stride(0), lse.stride(1),
+    )
+
+    if NK > 0:
+        def launch_kv(bm, st):
+            pp = max(1, bm // GP2)
+            _bwd_dkdv_kernel[(triton.cdiv(NK, bn1), n_chunks, H * B)](
+                q, k, v, dout, gate, lse, delta, dkp, dvp, *common,
+                dkp.stride(0), dkp.stride(1), dkp.stride(2), dkp.stride(3),
+                dvp.stride(0), dvp.stride(1), dvp.stride(2), dvp.stride(3),
+                T, NK, H, w, chunk, qk_scale, scale,
+                G=G, GP2=GP2, PP=pp, BLOCK_N=bn1, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
+                MASK=mask, CMP_L=cmp_l, CMP_D=cmp_d, DOT_PREC=prec,
+                num_warps=warps1, num_stages=st,
+            )
+
+        if parts != "dq":
+            shrink_on_oor(launch_kv, bm1, stages1, max(16, GP2))
+
+        def launch_q(bm, st):
+            pp = max(1, bm // GP2)
+            _bwd_dq_kernel[(triton.cdiv(T, pp), H, B)](
+                q, k, v, dout, gate, lse, delta, dq, *common,
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                T, NK, w, qk_scale, scale,
+                G=G, GP2=GP2, PP=pp, BLOCK_N=bn2, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
+                MASK=mask, CMP_L=cmp_l, CMP_D=cmp_d, ACCUMULATE=accumulate_dq,
+                DOT_PREC=prec, num_warps=warps2, num_stages=st,
+            )
+
+        if parts != "dkdv":
+            shrink_on_oor(launch_q, bm2, stages2, max(16, GP2))
+    elif not accumulate_dq:
+        dq.zero_()
+    if parts == "dq":
+        return None, None
+    dk = (dkp[0] if n_chunks == 1 else dkp.sum(0)).to(k.dtype)
+    dv = (dvp[0] if n_chunks == 1 else dvp.sum(0)).to(v.dtype)
+    return dk, dv

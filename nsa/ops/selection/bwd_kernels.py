@@ -1,0 +1,276 @@
+"""Triton backward kernels of the selected-attention branch.
+
+Notation as in :mod:`nsa.ops.flashbwd.kernels`: per row (position t, query head),
+``dO = g_sel * dout``, ``P = exp2(S*log2e*scale - lse)`` from the forward's base-2
+log-sum-exp, ``Delta = rowsum(dO * O_sel)``, ``dS = P * (dO V^T - Delta)``.
+
+* :func:`_sel_bwd_dq_kernel` mirrors the forward (group-centric): one program per (tile
+  of PP positions, KV head, batch) streams the selected blocks (PP = 1: its index row;
+  PP > 1: the union of its positions' blocks, each block once) and accumulates
+  ``dQ += scale * dS K`` into the float32 buffer the branches share.
+* :func:`_sel_bwd_dkdv_kernel` is key-centric over an inverted index: the launcher sorts
+  the (block, position) pairs of the selection per (batch, KV head) so the positions
+  that selected block j are contiguous, and cuts each block's list into segments of at
+  most C positions. One program per (segment, key sub-tile, KV head, batch) holds the
+  block's keys/values in registers, walks its segment PP positions at a time (gathering
+  the G query heads of each position: rows = PP x GP2) and accumulates ``dV += P^T dO``
+  and ``dK += scale * dS^T Q``; causal inside the block. It then either adds its dK/dV
+  to float32 buffers with atomics (``ATOMIC``) or stores them as a per-segment partial
+  that :func:`_sel_bwd_reduce_kernel` sums in segment order (deterministic).
+  Segments bound the work per program: every position selects block 0 (initial block).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sel_bwd_dq_kernel(
+    Q, K, V, IDX, DO, GATE, LSE, DELTA, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ib, stride_it, stride_ih,
+    stride_ob, stride_ot, stride_oh,
+    stride_gb, stride_gt, stride_gh,
+    stride_lb, stride_lh,
+    stride_db, stride_dt, stride_dh,
+    T, qk_scale, sm_scale,
+    G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = PP * GP2
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t0 = tile * PP
+    offs_m = tl.arange(0, BLOCK_M)
+    p_loc = offs_m // GP2
+    g_loc = offs_m % GP2
+    t_row = t0 + p_loc
+    row_ok = (g_loc < G) & (t_row < T)
+    hq = h * G + g_loc
+    t64 = t0.to(tl.int64)
+    offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    dk_ok = offs_dk[None, :] < D_K
+    dv_ok = offs_dv[None, :] < D_V
+
+    q = tl.load(Q + b * stride_qb + t64 * stride_qt
+                + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :],
+                mask=row_ok[:, None] & dk_ok, other=0.0)
+    do = tl.load(DO + b * stride_ob + t64 * stride_ot
+                 + (p_loc * stride_ot + hq * stride_oh)[:, None] + offs_dv[None, :],
+                 mask=row_ok[:, None] & dv_ok, other=0.0)
+    g_off = b * stride_gb + t64 * stride_gt + p_loc * stride_gt + hq * stride_gh
+    gate = tl.load(GATE + g_off, mask=row_ok, other=0.0)
+    do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(q.dtype)
+    lse = tl.load(LSE + b * stride_lb + t64 + hq * stride_lh + p_loc, mask=row_ok,
+                  other=float("inf"))
+    delta = tl.load(DELTA + g_off, mask=row_ok, other=0.0)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    i_base = IDX + b * stride_ib + h * stride_ih + t0.to(tl.int64) * stride_it
+    offs_s = tl.arange(0, NP)
+    if PP == 1:
+        row_idx = tl.load(i_base + offs_s, mask=offs_s < N_SEL, other=-1)
+        n_blocks = tl.sum((row_idx >= 0).to(tl.int32), 0)
+    else:
+        FL: tl.constexpr = PP * NP
+        offs_p = tl.arange(0, PP)
+        pos_idx = tl.load(i_base + (offs_p * stride_it)[:, None] + offs_s[None, :],
+                          mask=((t0 + offs_p) < T)[:, None] & (offs_s[None, :] < N_SEL), other=-1)
+        flat = tl.reshape(pos_idx, [FL])
+        flat_pos = tl.arange(0, FL) // NP
+        dup = flat < 0
+        for pp in tl.static_range(PP - 1):
+            row_pp = tl.load(i_base + pp * stride_it + offs_s,
+                             mask=(offs_s < N_SEL) & (t0 + pp < T), other=-1)
+            hit = tl.max((flat[:, None] == row_pp[None, :]).to(tl.int32), 1) > 0
+            dup = dup | (hit & (flat_pos > pp))
+        first = ~dup
+        order = tl.where(first, tl.cumsum(first.to(tl.int32), 0) - 1, -1)
+        n_blocks = tl.sum(first.to(tl.int32), 0)
+        row_idx = tl.load(i_base + (p_loc * stride_it)[:, None] + offs_s[None, :],
+                          mask=row_ok[:, None] & (offs_s[None, :] < N_SEL), other=-1)
+
+    dq = tl.zeros([BLOCK_M, DK], tl.float32)
+    for u in range(0, n_blocks):
+        if PP == 1:
+            blk = tl.load(i_base + u)
+            member = row_ok
+        else:
+            blk = tl.sum(tl.where(order == u, flat, 0), 0)
+            member = tl.max((row_idx == blk).to(tl.int32), 1) > 0
+        for c0 in tl.static_range(0, L_SEL, BLOCK_N):
+            s0 = blk.to(tl.int64) * L_SEL + c0
+            kpos = s0 + offs_n
+            key_ok = (kpos < T) & (c0 + offs_n < L_SEL)
+            k = tl.load(k_base + s0 * stride_kt + (offs_n * stride_kt)[:, None]
+                        + offs_dk[None, :], mask=key_ok[:, None] & dk_ok, other=0.0)
+            v = tl.load(v_base + s0 * stride_vt + (offs_n * stride_vt)[:, None]
+                        + offs_dv[None, :], mask=key_ok[:, None] & dv_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            ok = member[:, None] & (kpos[None, :] <= t_row[:, None]) & key_ok[None, :]
+            p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT_PREC)
+
+    dq = dq * sm_scale
+    dq_ptrs = (DQ + b * stride_db + t64 * stride_dt
+               + (p_loc * stride_dt + hq * stride_dh)[:, None] + offs_dk[None, :])
+    st = row_ok[:, None] & dk_ok
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=st, other=0.0)
+    tl.store(dq_ptrs, dq, mask=st)
+
+
+@triton.jit
+def _sel_bwd_dkdv_kernel(
+    Q, K, V, DO, GATE, LSE, DELTA, KEYS, SEG_BLK, SEG_LO, SEG_HI, DKO, DVO,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_gb, stride_gt, stride_gh,
+    stride_lb, stride_lh,
+    stride_eb, stride_eh,
+    stride_sb, stride_sh,
+    stride_k0, stride_k1, stride_k2, stride_k3,
+    stride_v0, stride_v1, stride_v2, stride_v3,
+    T, H, NB, qk_scale, sm_scale,
+    G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = PP * GP2
+    pid = tl.program_id(0)
+    seg = pid // NSUB
+    c0 = (pid % NSUB) * BLOCK_N
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    s_off = b * stride_sb + h * stride_sh + seg
+    blk = tl.load(SEG_BLK + s_off)
+    if blk < NB:
+        lo = tl.load(SEG_LO + s_off)
+        hi = tl.load(SEG_HI + s_off)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_dk = tl.arange(0, DK)
+        offs_dv = tl.arange(0, DV)
+        p_loc = offs_m // GP2
+        g_loc = offs_m % GP2
+        hq = h * G + g_loc
+        dk_ok = offs_dk[None, :] < D_K
+        dv_ok = offs_dv[None, :] < D_V
+        s0 = blk * L_SEL + c0  # first key of this sub-tile
+        kpos = s0 + offs_n
+        key_ok = (kpos < T) & (c0 + offs_n < L_SEL)
+        s64 = s0.to(tl.int64)
+        k = tl.load(K + b * stride_kb + h * stride_kh + s64 * stride_kt
+                    + (offs_n * stride_kt)[:, None] + offs_dk[None, :],
+                    mask=key_ok[:, None] & dk_ok, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + s64 * stride_vt
+                    + (offs_n * stride_vt)[:, None] + offs_dv[None, :],
+                    mask=key_ok[:, None] & dv_ok, other=0.0)
+        e_base = KEYS + b * stride_eb + h * stride_eh
+        # gathered rows use 32-bit offsets (the launcher checks T * stride < 2^31)
+        q_base = Q + b * stride_qb
+        o_base = DO + b * stride_ob
+        g_base = GATE + b * stride_gb
+        d_base = DELTA + b * stride_gb
+        l_base = LSE + b * stride_lb
+        hq_q = hq * stride_qh
+        hq_o = hq * stride_oh
+        hq_g = hq * stride_gh
+        hq_l = hq * stride_lh
+        key0 = blk * T
+        dk = tl.zeros([BLOCK_N, DK], tl.float32)
+        dv = tl.zeros([BLOCK_N, DV], tl.float32)
+        for p0 in range(lo, hi, PP):
+            e = p0 + p_loc
+            row_ok = (g_loc < G) & (e < hi)
+            key = tl.load(e_base + e, mask=row_ok, other=0)
+            tr = (key - key0).to(tl.int32)  # the query position
+            q = tl.load(q_base + (tr * stride_qt + hq_q)[:, None] + offs_dk[None, :],
+                        mask=row_ok[:, None] & dk_ok, other=0.0)
+            do = tl.load(o_base + (tr * stride_ot + hq_o)[:, None] + offs_dv[None, :],
+                         mask=row_ok[:, None] & dv_ok, other=0.0)
+            gate = tl.load(g_base + tr * stride_gt + hq_g, mask=row_ok, other=0.0)
+            do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(q.dtype)
+            lse = tl.load(l_base + hq_l + tr, mask=row_ok, other=float("inf"))
+            delta = tl.load(d_base + tr * stride_gt + hq_g, mask=row_ok, other=0.0)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
+            ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= tr[None, :])
+            p_t = tl.where(ok, tl.math.exp2(qk_t * qk_scale - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(q.dtype), do, input_precision=DOT_PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        dk = dk * sm_scale
+        if ATOMIC:
+            # float32 [B, T, H, D] accumulators
+            dk_ptrs = (DKO + b * stride_k0 + h * stride_k2 + s64 * stride_k1
+                       + (offs_n * stride_k1)[:, None] + offs_dk[None, :])
+            dv_ptrs = (DVO + b * stride_v0 + h * stride_v2 + s64 * stride_v1
+                       + (offs_n * stride_v1)[:, None] + offs_dv[None, :])
+            tl.atomic_add(dk_ptrs, dk, mask=key_ok[:, None] & dk_ok, sem="relaxed")
+            tl.atomic_add(dv_ptrs, dv, mask=key_ok[:, None] & dv_ok, sem="relaxed")
+        else:
+            # float32 partials [B, H, S_MAX * L_SEL, D] (segment-major)
+            r64 = (seg * L_SEL + c0).to(tl.int64)
+            dk_ptrs = (DKO + b * stride_k0 + h * stride_k1 + r64 * stride_k2
+                       + (offs_n * stride_k2)[:, None] + offs_dk[None, :])
+            dv_ptrs = (DVO + b * stride_v0 + h * stride_v1 + r64 * stride_v2
+                       + (offs_n * stride_v2)[:, None] + offs_dv[None, :])
+            live = (c0 + offs_n < L_SEL)[:, None]
+            tl.store(dk_ptrs, dk, mask=live & dk_ok)
+            tl.store(dv_ptrs, dv, mask=live & dv_ok)
+
+
+@triton.jit
+def _sel_bwd_reduce_kernel(
+    DKP, DVP, SEG_FIRST, SEG_COUNT, DK, DV,
+    stride_p0, stride_p1, stride_p2,
+    stride_r0, stride_r1, stride_r2,
+    stride_sb, stride_sh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    T,
+    DKT: tl.constexpr, DVT: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
+):
+    """dK/dV of block j = sum of its segments' partials, in segment order (deterministic)."""
+    pid = tl.program_id(0)
+    j = pid // NSUB
+    c0 = (pid % NSUB) * BLOCK_N
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    first = tl.load(SEG_FIRST + b * stride_sb + h * stride_sh + j)
+    count = tl.load(SEG_COUNT + b * stride_sb + h * stride_sh + j)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, DKT)
+    offs_dv = tl.arange(0, DVT)
+    live = (c0 + offs_n < L_SEL)[:, None]
+    dk = tl.zeros([BLOCK_N, DKT], tl.float32)
+    dv = tl.zeros([BLOCK_N, DVT], tl.float32)
+    for s in range(first, first + count):
+        rows = (s * L_SEL + c0 + offs_n).to(tl.int64)
+        dk += tl.load(DKP + b * stride_p0 + h * stride_p1 + rows[:, None] * stride_p2
+                      + offs_dk[None, :], mask=live & (offs_dk[None, :] < D_K), other=0.0)
+        dv += tl.load(DVP + b * stride_r0 + h * stride_r1 + rows[:, None] * stride_r2
+                      + offs_dv[None, :], mask=live & (offs_dv[None, :] < D_V), other=0.0)
+    kpos = (j * L_SEL + c0 + offs_n).to(tl.int64)
+    ok = live & (kpos < T)[:, None]
+    tl.store(DK + b * stride_kb + h * stride_kh + kpos[:, None] * stride_kt + offs_dk[None, :],
+             dk.to(DK.dtype.element_ty), mask=ok & (offs_dk[None, :] < D_K))
+    tl.store(DV + b * stride_vb + h * stride_vh + kpos[:, None] * stride_vt + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=ok & (offs_dv[None, :] < D_V))
