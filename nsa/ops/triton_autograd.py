@@ -120,7 +120,7 @@ def triton_bwd(
     deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk_sel, dv_sel, dk_win, dv_win, dk_cmp, dv_cmp, dg_cmp, dg_sel, dg_win)."""
-    from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, flash_backward
+    from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, branch_rowdots, flash_backward
     from nsa.ops.selection.bwd_launch import sel_backward
 
     c = _cfg_from(cfg)
@@ -130,25 +130,30 @@ def triton_bwd(
     res = {k: e.clone() for k in ("dk_sel", "dv_sel", "dk_win", "dv_win", "dk_cmp", "dv_cmp",
                                   "dg_cmp", "dg_sel", "dg_win")}
 
-    def prep(o: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r = (dout.float() * o.float()).sum(-1)  # [B, T, HQ]
+    # r_x = rowsum(dout * O_x) for every branch present, dout read once
+    present = [(name, o, g) for name, o, g in (("cmp", o_cmp, g_cmp), ("win", o_win, g_win),
+                                               ("sel", o_sel, g_sel)) if g is not None]
+    rows = dict(zip([p[0] for p in present], branch_rowdots(dout, [p[1] for p in present]),
+                    strict=True))
+
+    def prep(name: str, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r = rows[name]
         gate = g.contiguous()
         delta = (gate.float() * r).contiguous()
         return r.to(g.dtype), gate, delta
 
-    if g_cmp is not None and k_cmp is not None:
-        res["dg_cmp"], gate, delta = prep(o_cmp, g_cmp)
-        res["dk_cmp"], res["dv_cmp"] = flash_backward(
-            q, k_cmp, v_cmp, dout, gate, lse_cmp, delta, dq, scale, mask=MASK_CMP,
-            cmp_l=c.l, cmp_d=c.d)
-    elif g_cmp is not None:
-        res["dg_cmp"] = (dout.float() * o_cmp.float()).sum(-1).to(g_cmp.dtype)
+    if g_cmp is not None:
+        res["dg_cmp"], gate, delta = prep("cmp", g_cmp)
+        if k_cmp is not None:
+            res["dk_cmp"], res["dv_cmp"] = flash_backward(
+                q, k_cmp, v_cmp, dout, gate, lse_cmp, delta, dq, scale, mask=MASK_CMP,
+                cmp_l=c.l, cmp_d=c.d)
     if g_win is not None:
-        res["dg_win"], gate, delta = prep(o_win, g_win)
+        res["dg_win"], gate, delta = prep("win", g_win)
         res["dk_win"], res["dv_win"] = flash_backward(
             q, k_win, v_win, dout, gate, lse_win, delta, dq, scale, mask=MASK_WIN, w=c.w)
     if g_sel is not None:
-        res["dg_sel"], gate, delta = prep(o_sel, g_sel)
+        res["dg_sel"], gate, delta = prep("sel", g_sel)
         res["dk_sel"], res["dv_sel"] = sel_backward(
             q, k_sel, v_sel, idx, dout, gate, lse_sel, delta, dq, c, scale,
             deterministic=deterministic)

@@ -1,5 +1,5 @@
 """Backward of the compressed and sliding-window branches (one flash backward, two masks)."""
 
-from nsa.ops.flashbwd.launch import MASK_CMP, MASK_WIN, flash_backward
+from nsa.ops.flashbwd.launch import MASK_CMP, MASK_WIN, branch_rowdots, flash_backward
 
-__all__ = ["MASK_CMP", "MASK_WIN", "flash_backward"]
+__all__ = ["MASK_CMP", "MASK_WIN", "branch_rowdots", "flash_backward"]

@@ -215,3 +215,26 @@ def _bwd_dq_kernel(
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=st, other=0.0)
     tl.store(dq_ptrs, dq, mask=st)
+
+
+@triton.jit
+def _rowdot_kernel(
+    DO, O1, O2, O3, R1, R2, R3, n_rows,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_R: tl.constexpr, N_OUT: tl.constexpr,
+):
+    """r_x[row] = sum_d dout[row, d] * O_x[row, d] in float32 for up to three branch
+    outputs, reading dout once (rows of contiguous [rows, D] tensors)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, DP)
+    ok = rows < n_rows
+    m = ok[:, None] & (cols[None, :] < D)
+    offs = rows[:, None] * D + cols[None, :]
+    do = tl.load(DO + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(R1 + rows, tl.sum(do * tl.load(O1 + offs, mask=m, other=0.0).to(tl.float32), 1),
+             mask=ok)
+    if N_OUT > 1:
+        tl.store(R2 + rows, tl.sum(do * tl.load(O2 + offs, mask=m, other=0.0).to(tl.float32), 1),
+                 mask=ok)
+    if N_OUT > 2:
+        tl.store(R3 + rows, tl.sum(do * tl.load(O3 + offs, mask=m, other=0.0).to(tl.float32), 1),
+                 mask=ok)

@@ -17,7 +17,7 @@ from nsa.ops.compression.launch import (
     rows_per_position,
     shrink_on_oor,
 )
-from nsa.ops.flashbwd.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
+from nsa.ops.flashbwd.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _rowdot_kernel
 
 MASK_CMP = 0
 MASK_WIN = 1
@@ -146,3 +146,31 @@ def flash_backward(
     dk = (dkp[0] if n_chunks == 1 else dkp.sum(0)).to(k.dtype)
     dv = (dvp[0] if n_chunks == 1 else dvp.sum(0)).to(v.dtype)
     return dk, dv
+
+
+def branch_rowdots(dout: Tensor, outs: list[Tensor]) -> list[Tensor]:
+    """[rowsum(dout * O_x) for O_x in outs] as float32 [B, T, HQ], without materialising
+    any float32 copy of dout or O_x (dout is read once for up to three outputs).
+
+    dout and every O_x: [B, T, HQ, d_v], same shape; made contiguous if they are not.
+    """
+    if not outs:
+        return []
+    if len(outs) > 3:
+        raise ValueError(f"branch_rowdots: at most 3 outputs, got {len(outs)}")
+    dout = dout.contiguous()
+    outs = [o.contiguous() for o in outs]
+    D = dout.shape[-1]
+    n_rows = dout.numel() // D if D else 0
+    res = [torch.empty(dout.shape[:-1], device=dout.device, dtype=torch.float32) for _ in outs]
+    if n_rows == 0:
+        return [r.zero_() for r in res]
+    DP = max(16, 1 << (D - 1).bit_length())
+    block_r = max(1, 4096 // DP)
+    o = outs + [outs[0]] * (3 - len(outs))
+    r = res + [res[0]] * (3 - len(res))
+    _rowdot_kernel[(triton.cdiv(n_rows, block_r),)](
+        dout, o[0], o[1], o[2], r[0], r[1], r[2], n_rows,
+        D=D, DP=DP, BLOCK_R=block_r, N_OUT=len(outs), num_warps=4,
+    )
+    return res
