@@ -68,10 +68,15 @@ class DenseAttention(nn.Module):
         return q, k, v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-        # [B, T, heads, D] -> SDPA layout; equal q/k lengths when causal (is_causal is exact)
+        # [B, T, heads, D] -> SDPA layout; equal q/k lengths when causal (is_causal is exact).
+        # K/V heads are repeated for the group rather than passed with enable_gqa: with
+        # enable_gqa, float32 inputs have no fused kernel and SDPA falls back to the math
+        # path, which materialises [B, HQ, T, T] scores (out of memory at 16k x batch 16)
+        G = q.shape[2] // k.shape[2]
+        k, v = (x.repeat_interleave(G, dim=2) if G > 1 else x for x in (k, v))
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-            scale=self.config.scale, enable_gqa=True,
+            scale=self.config.scale,
         )
         return o.transpose(1, 2)
 
