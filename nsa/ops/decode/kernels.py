@@ -46,16 +46,16 @@ def _load_q(Q, b, h, stride_qb, stride_qh,
 
 @triton.jit
 def _partial(q, k, v, ok, scale, PM, PL, PO, CNT, slot, G: tl.constexpr, GP: tl.constexpr,
-             DV: tl.constexpr, D_V: tl.constexpr):
+             DV: tl.constexpr, D_V: tl.constexpr, DOT_PREC: tl.constexpr):
     """Softmax partial of the group's heads over keys k (rows ok); returns (p, m)."""
     g = tl.arange(0, GP)
     dv = tl.arange(0, DV)
-    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
     s = tl.where(ok[None, :], s, NEG_INF)
     m = tl.max(s, 1)
     m_safe = tl.where(m > NEG_INF, m, 0.0)
     p = tl.exp(s - m_safe[:, None])
-    o = tl.dot(p.to(v.dtype), v)
+    o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     r = slot * G + g
     tl.store(PM + r, m, mask=g < G)
     tl.store(PL + r, tl.sum(p, 1), mask=g < G)
@@ -80,6 +80,7 @@ def _dec_stage1(
     N_WT: tl.constexpr, SLOT_CMP: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
     NB_P: tl.constexpr, JT: tl.constexpr, SPC: tl.constexpr, DO_SELECT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     u = tl.program_id(1)
@@ -103,7 +104,7 @@ def _dec_stage1(
                      + dk[None, :], mask=ok[:, None] & mk, other=0.0)
         vw = tl.load(VW + b * stride_vwb + slot[:, None] * stride_vwn + h * stride_vwh
                      + dv[None, :], mask=ok[:, None] & mv, other=0.0)
-        _partial(q, kw, vw, ok, scale, PM, PL, PO, CNT, base + u, G, GP, DV, D_V)
+        _partial(q, kw, vw, ok, scale, PM, PL, PO, CNT, base + u, G, GP, DV, D_V, DOT_PREC)
     else:
         sp = u - N_WT
         i = sp * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -113,7 +114,7 @@ def _dec_stage1(
         vc = tl.load(VC + b * stride_vb + i[:, None] * stride_vn + h * stride_vh + dv[None, :],
                      mask=okc[:, None] & mv, other=0.0)
         p, m = _partial(q, kc, vc, okc, scale, PM, PL, PO, CNT, base + SLOT_CMP + sp,
-                        G, GP, DV, D_V)
+                        G, GP, DV, D_V, DOT_PREC)
         if DO_SELECT:
             # Eq. 9 on this split: blocks j0 .. j0 + JB - 1, weights overlap(i, j) / d
             j0 = (sp * BLOCK_C * CMP_D) // SEL_L
@@ -222,6 +223,7 @@ def _dec_stage2(
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     SEL_L: tl.constexpr, LP: tl.constexpr, N_SEL: tl.constexpr, SLOT_SEL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     u = tl.program_id(1)
@@ -240,7 +242,8 @@ def _dec_stage2(
                 mask=ok[:, None] & (dk[None, :] < D_K), other=0.0)
     v = tl.load(VS + b * stride_vsb + pos[:, None] * stride_vsn + h * stride_vsh + dv[None, :],
                 mask=ok[:, None] & (dv[None, :] < D_V), other=0.0)
-    _partial(q, k, v, ok, scale, PM, PL, PO, CNT, bh * NPART + SLOT_SEL + u, G, GP, DV, D_V)
+    _partial(q, k, v, ok, scale, PM, PL, PO, CNT, bh * NPART + SLOT_SEL + u, G, GP, DV, D_V,
+             DOT_PREC)
 
 
 @triton.jit

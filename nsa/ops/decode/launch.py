@@ -11,6 +11,7 @@ from torch import Tensor
 
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
+from nsa.ops.compression.launch import dot_precision
 from nsa.ops.decode.kernels import _dec_stage1, _dec_stage2, _dec_stage3
 from nsa.ops.reference import num_compressed
 
@@ -120,6 +121,9 @@ def triton_decode(
                               cache.k_sel, cache.v_sel)
     # window tiles occupy slots [0, n_wt) only when the window branch is on
     n_wt_slots = triton.cdiv(cfg.w, LP)
+    # float32 decode runs its dots as 3xTF32 like the prefill kernels (plain TF32 put the
+    # cached decode of a float32 model ~1e-3 away from its teacher-forced forward)
+    prec = dot_precision(q.dtype, q.device)
     if splits + n_wt:
         _dec_stage1[(B * H, n_wt + splits)](
             q, kc, vc, kw, vw, cache.lengths, ws["pm"], ws["pl"], ws["po"], ws["cnt"],
@@ -134,7 +138,8 @@ def triton_decode(
             CMP_L=cfg.l, CMP_D=cfg.d, SEL_L=cfg.l_sel, BLOCK_C=BLOCK_C, JB=jb, LP=LP,
             W=cfg.w, N_WT=n_wt, SLOT_CMP=n_wt_slots + cfg.n, N_SEL=cfg.n,
             NP=_p2(cfg.n, 1), N_INIT=cfg.n_initial, N_LOCAL=cfg.n_local,
-            NB_P=ws["nb_p"], JT=JT, SPC=SPC, DO_SELECT=use_sel, num_warps=STAGE1_WARPS,
+            NB_P=ws["nb_p"], JT=JT, SPC=SPC, DO_SELECT=use_sel, DOT_PREC=prec,
+            num_warps=STAGE1_WARPS,
         )
     if use_sel:
         _dec_stage2[(B * H, cfg.n)](
@@ -144,7 +149,7 @@ def triton_decode(
             vs.stride(0), vs.stride(1), vs.stride(2),
             npart, scale,
             H=H, G=G, GP=GP, DK=DK, DV=DV, D_K=dk, D_V=dv,
-            SEL_L=cfg.l_sel, LP=LP, N_SEL=cfg.n, SLOT_SEL=n_wt_slots,
+            SEL_L=cfg.l_sel, LP=LP, N_SEL=cfg.n, SLOT_SEL=n_wt_slots, DOT_PREC=prec,
         )
     gates = [g if g is not None else q for g in (g_cmp, g_sel, g_win)]  # unused if None
     _dec_stage3[(B * HQ,)](
