@@ -34,11 +34,28 @@ def main(paths: list[str]) -> None:
         kind = p.name.split("-")[0]
         print(f"{kind.capitalize()} on {gpu_name(p)}, from [`{p}`]({p}/report.md):\n")
         if kind == "prefill":
-            print("| T | G | NSA fwd ms | dense fwd ms | dense / NSA |")
-            print("|---|---|---|---|---|")
+            peaks = {c["id"]: c.get("metrics") or {}
+                     for c in json.loads((p / "results.json").read_text())["cases"]}
+            print("| T | G | d_k | NSA fwd ms | dense fwd ms | dense / NSA | NSA fwd+bwd ms | "
+                  "dense fwd+bwd ms | dense / NSA | fwd+bwd peak GiB NSA / dense |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for r in rows(p, "prefill"):
-                print(f"| {r['T']} | {r['G']} | {fmt(r['NSA fwd ms'])} | "
-                      f"{fmt(r['dense fwd ms'])} | {fmt(r['speedup fwd'])}x |")
+                m = peaks.get(r["case"], {})
+                peak = (f"{m['nsa_fwd_bwd_peak_gib']:.2f} / {m['dense_fwd_bwd_peak_gib']:.2f}"
+                        if "nsa_fwd_bwd_peak_gib" in m else "—")
+                print(f"| {r['T']} | {r['G']} | {r['d_k']} | {fmt(r['NSA fwd ms'])} | "
+                      f"{fmt(r['dense fwd ms'])} | {fmt(r['speedup fwd'])}x | "
+                      f"{fmt(r['NSA fwd+bwd ms'])} | {fmt(r['dense fwd+bwd ms'])} | "
+                      f"{fmt(r['speedup fwd+bwd'])}x | {peak} |")
+        elif kind == "train":
+            print("| case | T | B | steps | processes | NSA val loss | dense val loss | "
+                  "NSA / dense | NSA tokens/s | dense tokens/s |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
+            for r in rows(p, "train"):
+                print(f"| {r['case']} | {r['T']} | {r['B']} | {r['steps']} | {r['processes']} "
+                      f"| {fmt(r['NSA val loss'], 3)} | {fmt(r['dense val loss'], 3)} | "
+                      f"{fmt(r['NSA / dense'], 3)} | {fmt(r['NSA tokens/s'], 0)} | "
+                      f"{fmt(r['dense tokens/s'], 0)} |")
         elif kind == "decode":
             print("| context S | batch | NSA us | dense us | dense / NSA | NSA tokens read | "
                   "read fraction |")

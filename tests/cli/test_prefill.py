@@ -53,3 +53,31 @@ def test_axis_options_override_the_suite(invoke, write_suite, tmp_path):
     data = results_of(out)
     assert [(c["params"]["T"], c["params"]["G"]) for c in data["cases"]] == [(64, 1), (64, 3)]
     assert "T=64" in (run_folder(out) / "suite.resolved.yaml").read_text().splitlines()[1]
+
+
+def test_mode_option_selects_what_is_timed(invoke, write_suite, tmp_path):
+    out = tmp_path / "out"
+    r = invoke("prefill", "--suite", write_suite(PREFILL), "--out", out, "--T", "48",
+               "--mode", "fwd+bwd", "--deterministic")
+    assert r.exit_code == 0, r.stderr
+    (case,) = results_of(out)["cases"]
+    m = case["metrics"]
+    assert case["params"]["modes"] == ["fwd_bwd"] and case["params"]["deterministic"] is True
+    assert m["nsa_fwd_bwd_ms"] > 0 and m["deterministic"] is True
+    assert "nsa_fwd_ms" not in m and "speedup_fwd" not in m
+    assert "nsa_fwd_bwd_peak_gib" not in m  # peak memory is measured on CUDA only
+
+    out2 = tmp_path / "out2"
+    r = invoke("prefill", "--suite", write_suite(PREFILL), "--out", out2, "--T", "48",
+               "--mode", "fwd")
+    assert r.exit_code == 0, r.stderr
+    m = results_of(out2)["cases"][0]["metrics"]
+    assert m["nsa_fwd_ms"] > 0 and "nsa_fwd_bwd_ms" not in m
+
+
+def test_bad_mode_is_a_usage_error_naming_the_option(invoke, write_suite, tmp_path):
+    r = invoke("prefill", "--suite", write_suite(PREFILL), "--out", tmp_path / "o",
+               "--mode", "fwd,backward")
+    assert r.exit_code == 2
+    assert "--mode" in r.stderr and "'backward'" in r.stderr and "fwd+bwd" in r.stderr
+    assert not (tmp_path / "o").exists()
