@@ -177,8 +177,9 @@ def _triton_bwd_fake(dout, q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g
 def _setup_context(ctx, inputs, output):
     (q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, _bi, cfg, scale, _save,
      _want, deterministic) = inputs
-    _out, idx, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win = output
+    out, idx, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win = output
     ctx.cfg, ctx.scale, ctx.deterministic = cfg, scale, deterministic
+    ctx.out_shape = out.shape
     ctx.present = [x is not None for x in (k_sel, v_sel, k_win, v_win, k_cmp, v_cmp,
                                            g_cmp, g_sel, g_win)]
     e = q.new_empty(0)
@@ -191,10 +192,8 @@ def _backward(ctx, dout, *_unused):
     q, *rest = ctx.saved_tensors
     opt = [x if on else None for x, on in zip(rest[:9], ctx.present, strict=True)]
     idx, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win = rest[9:]
-    if dout is None:
-        dout = torch.zeros(*q.shape[:3], o_cmp.shape[-1] if o_cmp.numel() else
-                           (o_sel.shape[-1] if o_sel.numel() else o_win.shape[-1]),
-                           device=q.device, dtype=q.dtype)
+    if dout is None:  # only the aux outputs were used
+        dout = q.new_zeros(ctx.out_shape)
     grads = torch.ops.nsa.triton_bwd(dout, q, *opt, idx, o_cmp, o_sel, o_win, lse_cmp,
                                      lse_sel, lse_win, ctx.cfg, ctx.scale, ctx.deterministic)
     dq, *g = grads

@@ -144,7 +144,8 @@ def triton_nsa(
                          + "; ".join(reasons))
     tensors = (q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win)
     sel_triton = g_sel is not None and _sel_on_triton(q, d_k, d_v, G)
-    if T == 0 or (g_sel is not None and not sel_triton and _needs_grad(*tensors)):
+    grad = _needs_grad(*tensors)
+    if T == 0 or (g_sel is not None and not sel_triton and grad):
         # nothing to launch, or the routing policy keeps selection on the reference for
         # this device while autograd records: the reference (with autograd) runs it all
         return reference_nsa(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel,
@@ -157,7 +158,7 @@ def triton_nsa(
 
     out, idx, o_cmp, o_sel, o_win = nsa_triton_op(
         q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, block_indices,
-        cfg, scale, save=_needs_grad(*tensors), want_o_sel=return_aux,
+        cfg, scale, save=grad, want_o_sel=return_aux,
         deterministic=deterministic,
     )
     if not return_aux:

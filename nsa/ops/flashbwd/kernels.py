@@ -135,6 +135,43 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_rows(Q, DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
+             stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
+             stride_gb, stride_gt, stride_gh, stride_lb, stride_lh,
+             DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr):
+    """Rows of a query tile starting at position t64 (row r: position t64 + p_loc[r], head
+    hq[r]): q, dO = gate * dout (q's dtype), lse and Delta. DELTA has GATE's layout."""
+    offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    q = tl.load(Q + b * stride_qb + t64 * stride_qt
+                + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+    do = tl.load(DO + b * stride_ob + t64 * stride_ot
+                 + (p_loc * stride_ot + hq * stride_oh)[:, None] + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)
+    g_off = b * stride_gb + t64 * stride_gt + p_loc * stride_gt + hq * stride_gh
+    gate = tl.load(GATE + g_off, mask=row_ok, other=0.0)
+    do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(q.dtype)
+    lse = tl.load(LSE + b * stride_lb + t64 + hq * stride_lh + p_loc, mask=row_ok,
+                  other=float("inf"))
+    delta = tl.load(DELTA + g_off, mask=row_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _dq_store(DQ, dq, b, t64, p_loc, hq, row_ok, stride_db, stride_dt, stride_dh,
+              DK: tl.constexpr, D_K: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Write (or add to the float32 buffer) a query tile's dQ rows."""
+    offs_dk = tl.arange(0, DK)
+    dq_ptrs = (DQ + b * stride_db + t64 * stride_dt
+               + (p_loc * stride_dt + hq * stride_dh)[:, None] + offs_dk[None, :])
+    st = row_ok[:, None] & (offs_dk[None, :] < D_K)
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=st, other=0.0)
+    tl.store(dq_ptrs, dq, mask=st)
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, GATE, LSE, DELTA, DQ,
     stride_qb, stride_qt, stride_qh,
@@ -169,18 +206,10 @@ def _bwd_dq_kernel(
     dk_ok = offs_dk[None, :] < D_K
     dv_ok = offs_dv[None, :] < D_V
 
-    q = tl.load(Q + b * stride_qb + t64 * stride_qt
-                + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :],
-                mask=row_ok[:, None] & dk_ok, other=0.0)
-    do = tl.load(DO + b * stride_ob + t64 * stride_ot
-                 + (p_loc * stride_ot + hq * stride_oh)[:, None] + offs_dv[None, :],
-                 mask=row_ok[:, None] & dv_ok, other=0.0)
-    g_off = b * stride_gb + t64 * stride_gt + p_loc * stride_gt + hq * stride_gh
-    gate = tl.load(GATE + g_off, mask=row_ok, other=0.0)
-    do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(q.dtype)
-    lse = tl.load(LSE + b * stride_lb + t64 + hq * stride_lh + p_loc, mask=row_ok,
-                  other=float("inf"))
-    delta = tl.load(DELTA + g_off, mask=row_ok, other=0.0)
+    q, do, lse, delta = _dq_rows(Q, DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
+                                 stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
+                                 stride_oh, stride_gb, stride_gt, stride_gh, stride_lb,
+                                 stride_lh, DK, DV, D_K, D_V)
 
     t_last = tl.minimum(t0 + PP - 1, T - 1)
     if MASK == 0:
@@ -208,13 +237,8 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT_PREC)
 
-    dq = dq * sm_scale
-    dq_ptrs = (DQ + b * stride_db + t64 * stride_dt
-               + (p_loc * stride_dt + hq * stride_dh)[:, None] + offs_dk[None, :])
-    st = row_ok[:, None] & dk_ok
-    if ACCUMULATE:
-        dq += tl.load(dq_ptrs, mask=st, other=0.0)
-    tl.store(dq_ptrs, dq, mask=st)
+    _dq_store(DQ, dq * sm_scale, b, t64, p_loc, hq, row_ok, stride_db, stride_dt, stride_dh,
+              DK, D_K, ACCUMULATE)
 
 
 @triton.jit

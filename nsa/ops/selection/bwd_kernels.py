@@ -25,6 +25,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from nsa.ops.flashbwd.kernels import _dq_rows, _dq_store
+from nsa.ops.selection.kernels import _block_at, _block_list
+
 
 @triton.jit
 def _sel_bwd_dq_kernel(
@@ -61,53 +64,19 @@ def _sel_bwd_dq_kernel(
     dk_ok = offs_dk[None, :] < D_K
     dv_ok = offs_dv[None, :] < D_V
 
-    q = tl.load(Q + b * stride_qb + t64 * stride_qt
-                + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :],
-                mask=row_ok[:, None] & dk_ok, other=0.0)
-    do = tl.load(DO + b * stride_ob + t64 * stride_ot
-                 + (p_loc * stride_ot + hq * stride_oh)[:, None] + offs_dv[None, :],
-                 mask=row_ok[:, None] & dv_ok, other=0.0)
-    g_off = b * stride_gb + t64 * stride_gt + p_loc * stride_gt + hq * stride_gh
-    gate = tl.load(GATE + g_off, mask=row_ok, other=0.0)
-    do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(q.dtype)
-    lse = tl.load(LSE + b * stride_lb + t64 + hq * stride_lh + p_loc, mask=row_ok,
-                  other=float("inf"))
-    delta = tl.load(DELTA + g_off, mask=row_ok, other=0.0)
+    q, do, lse, delta = _dq_rows(Q, DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
+                                 stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
+                                 stride_oh, stride_gb, stride_gt, stride_gh, stride_lb,
+                                 stride_lh, DK, DV, D_K, D_V)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    i_base = IDX + b * stride_ib + h * stride_ih + t0.to(tl.int64) * stride_it
-    offs_s = tl.arange(0, NP)
-    if PP == 1:
-        row_idx = tl.load(i_base + offs_s, mask=offs_s < N_SEL, other=-1)
-        n_blocks = tl.sum((row_idx >= 0).to(tl.int32), 0)
-    else:
-        FL: tl.constexpr = PP * NP
-        offs_p = tl.arange(0, PP)
-        pos_idx = tl.load(i_base + (offs_p * stride_it)[:, None] + offs_s[None, :],
-                          mask=((t0 + offs_p) < T)[:, None] & (offs_s[None, :] < N_SEL), other=-1)
-        flat = tl.reshape(pos_idx, [FL])
-        flat_pos = tl.arange(0, FL) // NP
-        dup = flat < 0
-        for pp in tl.static_range(PP - 1):
-            row_pp = tl.load(i_base + pp * stride_it + offs_s,
-                             mask=(offs_s < N_SEL) & (t0 + pp < T), other=-1)
-            hit = tl.max((flat[:, None] == row_pp[None, :]).to(tl.int32), 1) > 0
-            dup = dup | (hit & (flat_pos > pp))
-        first = ~dup
-        order = tl.where(first, tl.cumsum(first.to(tl.int32), 0) - 1, -1)
-        n_blocks = tl.sum(first.to(tl.int32), 0)
-        row_idx = tl.load(i_base + (p_loc * stride_it)[:, None] + offs_s[None, :],
-                          mask=row_ok[:, None] & (offs_s[None, :] < N_SEL), other=-1)
+    i_base, flat, order, row_idx, n_blocks = _block_list(
+        IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih, PP, NP, N_SEL)
 
     dq = tl.zeros([BLOCK_M, DK], tl.float32)
     for u in range(0, n_blocks):
-        if PP == 1:
-            blk = tl.load(i_base + u)
-            member = row_ok
-        else:
-            blk = tl.sum(tl.where(order == u, flat, 0), 0)
-            member = tl.max((row_idx == blk).to(tl.int32), 1) > 0
+        blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP)
         for c0 in tl.static_range(0, L_SEL, BLOCK_N):
             s0 = blk.to(tl.int64) * L_SEL + c0
             kpos = s0 + offs_n
@@ -123,13 +92,8 @@ def _sel_bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT_PREC)
 
-    dq = dq * sm_scale
-    dq_ptrs = (DQ + b * stride_db + t64 * stride_dt
-               + (p_loc * stride_dt + hq * stride_dh)[:, None] + offs_dk[None, :])
-    st = row_ok[:, None] & dk_ok
-    if ACCUMULATE:
-        dq += tl.load(dq_ptrs, mask=st, other=0.0)
-    tl.store(dq_ptrs, dq, mask=st)
+    _dq_store(DQ, dq * sm_scale, b, t64, p_loc, hq, row_ok, stride_db, stride_dt, stride_dh,
+              DK, D_K, ACCUMULATE)
 
 
 @triton.jit

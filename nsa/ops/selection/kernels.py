@@ -117,6 +117,56 @@ def _topn_kernel(
 
 
 @triton.jit
+def _block_list(IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih,
+                PP: tl.constexpr, NP: tl.constexpr, N_SEL: tl.constexpr):
+    """The blocks a tile of PP positions streams: (i_base, flat, order, row_idx, n_blocks).
+
+    PP = 1: the position's (canonical, deduplicated) index row is the list. PP > 1: the
+    union of the positions' blocks, each at its first occurrence (position-major order);
+    ``row_idx`` holds each row's own index row, to test membership of a streamed block.
+    """
+    i_base = IDX + b * stride_ib + h * stride_ih + t0.to(tl.int64) * stride_it
+    offs_s = tl.arange(0, NP)
+    if PP == 1:
+        row_idx = tl.load(i_base + offs_s, mask=offs_s < N_SEL, other=-1)
+        n_blocks = tl.sum((row_idx >= 0).to(tl.int32), 0)
+        flat = row_idx
+        order = row_idx
+    else:
+        FL: tl.constexpr = PP * NP
+        offs_p = tl.arange(0, PP)
+        pos_idx = tl.load(i_base + (offs_p * stride_it)[:, None] + offs_s[None, :],
+                          mask=((t0 + offs_p) < T)[:, None] & (offs_s[None, :] < N_SEL), other=-1)
+        flat = tl.reshape(pos_idx, [FL])
+        flat_pos = tl.arange(0, FL) // NP
+        # a block is streamed at its first occurrence (position-major order)
+        dup = flat < 0
+        for pp in tl.static_range(PP - 1):
+            row_pp = tl.load(i_base + pp * stride_it + offs_s,
+                             mask=(offs_s < N_SEL) & (t0 + pp < T), other=-1)
+            hit = tl.max((flat[:, None] == row_pp[None, :]).to(tl.int32), 1) > 0
+            dup = dup | (hit & (flat_pos > pp))
+        first = ~dup
+        order = tl.where(first, tl.cumsum(first.to(tl.int32), 0) - 1, -1)
+        n_blocks = tl.sum(first.to(tl.int32), 0)
+        row_idx = tl.load(i_base + (p_loc * stride_it)[:, None] + offs_s[None, :],
+                          mask=row_ok[:, None] & (offs_s[None, :] < N_SEL), other=-1)
+    return i_base, flat, order, row_idx, n_blocks
+
+
+@triton.jit
+def _block_at(u, i_base, flat, order, row_idx, row_ok, PP: tl.constexpr):
+    """The u-th streamed block of :func:`_block_list` and which rows selected it."""
+    if PP == 1:
+        blk = tl.load(i_base + u)
+        member = row_ok
+    else:
+        blk = tl.sum(tl.where(order == u, flat, 0), 0)
+        member = tl.max((row_idx == blk).to(tl.int32), 1) > 0
+    return blk, member
+
+
+@triton.jit
 def _sel_fwd_kernel(
     Q, K, V, IDX, O, OB, OC, OW, GS, GC, GW, LSE,
     stride_qb, stride_qt, stride_qh,
@@ -164,46 +214,15 @@ def _sel_fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     k_cols = offs_dk[:, None] + offs_n[None, :] * stride_kt  # K^T tile [DK, BLOCK_N]
     v_rows = offs_n[:, None] * stride_vt + offs_dv[None, :]
-    i_base = IDX + b * stride_ib + h * stride_ih + t0.to(tl.int64) * stride_it
-    offs_s = tl.arange(0, NP)
+    i_base, flat, order, row_idx, n_blocks = _block_list(
+        IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih, PP, NP, N_SEL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
 
-    if PP == 1:
-        # one position: its (canonical, deduplicated) index row is the block list
-        row_idx = tl.load(i_base + offs_s, mask=offs_s < N_SEL, other=-1)
-        n_blocks = tl.sum((row_idx >= 0).to(tl.int32), 0)
-    else:
-        # several positions: stream the union of their blocks, each block once
-        FL: tl.constexpr = PP * NP
-        offs_p = tl.arange(0, PP)
-        pos_idx = tl.load(i_base + (offs_p * stride_it)[:, None] + offs_s[None, :],
-                          mask=((t0 + offs_p) < T)[:, None] & (offs_s[None, :] < N_SEL), other=-1)
-        flat = tl.reshape(pos_idx, [FL])
-        flat_pos = tl.arange(0, FL) // NP
-        # a block is streamed at its first occurrence (position-major order)
-        dup = flat < 0
-        for pp in tl.static_range(PP - 1):
-            row_pp = tl.load(i_base + pp * stride_it + offs_s,
-                             mask=(offs_s < N_SEL) & (t0 + pp < T), other=-1)
-            hit = tl.max((flat[:, None] == row_pp[None, :]).to(tl.int32), 1) > 0
-            dup = dup | (hit & (flat_pos > pp))
-        first = ~dup
-        order = tl.where(first, tl.cumsum(first.to(tl.int32), 0) - 1, -1)
-        n_blocks = tl.sum(first.to(tl.int32), 0)
-        # each row's own index row, to test membership of a streamed block
-        row_idx = tl.load(i_base + (p_loc * stride_it)[:, None] + offs_s[None, :],
-                          mask=row_ok[:, None] & (offs_s[None, :] < N_SEL), other=-1)
-
     for u in range(0, n_blocks):
-        if PP == 1:
-            blk = tl.load(i_base + u)
-            member = row_ok
-        else:
-            blk = tl.sum(tl.where(order == u, flat, 0), 0)
-            member = tl.max((row_idx == blk).to(tl.int32), 1) > 0
+        blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP)
         for c0 in tl.static_range(0, L_SEL, BLOCK_N):
             s0 = blk.to(tl.int64) * L_SEL + c0
             kpos = s0 + offs_n
