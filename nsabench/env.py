@@ -19,7 +19,8 @@ from nsa import policy
 from nsa.backends import BACKEND_SPECS, DeviceInfo, Shapes, device_info, module_status
 
 ENV_SCHEMA_VERSION = 1
-OPTIONAL_PACKAGES = {"flash-attn": "flash_attn", "triton": "triton"}
+# distribution -> module; fla-core is only the optional `nsa prefill --fla` comparator
+OPTIONAL_PACKAGES = {"flash-attn": "flash_attn", "triton": "triton", "fla-core": "fla"}
 
 
 def default_case(dev: DeviceInfo) -> tuple[str, Shapes]:

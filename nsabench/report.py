@@ -55,6 +55,14 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
         Col("FA2 fwd ms", "fa2_fwd_ms", optional=True),
         Col("speedup vs FA2", "speedup_fwd_vs_fa2", optional=True),
         Col("FA2 fwd+bwd ms", "fa2_fwd_bwd_ms", optional=True),
+        Col("NSA no-window fwd ms", "nsa_nowin_fwd_ms", optional=True),
+        Col("fla fwd ms", "fla_fwd_ms", optional=True),
+        Col("fla / NSA fwd", "speedup_fwd_vs_fla", optional=True),
+        Col("NSA no-window fwd+bwd ms", "nsa_nowin_fwd_bwd_ms", optional=True),
+        Col("fla fwd+bwd ms", "fla_fwd_bwd_ms", optional=True),
+        Col("fla / NSA fwd+bwd", "speedup_fwd_bwd_vs_fla", optional=True),
+        Col("fla finite", "fla_finite", optional=True),
+        Col("fla error", "fla_error", optional=True),
         Col("cmp fwd ms", "cmp_fwd_ms", optional=True),
         Col("sel fwd ms", "sel_fwd_ms", optional=True),
         Col("win fwd ms", "win_fwd_ms", optional=True),
@@ -96,6 +104,24 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
     ]),
 }
 
+def _fla_note(results: dict[str, Any]) -> str:
+    """What the fla columns compare, and why fla-core was asked for but not used (only
+    for prefill cases with ``fla: true``)."""
+    asked = [c for c in results["cases"]
+             if c["kind"] == "prefill" and c["metrics"].get("fla") is not None]
+    if not asked:
+        return ""
+    out = ("\n\nfla = fla-core's `parallel_nsa` (compression by mean pooling, block = "
+           "stride = selection block, no sliding window); NSA no-window is `nsa_attention` "
+           "in that configuration (g_win = None, `compress_mean` inside the timed call, "
+           "same q, k, v, g_cmp, g_sel); fla / NSA = fla ms / NSA no-window ms.")
+    unused = [c for c in asked if c["metrics"]["fla"] != "used"]
+    if unused:
+        out += "\n\n" + md_table(["case", "fla-core"],
+                                  [[c["id"], c["metrics"]["fla"]] for c in unused])
+    return out
+
+
 # plots: file -> (kind, x param, title, y label, [(metric, label)], log y)
 PLOTS = {
     "prefill_latency.png": ("prefill", "T", "Prefill latency vs context", "ms", [
@@ -105,6 +131,10 @@ PLOTS = {
     "prefill_speedup.png": ("prefill", "T", "Prefill speedup (dense / NSA) vs context",
                             "speedup", [("speedup_fwd", "fwd"),
                                         ("speedup_fwd_bwd", "fwd+bwd")], False),
+    "prefill_vs_fla.png": ("prefill", "T", "fla-core parallel_nsa / NSA (no window) vs "
+                           "context", "fla ms / NSA ms", [
+                               ("speedup_fwd_vs_fla", "fwd"),
+                               ("speedup_fwd_bwd_vs_fla", "fwd+bwd")], False),
     "decode_latency.png": ("decode", "S", "Decode step latency vs context", "ms", [
         ("nsa_ms", "NSA"), ("dense_ms", "dense"), ("fa2_ms", "FA2")], True),
     "decode_speedup.png": ("decode", "S", "Decode speedup (dense / NSA) vs context",
@@ -184,7 +214,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
 
 # parameters that do not tell series apart (timing knobs, switches)
 _NOT_SERIES = {"seed", "threads", "warmup", "repeats", "budget_s", "check", "branches",
-               "modes", "device", "grad"}
+               "modes", "device", "grad", "fla"}
 
 
 def _series(results: dict[str, Any], kind: str, x: str) -> dict[str, list[dict[str, Any]]]:
@@ -354,6 +384,7 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
                   "`scaled_dot_product_attention(is_causal=True, enable_gqa=True)` on "
                   "[B, HQ, T, D]; branch columns run the op with only that gate set (sel "
                   "includes its compressed scoring).")
+            s += _fla_note(results)
         if kind == "decode":
             s += ("\n\nTokens are per sequence and KV head, counted by the op "
                   "(`cache.last_reads`); bytes per sequence = tokens x H x (d_k + d_v) x "

@@ -122,6 +122,11 @@ KIND_PARAMS: dict[str, dict[str, Param]] = {
         "branches": _p("bool", True, "also time each branch alone (forward)", grid=False),
         "deterministic": _p("bool", False, "fwd_bwd: bitwise-reproducible backward "
                                            "(nsa_attention(deterministic=True))", grid=False),
+        "fla": _p("bool", False, "also time fla-core's parallel_nsa and NSA in the "
+                                 "configuration both support: mean-pooled compression with "
+                                 "l = d = l', no sliding window (needs fla-core installed, "
+                                 "CUDA, float16/bfloat16, G a power of two >= 16)",
+                  grid=False),
     },
     "decode": {
         **COMMON, **SHAPE, **BLOCK, **TIMING,
@@ -194,7 +199,7 @@ KIND_THRESHOLDS: dict[str, tuple[str, ...]] = {
     "env": (),
     "parity": ("max_rel_err", "max_abs_err", "max_grad_rel_err", "min_sel_match"),
     "prefill": ("min_speedup_fwd", "min_speedup_fwd_bwd", "max_nsa_fwd_ms",
-                "max_nsa_fwd_bwd_ms"),
+                "max_nsa_fwd_bwd_ms", "min_speedup_fwd_vs_fla", "min_speedup_fwd_bwd_vs_fla"),
     "decode": ("min_speedup", "max_read_vs_spec", "max_read_fraction", "max_rel_err",
                "min_sel_match"),
     "needle": ("min_accuracy", "min_recall", "min_dense_accuracy", "min_worst_depth_accuracy",

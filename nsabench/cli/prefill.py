@@ -36,6 +36,12 @@ EPILOG = """Examples:
   nsa prefill --T 8192,65536 --dtype bfloat16 --out runs    (GPU)
 
   nsa prefill --mode fwd+bwd --T 8192,16384,32768,65536     (GPU, training)
+
+  nsa prefill --fla --out runs    (GPU, fla-core installed: the prefill-fla suite)
+
+  nsa prefill --fla --T 65536 --mode fwd --out runs
+
+  nsa prefill --suite my.yaml --fla    (fla on in every prefill case of my.yaml)
 """
 
 MODE_NAMES = {"fwd": "fwd", "fwd+bwd": "fwd_bwd", "fwd_bwd": "fwd_bwd"}
@@ -82,9 +88,20 @@ def prefill(
         "--deterministic/--no-deterministic",
         help="fwd+bwd: time the bitwise-reproducible backward (default: the suite's, off).")]
     = None,
+    fla: Annotated[bool | None, typer.Option(
+        "--fla/--no-fla",
+        help="Also time fla-core's parallel_nsa against NSA in the configuration both "
+             "support: mean-pooled compression with l = d = l' (one block size), no "
+             "sliding window, G a power of two >= 16, CUDA, float16/bfloat16. Needs "
+             "fla-core: `pip install --no-deps fla_core-*.whl einops-*.whl` (without it "
+             "the case records why fla was not used). Without --suite: the shipped "
+             "prefill-fla suite (HQ=64, H=4, d_k=128, bf16, l = d = l' = 64, n=16, T 8k to "
+             "64k; needs fla / NSA >= 2 forward, >= 1 forward+backward). With --suite: "
+             "turns the comparison on in that suite's prefill cases.")] = None,
 ) -> None:
     """Time nsa_attention (forward, forward+backward, each branch alone) against dense
-    causal SDPA in the same run; report ms and speedup = dense / NSA, with CSV and plots."""
+    causal SDPA in the same run; report ms and speedup = dense / NSA, with CSV and plots.
+    With --fla, also against fla-core's parallel_nsa (speedup = fla / NSA)."""
     with guard():
         overrides = {
             "T": one_or_list(parse_ints("--T", T)), "B": one_or_list(parse_ints("--batch", batch)),
@@ -92,8 +109,9 @@ def prefill(
             "d_k": one_or_list(parse_ints("--d-k", d_k)),
             "d_v": one_or_list(parse_ints("--d-v", d_v)),
             "repeats": repeats, "warmup": warmup, "seed": seed,
-            "modes": parse_modes(mode), "deterministic": deterministic,
+            "modes": parse_modes(mode), "deterministic": deterministic, "fla": fla,
         }
-    measure_command("prefill", "prefill", {"prefill"}, suite=suite, out=out,
+    default_suite = "prefill-fla" if fla else "prefill"
+    measure_command("prefill", default_suite, {"prefill"}, suite=suite, out=out,
                     json_out=json_out, device=device, dtype=dtype, backend=backend,
                     label=label, overrides=overrides)

@@ -69,8 +69,13 @@ def evaluate(spec: CaseSpec, metrics: dict[str, Any]) -> list[dict[str, Any]]:
         elif _is_bad(value) or isinstance(value, str):
             passed = False
             if value is None:
+                # why it is missing: the run's errors, and an optional comparator named
+                # in the metric that was not used ("fla" for speedup_fwd_vs_fla)
                 errors = [v for k, v in metrics.items() if k.endswith("_error")
                           and isinstance(v, str)]
+                errors += [f"{k} {v}" for k, v in metrics.items()
+                           if k in metric.split("_") and isinstance(v, str)
+                           and v.startswith("not used")]
                 note = note or "; ".join(["not measured", *errors])
             else:
                 note = note or "not a number"

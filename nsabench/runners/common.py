@@ -80,6 +80,70 @@ def flash_attn_status(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+FLA_INSTALL = "pip install --no-deps fla_core-*.whl einops-*.whl"
+
+
+def fla_device_reason(device: torch.device) -> str | None:
+    """None if fla-core's Triton kernels can run on ``device``, else why not."""
+    if device.type != "cuda":
+        return f"fla-core's parallel_nsa needs a CUDA device, this case runs on {device.type}"
+    return None
+
+
+def fla_parallel_nsa():
+    """fla-core's ``fla.ops.nsa.parallel_nsa`` (ImportError if it is not installed)."""
+    from fla.ops.nsa import parallel_nsa
+
+    return parallel_nsa
+
+
+def fla_status(device: torch.device, dtype: torch.dtype, p: dict[str, Any]) -> str | None:
+    """None if fla-core's ``parallel_nsa`` can be timed against NSA in case ``p`` here,
+    else every reason it cannot, joined by "; ".
+
+    The configuration both support (fla-core 0.6): compression by mean pooling with block
+    = stride = selection block (l = d = l'), the first and the 2 local blocks forced
+    (n_initial = 1, n_local = 2), G = HQ / H a power of two >= 16, d_k <= 256, and
+    l' >= 2 * next_power_of_two(n) (its top-k tile); CUDA, float16 or bfloat16."""
+    why: list[str] = []
+    try:
+        if not callable(fla_parallel_nsa()):
+            why.append("fla-core is installed but fla.ops.nsa.parallel_nsa is not a function")
+    except ImportError as exc:
+        why.append(f"fla-core is not installed ({exc}; install the wheels with "
+                   f"`{FLA_INSTALL}`)")
+    except Exception as exc:  # a broken install (missing einops, Triton mismatch...)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        why.append(f"fla-core is installed but fla.ops.nsa failed to import: "
+                   f"{type(exc).__name__}: {first[:160]}")
+    dev = fla_device_reason(device)
+    if dev is not None:
+        why.append(dev)
+    if dtype not in (torch.float16, torch.bfloat16):
+        why.append(f"fla-core's parallel_nsa needs float16 or bfloat16, got "
+                   f"{dtype_name(dtype)}")
+    G = p["G"]
+    if G < 16 or G & (G - 1):
+        why.append(f"fla-core's parallel_nsa needs G = HQ / H a power of two >= 16, got G={G}")
+    l_sel = p["l_sel"]
+    differ = [f"{k}={p[k]}" for k in ("l", "d") if p[k] != l_sel]
+    if differ:
+        why.append(f"fla-core pools and selects blocks of one size (l = d = l'): "
+                   f"{', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'} from "
+                   f"l_sel={l_sel}")
+    if (p["n_initial"], p["n_local"]) != (1, 2):
+        why.append(f"fla-core always selects the first block and the 2 local ones: needs "
+                   f"n_initial=1, n_local=2, got n_initial={p['n_initial']}, "
+                   f"n_local={p['n_local']}")
+    if p["d_k"] > 256:
+        why.append(f"fla-core's parallel_nsa needs d_k <= 256, got d_k={p['d_k']}")
+    slots = 1 << max(p["n"] - 1, 0).bit_length()  # next power of two >= n
+    if l_sel < 2 * slots:
+        why.append(f"fla-core's parallel_nsa needs l_sel >= 2 * next_power_of_two(n) = "
+                   f"{2 * slots}, got l_sel={l_sel}, n={p['n']}")
+    return "; ".join(why) if why else None
+
+
 # ----------------------------------------------------------------------------- inputs
 
 @dataclass

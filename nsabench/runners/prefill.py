@@ -4,6 +4,9 @@ the same run, forward and forward+backward, plus each branch alone (forward).
 Dense runs on the [B, HQ, T, D] layout with ``is_causal=True, enable_gqa=True``: query
 and key lengths are equal, so the top-left causal alignment is the right one here.
 Inputs are built outside the timed region; speedup = dense time / NSA time.
+
+With ``fla: true`` it also times fla-core's ``parallel_nsa`` against NSA in the
+configuration both support (see ``_fla_compare``); speedup vs fla = fla time / NSA time.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from nsabench.runners.common import (
     all_finite,
     bench,
     case_config,
+    fla_parallel_nsa,
+    fla_status,
     flash_attn_status,
     make_inputs,
     resolve_backend,
@@ -89,10 +94,15 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
         except torch.OutOfMemoryError as exc:
             # recorded, not fatal: the forward numbers stay, the fwd+bwd thresholds then
             # read "not measured"
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            m["fwd_bwd_error"] = f"out of memory: {first.split('. GPU')[0][:120]}"
+            m["fwd_bwd_error"] = _oom_text(exc)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    if p["fla"]:
+        fla_why = fla_status(device, dtype, p)
+        m["fla"] = "used" if fla_why is None else f"not used: {fla_why}"
+        if fla_why is None:
+            finite = _fla_compare(m, p, x, cfg, backend, device, dtype, tp) and finite
 
     if p["branches"]:
         with torch.no_grad():
@@ -101,6 +111,100 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
                 m[f"{b}_fwd_ms"] = t.ms
     m["finite"] = finite
     return m
+
+
+def _oom_text(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"out of memory: {first.split('. GPU')[0][:120]}"
+
+
+def _short_error(exc: BaseException) -> str:
+    """"RuntimeError: first line" (at most about 200 characters)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return _oom_text(exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
+def _fla_compare(m, p, x, cfg, backend, device, dtype, tp) -> bool:
+    """fla-core's parallel_nsa against NSA in the configuration both support, timed into
+    ``m``; returns whether NSA's outputs (and gradients) are finite.
+
+    Both sides take the same q, one raw k/v (the selection branch's; the compression
+    branch mean-pools it) and the gates g_cmp, g_sel; no sliding window. fla pools inside
+    its call, so NSA's ``compress_mean`` runs inside the timed call too. Forward+backward
+    is ``torch.autograd.grad`` over (q, k, v, g_cmp, g_sel) with the same random dout. An
+    fla failure is recorded as ``fla_error`` and ends the fla timings; NSA's stay."""
+    parallel_nsa = fla_parallel_nsa()
+    scale = cfg.scale if cfg.scale is not None else p["d_k"] ** -0.5
+    det = bool(p.get("deterministic", False))
+    finite = True
+
+    def nsa_nowin(q, k, v, gc, gs, **kw):
+        kc = compress_mean(k, cfg.l, cfg.d)
+        vc = compress_mean(v, cfg.l, cfg.d)
+        return nsa_attention(q, k, v, None, None, kc, vc, gc, gs, None, config=cfg,
+                             scale=scale, backend=backend, **kw)
+
+    def fla(q, k, v, gc, gs):
+        return parallel_nsa(q, k, v, g_cmp=gc, g_slc=gs, g_swa=None, block_counts=cfg.n,
+                            block_size=cfg.l_sel, window_size=0, scale=scale)
+
+    def fla_failed(exc: BaseException) -> None:
+        m["fla_error"] = _short_error(exc)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    args = (x.q, x.k_sel, x.v_sel, x.g_cmp, x.g_sel)
+    if "fwd" in p["modes"]:
+        with torch.no_grad():
+            out = nsa_nowin(*args)
+            finite = finite and all_finite(out)
+            del out
+            t = bench(lambda: nsa_nowin(*args), device, **tp)
+            m["nsa_nowin_fwd_ms"] = t.ms
+            try:
+                out = fla(*args)
+                m["fla_finite"] = all_finite(out)
+                del out
+                f = bench(lambda: fla(*args), device, **tp)
+                m.update(fla_fwd_ms=f.ms, speedup_fwd_vs_fla=speedup(f.ms, t.ms))
+            except Exception as exc:  # recorded, not fatal: NSA's numbers stay
+                fla_failed(exc)
+
+    if "fwd_bwd" in p["modes"]:
+        leaves = tuple(a.detach().requires_grad_(True) for a in args)
+        gen = torch.Generator(device=device).manual_seed(p["seed"] + 2)
+        do = torch.randn(x.q.shape[:-1] + (p["d_v"],), generator=gen, device=device,
+                         dtype=dtype)
+
+        def nsa_fb():
+            return torch.autograd.grad(nsa_nowin(*leaves, deterministic=det), leaves, do)
+
+        def fla_fb():
+            return torch.autograd.grad(fla(*leaves), leaves, do)
+
+        try:
+            grads = nsa_fb()
+            finite = finite and all_finite(*grads)
+            del grads
+            t = bench(nsa_fb, device, **tp)
+            m["nsa_nowin_fwd_bwd_ms"] = t.ms
+        except torch.OutOfMemoryError as exc:
+            m["nsa_nowin_fwd_bwd_error"] = _oom_text(exc)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return finite
+        if "fla_error" not in m:
+            try:
+                grads = fla_fb()
+                m["fla_finite"] = m.get("fla_finite", True) and all_finite(*grads)
+                del grads
+                f = bench(fla_fb, device, **tp)
+                m.update(fla_fwd_bwd_ms=f.ms, speedup_fwd_bwd_vs_fla=speedup(f.ms, t.ms))
+            except Exception as exc:
+                fla_failed(exc)
+    return finite
 
 
 def _peak_gib(fn) -> float:
