@@ -277,6 +277,17 @@ class NSACache:
             kc, vc = self.compress(kb, vb)  # [B, 1, H, *]
         return kc[:, 0], vc[:, 0]
 
+    def as_dtype(self, dtype: torch.dtype) -> NSACache:
+        """A copy whose cached tokens are cast to ``dtype`` (lengths and configuration
+        shared, read counters copied): the float64 oracle of a low-precision decode."""
+        c = NSACache.__new__(NSACache)
+        c.__dict__.update(self.__dict__)
+        for name in ("k_sel", "v_sel", "k_cmp", "v_cmp", "k_win", "v_win", "k_raw", "v_raw"):
+            setattr(c, name, getattr(self, name).to(dtype))
+        c.dtype, c.last_reads, c.reads_total = dtype, {}, self.reads_total.clone()
+        c.__dict__.pop("_triton_ws", None)
+        return c
+
     @property
     def total_reads(self) -> dict[str, Tensor]:
         """Tokens read so far per branch, [B, H] views of ``reads_total``."""

@@ -1,17 +1,30 @@
-"""Quick decode timing on a GPU: NSA Triton decode step vs dense SDPA decode, both
-replayed from CUDA graphs, paper shape (HQ=64, H=4, d=128, bf16). Prints a table."""
+"""Decode timing on a GPU: the NSA Triton decode step against dense SDPA decode, both
+replayed from CUDA graphs, paper shape (HQ=64, H=4, d=128, bf16). Checks each NSA output
+against the float64 reference decode step first (relative error, selected blocks equal),
+then prints a table.
+
+    python scripts/gpu_decode_bench.py                  # the table
+    python scripts/gpu_decode_bench.py --variants auto,t1,t4+p3w2  # see set_variant
+    python scripts/gpu_decode_bench.py --compare pkg    # another launcher side by side
+                                                        # (pkg.launch.triton_decode)
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import os
 import sys
 
-import torch
-import torch.nn.functional as F
-import triton
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nsa import NSAConfig
-from nsa.cache import NSACache
-from nsa.ops.decode import nsa_decode
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from nsa import NSAConfig  # noqa: E402
+from nsa.cache import NSACache  # noqa: E402
+from nsa.ops.decode import launch, nsa_decode  # noqa: E402
 
 
 def graphed(fn):
@@ -27,7 +40,34 @@ def graphed(fn):
     return g
 
 
-def bench(S: int, B: int, HQ=64, H=4, D=128, dtype=torch.bfloat16):
+KNOBS = ("TILES_PER_SM", "SPLIT_TILES", "SEL_PER_SM", "P1_STAGES")
+
+
+def set_variant(v: str, default) -> None:
+    """"auto" (the launcher's defaults) or settings joined by "+": "t1" compressed
+    splits of one tile, "tN" splits of N tiles, "s1" one selected block per program,
+    "p3w2" two warps for kernel p3, "st2" two pipeline stages in p1."""
+    for k, val in zip(KNOBS, default[0], strict=True):
+        setattr(launch, k, val)
+    launch.WARPS = dict(default[1])
+    for o in v.split("+"):
+        if o == "auto":
+            continue
+        if o == "t1":
+            launch.TILES_PER_SM = 10**9
+        elif o.startswith("t"):
+            launch.TILES_PER_SM, launch.SPLIT_TILES = 0, int(o[1:])
+        elif o == "s1":
+            launch.SEL_PER_SM = 10**9
+        elif o.startswith("st"):
+            launch.P1_STAGES = int(o[2:])
+        else:
+            k, w = o.split("w")
+            launch.WARPS[k] = int(w)
+
+
+def case(S: int, B: int, variants: list[str], other, HQ=64, H=4, D=128,
+         dtype=torch.bfloat16):
     cfg = NSAConfig(n_heads=HQ, n_kv_heads=H, d_k=D, d_v=D)
     dev = "cuda"
     cache = NSACache(cfg, B, device=dev, dtype=dtype, max_len=S, static=False)
@@ -35,30 +75,62 @@ def bench(S: int, B: int, HQ=64, H=4, D=128, dtype=torch.bfloat16):
     cache.prefill(*raw)
     q = torch.randn(B, HQ, D, device=dev, dtype=dtype)
     g = [torch.rand(B, HQ, device=dev, dtype=dtype) for _ in range(3)]
-    run = lambda: nsa_decode(q, cache, *g, backend="triton")  # noqa: E731
-    run()
-    t_eager = triton.testing.do_bench(run, return_mode="median")
-    gr = graphed(run)
-    t_nsa = triton.testing.do_bench(gr.replay, return_mode="median")
+    scale = D ** -0.5
+    row = {}
+    # correctness first: float64 reference step on the same (rounded) inputs
+    ref, ref_idx = nsa_decode(q.double(), cache.as_dtype(torch.float64), *(x.double() for x in g),
+                              backend="reference", return_indices=True)
+    out, idx = nsa_decode(q, cache, *g, backend="triton", return_indices=True)
+    row["rel"] = ((out.double() - ref).norm() / ref.norm()).item()
+    row["sel_match"] = (idx == ref_idx).float().mean().item()
+    del ref
+    default = tuple(getattr(launch, k) for k in KNOBS), dict(launch.WARPS)
+    for v in variants:
+        set_variant(v, default)
+        run = lambda: nsa_decode(q, cache, *g, backend="triton")  # noqa: E731
+        o = run()
+        row[f"rel {v}"] = ((o.double() - out.double()).norm() / out.double().norm()).item()
+        row[f"t {v}"] = triton.testing.do_bench(graphed(run).replay,
+                                                return_mode="median") * 1e3
+    set_variant("auto", default)
+    if other is not None:
+        run2 = lambda: other.triton_decode(q, cache, *g, cfg, scale)  # noqa: E731
+        o2 = run2()[0]
+        row["old rel"] = ((o2.double() - out.double()).norm() / out.double().norm()).item()
+        row["old"] = triton.testing.do_bench(graphed(run2).replay, return_mode="median") * 1e3
     qd = q[:, :, None]  # [B, HQ, 1, D]
     kd = raw[0].transpose(1, 2)
     vd = raw[1].transpose(1, 2)
     dense = lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)  # noqa: E731
-    gd = graphed(dense)
-    t_dense = triton.testing.do_bench(gd.replay, return_mode="median")
-    reads = sum(int(v[0, 0]) for v in cache.last_reads.values())
-    return t_nsa * 1e3, t_eager * 1e3, t_dense * 1e3, reads
+    row["dense"] = triton.testing.do_bench(graphed(dense).replay, return_mode="median") * 1e3
+    row["reads"] = sum(int(v[0, 0]) for v in cache.last_reads.values())
+    return row
 
 
 def main():
-    print(torch.cuda.get_device_name(), file=sys.stderr)
-    print(f"{'S':>7} {'B':>3} {'nsa graph us':>13} {'nsa eager us':>13} {'dense us':>9} "
-          f"{'speedup':>8} {'tokens read':>12}")
-    for B in (1, 16):
-        for S in (4096, 16384, 65536):
-            tn, te, td, reads = bench(S, B)
-            print(f"{S:>7} {B:>3} {tn:>13.1f} {te:>13.1f} {td:>9.1f} {td / tn:>8.2f} "
-                  f"{reads:>12}")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="auto")
+    ap.add_argument("--compare", default=None)
+    ap.add_argument("--shapes", default="4096x1,16384x1,65536x1,4096x16,16384x16,65536x16")
+    a = ap.parse_args()
+    variants = a.variants.split(",")
+    other = importlib.import_module(f"{a.compare}.launch") if a.compare else None
+    print(torch.cuda.get_device_name())
+    rows = []
+    for sb in a.shapes.split(","):
+        S, B = (int(x) for x in sb.split("x"))
+        r = case(S, B, variants, other)
+        rows.append((S, B, r))
+        print(S, B, {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
+              flush=True)
+    keys = [k for k in rows[0][2] if k not in ("reads",)]
+    print("| S | B | " + " | ".join(keys) + " | dense / best |")
+    print("|---" * (len(keys) + 3) + "|")
+    for S, B, r in rows:
+        best = min(r[f"t {v}"] for v in variants)
+        cells = [f"{r[k]:.2e}" if k.startswith("rel") or k == "old rel" else f"{r[k]:.3f}"
+                 if k == "sel_match" else f"{r[k]:.1f}" for k in keys]
+        print(f"| {S} | {B} | " + " | ".join(cells) + f" | {r['dense'] / best:.2f}x |")
 
 
 if __name__ == "__main__":

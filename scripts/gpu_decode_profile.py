@@ -1,15 +1,27 @@
-"""Per-kernel CUDA time of one NSA decode step (torch.profiler), paper shape, bf16, for a
-few launch variants (split size, warps of the first stage)."""
+"""Per-kernel CUDA time of one NSA decode step (torch.profiler), paper shape, bf16, and
+the CUDA-graph replay time of the whole step, for launch variants (see
+gpu_decode_bench.set_variant).
+
+    python scripts/gpu_decode_profile.py auto t1 st2
+"""
 
 from __future__ import annotations
 
-import torch
-import triton
-from torch.profiler import ProfilerActivity, profile
+import os
+import sys
 
-from nsa import NSAConfig
-from nsa.cache import NSACache
-from nsa.ops.decode import launch, nsa_decode
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from nsa import NSAConfig  # noqa: E402
+from nsa.cache import NSACache  # noqa: E402
+from nsa.ops.decode import launch, nsa_decode  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_decode_bench import KNOBS, set_variant  # noqa: E402
 
 
 def one(S: int, B: int) -> str:
@@ -29,7 +41,7 @@ def one(S: int, B: int) -> str:
         torch.cuda.synchronize()
     parts = []
     for ev in prof.key_averages():
-        us = getattr(ev, "device_time", None) or ev.cuda_time
+        us = ev.device_time
         if ev.key.startswith("_dec"):
             parts.append(f"{ev.key[5:]}={us:.1f}")
     s = torch.cuda.Stream()
@@ -41,15 +53,17 @@ def one(S: int, B: int) -> str:
     with torch.cuda.graph(gr):
         run()
     t = triton.testing.do_bench(gr.replay, return_mode="median") * 1e3
-    return f"graph {t:6.1f} us  " + " ".join(parts)
+    return f"graph {t:6.1f} us  " + " ".join(sorted(parts))
 
 
 def main() -> None:
     print(torch.cuda.get_device_name())
-    for bc, warps in ((64, 4), (64, 8), (128, 8), (32, 4)):
-        launch.BLOCK_C, launch.STAGE1_WARPS = bc, warps
-        for S, B in ((4096, 1), (65536, 1), (65536, 16)):
-            print(f"BLOCK_C={bc:<4} warps={warps}  S={S:<6} B={B:<3} {one(S, B)}")
+    default = tuple(getattr(launch, k) for k in KNOBS), dict(launch.WARPS)
+    for v in sys.argv[1:] or ["auto"]:
+        set_variant(v, default)
+        for S, B in ((4096, 1), (65536, 1), (4096, 16), (65536, 16)):
+            print(f"{v:<10} S={S:<6} B={B:<3} {one(S, B)}", flush=True)
+    set_variant("auto", default)
 
 
 if __name__ == "__main__":

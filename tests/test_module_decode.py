@@ -314,3 +314,21 @@ def test_ragged_prefill_rejects_bad_lengths():
         m.prefill(x, m.new_cache(2), lengths=torch.tensor([1, 2, 3]))
     with pytest.raises(CacheError, match="static=True .* needs max_len"):
         m.new_cache(2, static=True)
+
+
+def test_as_dtype_copies_tokens_and_leaves_the_cache_alone():
+    """The float64 oracle copy: same tokens cast, same lengths, own read counters; a
+    decode on the copy changes nothing in the original."""
+    cfg = NSAConfig(l=8, d=4, l_sel=16, n=3, w=20, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
+    cache = NSACache(cfg, 2, dtype=torch.float32)
+    cache.prefill(*(torch.randn(2, 40, 2, 16) for _ in range(6)), lengths=torch.tensor([40, 29]))
+    c64 = cache.as_dtype(torch.float64)
+    for name in ("k_sel", "v_sel", "k_cmp", "v_cmp", "k_win", "v_win", "k_raw", "v_raw"):
+        a, b = getattr(cache, name), getattr(c64, name)
+        assert b.dtype == torch.float64 and torch.equal(b, a.double()), name
+    assert c64.dtype == torch.float64 and torch.equal(c64.lengths, cache.lengths)
+    before = cache.reads_total.clone()
+    q, g = torch.randn(2, 4, 16, dtype=torch.float64), torch.rand(2, 4, dtype=torch.float64)
+    nsa_decode(q, c64, g, g, g)
+    assert c64.reads_total.sum() > 0 and torch.equal(cache.reads_total, before)
+    assert cache.k_sel.dtype == torch.float32

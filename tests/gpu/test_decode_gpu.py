@@ -20,15 +20,6 @@ pytestmark = [
 ]
 
 
-def _copy64(cache: NSACache) -> NSACache:
-    c = NSACache.__new__(NSACache)
-    c.__dict__.update(cache.__dict__)
-    for name in ("k_sel", "v_sel", "k_cmp", "v_cmp", "k_win", "v_win", "k_raw", "v_raw"):
-        setattr(c, name, getattr(cache, name).double())
-    c.dtype, c.last_reads, c.reads_total = torch.float64, {}, cache.reads_total.clone()
-    return c
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("G,H,dk,dv", [(16, 4, 128, 128), (4, 4, 128, 128), (1, 4, 64, 64),
                                        (8, 2, 192, 128), (2, 2, 256, 256)])
@@ -45,7 +36,7 @@ def test_decode_bf16_parity(dtype, G, H, dk, dv):
         q = torch.randn(B, G * H, dk, device=dev, dtype=dtype)
         g = [torch.rand(B, G * H, device=dev, dtype=dtype) for _ in range(3)]
         out, idx = nsa_decode(q, cache, *g, backend="triton", return_indices=True)
-        c64 = _copy64(cache)
+        c64 = cache.as_dtype(torch.float64)
         ref, ref_idx = nsa_decode(q.double(), c64, *(x.double() for x in g),
                                   backend="reference", return_indices=True)
         assert not out.isnan().any()

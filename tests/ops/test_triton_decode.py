@@ -58,16 +58,9 @@ def run_steps(cfg: NSAConfig, lens: list[int], steps: int, dtype: torch.dtype, H
 
 def _as64(cache: NSACache) -> NSACache:
     """A float64 copy of the cache (memoised per step)."""
-    if getattr(_as64, "cache", None) is not None:
-        return _as64.cache
-    c = NSACache.__new__(NSACache)
-    c.__dict__.update(cache.__dict__)
-    for name in ("k_sel", "v_sel", "k_cmp", "v_cmp", "k_win", "v_win", "k_raw", "v_raw"):
-        setattr(c, name, getattr(cache, name).double())
-    c.dtype = torch.float64
-    c.last_reads, c.reads_total = {}, cache.reads_total.clone()
-    _as64.cache = c
-    return c
+    if getattr(_as64, "cache", None) is None:
+        _as64.cache = cache.as_dtype(torch.float64)
+    return _as64.cache
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -136,3 +129,19 @@ def test_module_decode_on_triton_matches_the_reference_module():
     torch.testing.assert_close(dt, dr, rtol=1e-4, atol=1e-5)
     for k in rr:
         assert torch.equal(rt[k], rr[k]), k
+
+
+@pytest.mark.parametrize("per_program", [1, 4])
+def test_decode_kernel_multi_tile_splits(monkeypatch, per_program):
+    """Compressed splits of one tile and of four tiles (online softmax across tiles, block
+    scores per tile, the last split partly past the visible tokens), and one or four
+    selected blocks per program: small tiles make several per sequence."""
+    from nsa.ops.decode import launch
+
+    monkeypatch.setattr(launch, "BLOCK_C", 16)
+    # both are chosen from the work per SM: force each choice
+    monkeypatch.setattr(launch, "TILES_PER_SM", 10**6 if per_program == 1 else 0)
+    monkeypatch.setattr(launch, "SEL_PER_SM", 10**6 if per_program == 1 else 0)
+    cfg = NSAConfig(l=8, d=4, l_sel=16, n=6, w=20, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
+    # 300 tokens -> 74 compressed -> 5 tiles of 16 (two splits of 4 tiles, one partial)
+    assert run_steps(cfg, [300, 151, 64], steps=2, dtype=torch.float32, HQ=4) < 1e-5

@@ -1,7 +1,7 @@
 """Raw launcher of the Triton decode kernels (no validation: nsa_decode validates).
 
 Scratch buffers live in a per-cache workspace, sized by the cache's capacity, so a step
-allocates nothing and launches exactly three kernels (CUDA-graph friendly)."""
+allocates nothing and launches at most four kernels (CUDA-graph friendly)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,19 @@ from torch import Tensor
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import dot_precision
-from nsa.ops.decode.kernels import _dec_stage1, _dec_stage2, _dec_stage3
+from nsa.ops.decode.kernels import _dec_p1, _dec_p2, _dec_p3, _dec_p4
 from nsa.ops.reference import num_compressed
 
-BLOCK_C = 64  # compressed tokens per split
-JT = 128  # selection blocks per chunk of the score pass
+BLOCK_C = 64  # compressed tokens per tile
 SPC = 32  # splits per chunk of the log-sum-exp pass
 PC = 32  # partials per chunk of the final merge
-STAGE1_WARPS = 4
+# warps of each kernel (p4, a per-head merge of small vectors, is fastest on one warp:
+# H200, docs/perf-notes.md), and the software-pipeline depth of p1's tile loop
+WARPS = {"p1": 4, "p2": 4, "p3": 4, "p4": 1}
+P1_STAGES = 3
+TILES_PER_SM = 8  # above this many compressed tiles per SM, splits take SPLIT_TILES
+SPLIT_TILES = 4
+SEL_PER_SM = 4  # above this many selected blocks per SM, a program takes 4 blocks
 MAX_BLOCKS = 8192  # selection blocks the in-register top-n handles
 
 
@@ -38,6 +43,9 @@ def decode_not_supported_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
         reasons.append(f"head dims d_k={cache.d_k}, d_v={cache.d_v} exceed 256")
     if BLOCK_C * cache.config.d < cache.config.l:
         reasons.append(f"compression block l={cache.config.l} exceeds {BLOCK_C} strides")
+    if cache.config.l_sel + cache.config.l > BLOCK_C * cache.config.d:
+        reasons.append(f"a selection block (l'={cache.config.l_sel}) overlaps compressed "
+                       f"tokens of more than two tiles of {BLOCK_C} (d={cache.config.d})")
     nb = -(-cache.capacity // cache.config.l_sel)
     if nb > MAX_BLOCKS:
         reasons.append(f"{nb} selection blocks exceed the in-register top-n limit "
@@ -57,6 +65,12 @@ def _allocator(poison: bool):
     return lambda *shape, **kw: torch.empty(*shape, **kw)
 
 
+def _chunk_blocks(nbcap: int) -> int:
+    """Selection blocks per chunk: at least 128, and at most 16 chunks per (b, h) so the
+    candidates (16 chunks x n) stay few."""
+    return max(128, triton.next_power_of_2(nbcap) // 16)
+
+
 def _workspace(cache: NSACache, G: int, poison: bool) -> dict[str, Tensor]:
     """Scratch sized by capacity; rebuilt when the cache grows (or for poisoned runs)."""
     cfg = cache.config
@@ -69,27 +83,34 @@ def _workspace(cache: NSACache, G: int, poison: bool) -> dict[str, Tensor]:
     empty = _allocator(poison)
     f32 = {"device": dev, "dtype": torch.float32}
     ncap = max(1, num_compressed(cache.capacity, cfg.l, cfg.d))
-    splits = triton.cdiv(ncap, BLOCK_C)
+    ntcap = triton.cdiv(ncap, BLOCK_C)  # tiles; splits never outnumber them
     nbcap = -(-cache.capacity // cfg.l_sel)
     n_wt = triton.cdiv(cfg.w, _p2(cfg.l_sel))
-    npart = n_wt + cfg.n + splits
-    nb_p = max(JT, triton.next_power_of_2(nbcap))
+    npart = n_wt + cfg.n + ntcap
+    jt = _chunk_blocks(nbcap)
+    kp = triton.next_power_of_2(triton.cdiv(nbcap, jt)) * _p2(cfg.n, 1)
     ws = {
         "key": key,
         "pm": empty(B * H * npart * G, **f32),
         "pl": empty(B * H * npart * G, **f32),
         "po": empty(B * H * npart * G, dv, **f32),
         "cnt": torch.zeros(B * H * npart, device=dev, dtype=torch.int32),
+        "tm": empty(B * H * ntcap * G, **f32),
         "ps": empty(B * H * 2 * G, nbcap, **f32),
-        "sc": empty(B * H, nb_p, **f32),
+        "cand": torch.zeros(B * H * kp, device=dev, dtype=torch.int64),
         "idx": torch.full((B * H, cfg.n), -1, device=dev, dtype=torch.int32),
-        "ticket": torch.zeros(B * H, device=dev, dtype=torch.int32),
         "reads": torch.zeros(B, H, 3, device=dev, dtype=torch.int64),
-        "npart": npart, "nbcap": nbcap, "nb_p": nb_p,
+        "npart": npart, "ntcap": ntcap, "nbcap": nbcap, "jt": jt, "kp": kp,
     }
     if not poison:
         cache._triton_ws = ws
     return ws
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def triton_decode(
@@ -106,6 +127,7 @@ def triton_decode(
     G = HQ // H
     GP, DK, DV = _p2(G), _p2(dk), _p2(dv)
     LP = _p2(cfg.l_sel)
+    NP = _p2(cfg.n, 1)
     ws = _workspace(cache, G, poison)
     q = q_t.contiguous()
     out = _allocator(poison)(B, HQ, dv, device=q.device, dtype=q.dtype)
@@ -113,8 +135,17 @@ def triton_decode(
     # a static cache is read whole (captured graphs must not depend on host lengths)
     T_used = cache.capacity if cache.static else cache.max_length
     ncap = max(1, min(num_compressed(T_used, cfg.l, cfg.d), cache.k_cmp.shape[1]))
-    splits = triton.cdiv(ncap, BLOCK_C) if (use_cmp or use_sel) else 0
+    ntile = triton.cdiv(ncap, BLOCK_C) if (use_cmp or use_sel) else 0
+    # many tiles per SM (large batches, long contexts): splits of several tiles (a
+    # pipelined loop) write fewer partials
+    tps = SPLIT_TILES if B * H * ntile > TILES_PER_SM * _sm_count(q.device) else 1
+    splits = triton.cdiv(ntile, tps)
+    # the same for the selected blocks: 4 per program pick the top-n once for 4 blocks
+    bpp = 4 if B * H * cfg.n > SEL_PER_SM * _sm_count(q.device) else 1
+    n_sp = triton.cdiv(cfg.n, bpp)
     n_wt = triton.cdiv(cfg.w, LP) if use_win else 0
+    nch = triton.cdiv(triton.cdiv(T_used, cfg.l_sel), ws["jt"]) if use_sel else 0
+    r2 = splits + n_wt
     npart = ws["npart"]
     jb = _p2((BLOCK_C * cfg.d) // cfg.l_sel + -(-cfg.l // cfg.l_sel) + 1, 16)
     kc, vc, kw, vw, ks, vs = (cache.k_cmp, cache.v_cmp, cache.k_win, cache.v_win,
@@ -124,44 +155,44 @@ def triton_decode(
     # float32 decode runs its dots as 3xTF32 like the prefill kernels (plain TF32 put the
     # cached decode of a float32 model ~1e-3 away from its teacher-forced forward)
     prec = dot_precision(q.dtype, q.device)
-    if splits + n_wt:
-        _dec_stage1[(B * H, n_wt + splits)](
-            q, kc, vc, kw, vw, cache.lengths, ws["pm"], ws["pl"], ws["po"], ws["cnt"],
-            ws["ps"], ws["sc"], ws["idx"], ws["ticket"],
-            q.stride(0), q.stride(1),
-            kc.stride(0), kc.stride(1), kc.stride(2),
-            vc.stride(0), vc.stride(1), vc.stride(2),
-            kw.stride(0), kw.stride(1), kw.stride(2),
-            vw.stride(0), vw.stride(1), vw.stride(2),
-            ncap, splits, ws["nbcap"], npart, scale,
-            H=H, G=G, GP=GP, DK=DK, DV=DV, D_K=dk, D_V=dv,
-            CMP_L=cfg.l, CMP_D=cfg.d, SEL_L=cfg.l_sel, BLOCK_C=BLOCK_C, JB=jb, LP=LP,
-            W=cfg.w, N_WT=n_wt, SLOT_CMP=n_wt_slots + cfg.n, N_SEL=cfg.n,
-            NP=_p2(cfg.n, 1), N_INIT=cfg.n_initial, N_LOCAL=cfg.n_local,
-            NB_P=ws["nb_p"], JT=JT, SPC=SPC, DO_SELECT=use_sel, DOT_PREC=prec,
-            num_warps=STAGE1_WARPS,
+    gates = [g if g is not None else q for g in (g_cmp, g_sel, g_win)]  # unused if None
+    stride_gb = next(g for g in (g_cmp, g_sel, g_win) if g is not None).stride(0)
+    common = dict(H=H, G=G)
+    shape = dict(GP=GP, DK=DK, DV=DV, D_K=dk, D_V=dv)
+    blocks = dict(CMP_L=cfg.l, CMP_D=cfg.d, SEL_L=cfg.l_sel, BLOCK_C=BLOCK_C)
+    slots = dict(SLOT_SEL=n_wt_slots, SLOT_CMP=n_wt_slots + cfg.n, N_SEL=cfg.n)
+    pick = dict(NP=NP, N_INIT=cfg.n_initial, N_LOCAL=cfg.n_local, JT=ws["jt"], KP=ws["kp"])
+    merge = dict(N_WT=n_wt, PC=PC, CP=_p2(npart, 1), USE_CMP=use_cmp, USE_SEL=use_sel,
+                 USE_WIN=use_win)
+    qs = (q.stride(0), q.stride(1))
+    kcs = (kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2))
+    kws = (kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2))
+    kss = (ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2))
+    part = (ws["pm"], ws["pl"], ws["po"], ws["cnt"])
+    if r2:
+        _dec_p1[(B * H, r2)](
+            q, kc, vc, kw, vw, cache.lengths, *part, ws["tm"], ws["ps"], *qs, *kcs, *kws,
+            ncap, splits, ntile, ws["nbcap"], npart, ws["ntcap"], scale, **common, **shape,
+            **blocks, TPS=tps, JB=jb, LP=LP, W=cfg.w, SLOT_CMP=slots["SLOT_CMP"],
+            USE_SEL=use_sel, DOT_PREC=prec, num_warps=WARPS["p1"], num_stages=P1_STAGES,
         )
     if use_sel:
-        _dec_stage2[(B * H, cfg.n)](
-            q, ks, vs, cache.lengths, ws["idx"], ws["pm"], ws["pl"], ws["po"], ws["cnt"],
-            q.stride(0), q.stride(1),
-            ks.stride(0), ks.stride(1), ks.stride(2),
-            vs.stride(0), vs.stride(1), vs.stride(2),
-            npart, scale,
-            H=H, G=G, GP=GP, DK=DK, DV=DV, D_K=dk, D_V=dv,
-            SEL_L=cfg.l_sel, LP=LP, N_SEL=cfg.n, SLOT_SEL=n_wt_slots, DOT_PREC=prec,
+        _dec_p2[(B * H, nch)](
+            cache.lengths, ws["pm"], ws["pl"], ws["tm"], ws["ps"], ws["cand"], ncap, splits,
+            ntile, ws["nbcap"], npart, ws["ntcap"], **common, GP=GP, **blocks,
+            SLOT_CMP=slots["SLOT_CMP"], N_SEL=cfg.n, **pick, SPC=SPC, num_warps=WARPS["p2"],
         )
-    gates = [g if g is not None else q for g in (g_cmp, g_sel, g_win)]  # unused if None
-    _dec_stage3[(B * HQ,)](
-        ws["pm"], ws["pl"], ws["po"], ws["cnt"], gates[0], gates[1], gates[2], out,
-        ws["reads"], cache.reads_total,
-        out.stride(0), out.stride(1),
-        next(g for g in (g_cmp, g_sel, g_win) if g is not None).stride(0),
-        npart, splits,
-        H=H, G=G, DV=DV, D_V=dv, N_WT=n_wt, SLOT_SEL=n_wt_slots, N_SEL=cfg.n,
-        SLOT_CMP=n_wt_slots + cfg.n, PC=PC,
-        CP=_p2(npart, 1), USE_CMP=use_cmp, USE_SEL=use_sel, USE_WIN=use_win,
-        COUNT_CMP=use_cmp or use_sel,
+        _dec_p3[(B * H, n_sp)](
+            q, ks, vs, cache.lengths, *part, ws["cand"], ws["idx"], *qs, *kss, nch, npart,
+            scale, **common, **shape, SEL_L=cfg.l_sel, LP=LP, N_SEL=cfg.n, NP=NP,
+            KP=ws["kp"], BPP=bpp, SLOT_SEL=n_wt_slots, DOT_PREC=prec,
+            num_warps=WARPS["p3"],
+        )
+    _dec_p4[(B * HQ,)](
+        *part, *gates, out, ws["reads"], cache.reads_total, out.stride(0), out.stride(1),
+        stride_gb, splits, npart, **common, DV=DV, D_V=dv, **{**slots, "N_SEL": n_sp},
+        **merge,
+        num_warps=WARPS["p4"],
     )
     reads = {}
     for i, (name, on) in enumerate((("cmp", use_cmp or use_sel), ("sel", use_sel),
