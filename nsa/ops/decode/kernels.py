@@ -346,8 +346,12 @@ def _merge_head(PM, PL, PO, CNT, GC, GS, GW, OUT, READS, TOTAL, bh, b, h, g, SPL
 
 
 # ----------------------------------------------------------------------------- kernels
+# The sizes that follow the context length (compressed tokens, splits, tiles, chunks,
+# capacity) are not specialised: otherwise a growing cache crosses their "== 1" and
+# "divisible by 16" specialisations and recompiles the kernels in the middle of a
+# generation.
 
-@triton.jit
+@triton.jit(do_not_specialize=["NCAP", "SPLITS", "NTILE", "NBCAP", "NPART", "NTCAP"])
 def _dec_p1(
     Q, KC, VC, KW, VW, LENGTHS, PM, PL, PO, CNT, TM, PS,
     stride_qb, stride_qh,
@@ -378,7 +382,7 @@ def _dec_p1(
                   G, GP, DK, DV, D_K, D_V, LP, W, DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NCAP", "SPLITS", "NTILE", "NBCAP", "NPART", "NTCAP"])
 def _dec_p2(
     LENGTHS, PM, PL, TM, PS, CAND, NCAP, SPLITS, NTILE, NBCAP, NPART, NTCAP,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, CMP_L: tl.constexpr,
@@ -395,7 +399,7 @@ def _dec_p2(
                JT, KP, SPC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NCH", "NPART"])
 def _dec_p3(
     Q, KS, VS, LENGTHS, PM, PL, PO, CNT, CAND, IDX,
     stride_qb, stride_qh,
@@ -417,7 +421,7 @@ def _dec_p3(
                 G, GP, DK, DV, D_K, D_V, SEL_L, LP, N_SEL, NP, KP, BPP, SLOT_SEL, DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS", "NPART"])
 def _dec_p4(
     PM, PL, PO, CNT, GC, GS, GW, OUT, READS, TOTAL,
     stride_ob, stride_oh, stride_gb, SPLITS, NPART,
