@@ -33,7 +33,15 @@ def main(paths: list[str]) -> None:
     for p in map(Path, paths):
         kind = p.name.split("-")[0]
         print(f"{kind.capitalize()} on {gpu_name(p)}, from [`{p}`]({p}/report.md):\n")
-        if kind == "prefill":
+        if kind == "prefill" and rows(p, "prefill") and rows(p, "prefill")[0].get("fla fwd ms"):
+            print("| T | NSA no-window fwd ms | fla fwd ms | fla / NSA | "
+                  "NSA no-window fwd+bwd ms | fla fwd+bwd ms | fla / NSA |")
+            print("|---|---|---|---|---|---|---|")
+            for r in rows(p, "prefill"):
+                print(f"| {r['T']} | {fmt(r['NSA no-window fwd ms'])} | {fmt(r['fla fwd ms'])} "
+                      f"| {fmt(r['fla / NSA fwd'])}x | {fmt(r['NSA no-window fwd+bwd ms'])} | "
+                      f"{fmt(r['fla fwd+bwd ms'])} | {fmt(r['fla / NSA fwd+bwd'])}x |")
+        elif kind == "prefill":
             peaks = {c["id"]: c.get("metrics") or {}
                      for c in json.loads((p / "results.json").read_text())["cases"]}
             print("| T | G | d_k | NSA fwd ms | dense fwd ms | dense / NSA | NSA fwd+bwd ms | "
