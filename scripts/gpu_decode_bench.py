@@ -40,13 +40,14 @@ def graphed(fn):
     return g
 
 
-KNOBS = ("TILES_PER_SM", "SPLIT_TILES", "SEL_PER_SM", "P1_STAGES")
+KNOBS = ("TILES_PER_SM", "SPLIT_TILES", "SEL_PER_SM", "P1_STAGES", "SPLIT_SCORES")
 
 
 def set_variant(v: str, default) -> None:
     """"auto" (the launcher's defaults) or settings joined by "+": "t1" compressed
     splits of one tile, "tN" splits of N tiles, "s1" one selected block per program,
-    "p3w2" two warps for kernel p3, "st2" two pipeline stages in p1."""
+    "p3w2" two warps for kernel p3, "st2" two pipeline stages in p1, "x3" block scores
+    through one 3xTF32 dot instead of three bf16 dots."""
     for k, val in zip(KNOBS, default[0], strict=True):
         setattr(launch, k, val)
     launch.WARPS = dict(default[1])
@@ -59,6 +60,8 @@ def set_variant(v: str, default) -> None:
             launch.TILES_PER_SM, launch.SPLIT_TILES = 0, int(o[1:])
         elif o == "s1":
             launch.SEL_PER_SM = 10**9
+        elif o == "x3":
+            launch.SPLIT_SCORES = False
         elif o.startswith("st"):
             launch.P1_STAGES = int(o[2:])
         else:

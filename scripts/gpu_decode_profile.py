@@ -24,13 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_decode_bench import KNOBS, set_variant  # noqa: E402
 
 
-def one(S: int, B: int) -> str:
+def one(S: int, B: int, gates: str = "cmp,sel,win") -> str:
     cfg = NSAConfig(n_heads=64, n_kv_heads=4, d_k=128, d_v=128)
     cache = NSACache(cfg, B, device="cuda", dtype=torch.bfloat16, max_len=S)
     cache.prefill(*(torch.randn(B, S, 4, 128, device="cuda", dtype=torch.bfloat16)
                     for _ in range(6)))
     q = torch.randn(B, 64, 128, device="cuda", dtype=torch.bfloat16)
-    g = [torch.rand(B, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    g = [torch.rand(B, 64, device="cuda", dtype=torch.bfloat16) if name in gates else None
+         for name in ("cmp", "sel", "win")]
     run = lambda: nsa_decode(q, cache, *g, backend="triton")  # noqa: E731
     for _ in range(5):
         run()
@@ -62,7 +63,8 @@ def main() -> None:
     for v in sys.argv[1:] or ["auto"]:
         set_variant(v, default)
         for S, B in ((4096, 1), (65536, 1), (4096, 16), (65536, 16)):
-            print(f"{v:<10} S={S:<6} B={B:<3} {one(S, B)}", flush=True)
+            print(f"{v:<10} S={S:<6} B={B:<3} "
+                  f"{one(S, B, os.environ.get('GATES', 'cmp,sel,win'))}", flush=True)
     set_variant("auto", default)
 
 

@@ -131,17 +131,18 @@ def test_module_decode_on_triton_matches_the_reference_module():
         assert torch.equal(rt[k], rr[k]), k
 
 
-@pytest.mark.parametrize("per_program", [1, 4])
-def test_decode_kernel_multi_tile_splits(monkeypatch, per_program):
-    """Compressed splits of one tile and of four tiles (online softmax across tiles, block
+@pytest.mark.parametrize("many", [False, True])
+def test_decode_kernel_multi_tile_splits(monkeypatch, many):
+    """Compressed splits of one tile and of two tiles (online softmax across tiles, block
     scores per tile, the last split partly past the visible tokens), and one or four
     selected blocks per program: small tiles make several per sequence."""
     from nsa.ops.decode import launch
 
     monkeypatch.setattr(launch, "BLOCK_C", 16)
     # both are chosen from the work per SM: force each choice
-    monkeypatch.setattr(launch, "TILES_PER_SM", 10**6 if per_program == 1 else 0)
-    monkeypatch.setattr(launch, "SEL_PER_SM", 10**6 if per_program == 1 else 0)
+    monkeypatch.setattr(launch, "TILES_PER_SM", 0 if many else 10**6)
+    monkeypatch.setattr(launch, "SPLIT_TILES", 2)
+    monkeypatch.setattr(launch, "SEL_PER_SM", 0 if many else 10**6)
     cfg = NSAConfig(l=8, d=4, l_sel=16, n=6, w=20, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
-    # 300 tokens -> 74 compressed -> 5 tiles of 16 (two splits of 4 tiles, one partial)
+    # 300 tokens -> 74 compressed -> 5 tiles of 16 (three splits of 2 tiles, one partial)
     assert run_steps(cfg, [300, 151, 64], steps=2, dtype=torch.float32, HQ=4) < 1e-5

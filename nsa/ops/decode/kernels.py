@@ -109,7 +109,7 @@ def _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, sp, n_vis, NTILE, N
                D_K: tl.constexpr, D_V: tl.constexpr, CMP_L: tl.constexpr,
                CMP_D: tl.constexpr, SEL_L: tl.constexpr, BLOCK_C: tl.constexpr,
                TPS: tl.constexpr, JB: tl.constexpr, SLOT_CMP: tl.constexpr,
-               DO_SCORES: tl.constexpr, DOT_PREC: tl.constexpr):
+               DO_SCORES: tl.constexpr, SPLIT_SCORES: tl.constexpr, DOT_PREC: tl.constexpr):
     g = tl.arange(0, GP)
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
@@ -132,10 +132,24 @@ def _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, sp, n_vis, NTILE, N
             # relative to the tile's max (stored beside them)
             j0 = (tile * BLOCK_C * CMP_D) // SEL_L
             jj = j0 + tl.arange(0, JB)
-            ov = (tl.minimum(i[:, None] * CMP_D + CMP_L, (jj[None, :] + 1) * SEL_L)
-                  - tl.maximum(i[:, None] * CMP_D, jj[None, :] * SEL_L))
-            wgt = tl.where(okc[:, None], tl.maximum(ov, 0).to(tl.float32) / CMP_D, 0.0)
-            ps = tl.dot(p, wgt, input_precision="tf32x3")
+            ov = tl.maximum(tl.minimum(i[:, None] * CMP_D + CMP_L, (jj[None, :] + 1) * SEL_L)
+                            - tl.maximum(i[:, None] * CMP_D, jj[None, :] * SEL_L), 0)
+            if SPLIT_SCORES:
+                # p = hi + mid + lo in bf16 (24 bits, float32 accuracy, float32 range)
+                # against the integer overlaps (exact in bf16 up to 256): three bf16 dots
+                # cost half of a 3xTF32 one and far fewer registers (masked tokens have
+                # p = 0)
+                ovb = ov.to(tl.bfloat16)
+                p_hi = p.to(tl.bfloat16)
+                r = p - p_hi.to(tl.float32)
+                p_mid = r.to(tl.bfloat16)
+                p_lo = (r - p_mid.to(tl.float32)).to(tl.bfloat16)
+                ps = tl.dot(p_lo, ovb)
+                ps = tl.dot(p_mid, ovb, ps)
+                ps = tl.dot(p_hi, ovb, ps) / CMP_D
+            else:
+                wgt = tl.where(okc[:, None], ov.to(tl.float32) / CMP_D, 0.0)
+                ps = tl.dot(p, wgt, input_precision="tf32x3")
             # only the blocks this tile touches: the other-parity neighbours own the rest
             j_last = (((tile + 1) * BLOCK_C - 1) * CMP_D + CMP_L - 1) // SEL_L
             here = tile < NTILE
@@ -362,7 +376,8 @@ def _dec_p1(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
     BLOCK_C: tl.constexpr, TPS: tl.constexpr, JB: tl.constexpr, LP: tl.constexpr,
-    W: tl.constexpr, SLOT_CMP: tl.constexpr, USE_SEL: tl.constexpr, DOT_PREC: tl.constexpr,
+    W: tl.constexpr, SLOT_CMP: tl.constexpr, USE_SEL: tl.constexpr,
+    SPLIT_SCORES: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     r = tl.program_id(1)
@@ -375,7 +390,7 @@ def _dec_p1(
         _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, r, n_vis, NTILE, NBCAP,
                    NPART, NTCAP, scale, stride_kcb, stride_kcn, stride_kch, stride_vcb,
                    stride_vcn, stride_vch, G, GP, DK, DV, D_K, D_V, CMP_L, CMP_D, SEL_L,
-                   BLOCK_C, TPS, JB, SLOT_CMP, USE_SEL, DOT_PREC)
+                   BLOCK_C, TPS, JB, SLOT_CMP, USE_SEL, SPLIT_SCORES, DOT_PREC)
     else:
         _win_tile(q, KW, VW, PM, PL, PO, CNT, bh, b, h, r - SPLITS, t, NPART, scale,
                   stride_kwb, stride_kwn, stride_kwh, stride_vwb, stride_vwn, stride_vwh,

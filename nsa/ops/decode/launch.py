@@ -22,9 +22,13 @@ PC = 32  # partials per chunk of the final merge
 # H200, docs/perf-notes.md), and the software-pipeline depth of p1's tile loop
 WARPS = {"p1": 4, "p2": 4, "p3": 4, "p4": 1}
 P1_STAGES = 3
-TILES_PER_SM = 8  # above this many compressed tiles per SM, splits take SPLIT_TILES
-SPLIT_TILES = 4
+# above TILES_PER_SM compressed tiles per SM (large batches, long contexts) a split takes
+# SPLIT_TILES tiles (H200, docs/perf-notes.md: 8 tiles 95.6 us at 64k batch 16 against
+# 99.0 with 4, 57.4 against 59.6 with 1 at 16k batch 16; batch 1 stays at 1 tile)
+TILES_PER_SM = 4
+SPLIT_TILES = 8
 SEL_PER_SM = 4  # above this many selected blocks per SM, a program takes 4 blocks
+SPLIT_SCORES = True  # p1's block scores as bf16 hi/mid/lo dots (else one 3xTF32 dot)
 MAX_BLOCKS = 8192  # selection blocks the in-register top-n handles
 
 
@@ -155,6 +159,9 @@ def triton_decode(
     # float32 decode runs its dots as 3xTF32 like the prefill kernels (plain TF32 put the
     # cached decode of a float32 model ~1e-3 away from its teacher-forced forward)
     prec = dot_precision(q.dtype, q.device)
+    # block scores through three bf16 dots (GPU; the interpreter's bf16 dot is not
+    # usable, it takes the 3xTF32 path); integer overlaps up to 256 are exact in bf16
+    split_scores = SPLIT_SCORES and q.is_cuda and cfg.l <= 256
     gates = [g if g is not None else q for g in (g_cmp, g_sel, g_win)]  # unused if None
     stride_gb = next(g for g in (g_cmp, g_sel, g_win) if g is not None).stride(0)
     common = dict(H=H, G=G)
@@ -174,7 +181,8 @@ def triton_decode(
             q, kc, vc, kw, vw, cache.lengths, *part, ws["tm"], ws["ps"], *qs, *kcs, *kws,
             ncap, splits, ntile, ws["nbcap"], npart, ws["ntcap"], scale, **common, **shape,
             **blocks, TPS=tps, JB=jb, LP=LP, W=cfg.w, SLOT_CMP=slots["SLOT_CMP"],
-            USE_SEL=use_sel, DOT_PREC=prec, num_warps=WARPS["p1"], num_stages=P1_STAGES,
+            USE_SEL=use_sel, SPLIT_SCORES=split_scores, DOT_PREC=prec, num_warps=WARPS["p1"],
+            num_stages=P1_STAGES,
         )
     if use_sel:
         _dec_p2[(B * H, nch)](
