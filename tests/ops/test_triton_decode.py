@@ -146,3 +146,24 @@ def test_decode_kernel_multi_tile_splits(monkeypatch, many):
     cfg = NSAConfig(l=8, d=4, l_sel=16, n=6, w=20, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
     # 300 tokens -> 74 compressed -> 5 tiles of 16 (three splits of 2 tiles, one partial)
     assert run_steps(cfg, [300, 151, 64], steps=2, dtype=torch.float32, HQ=4) < 1e-5
+
+
+def test_decode_reasons_name_what_the_kernels_cannot_take():
+    """Configurations the decode kernels cannot run are refused with the reason, and
+    backend="triton" raises it instead of computing something else."""
+    from nsa.ops.decode.launch import decode_not_supported_reasons
+
+    ok = NSAConfig(l=8, d=4, l_sel=16, n=3, w=20, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
+    cache = NSACache(ok, 1, dtype=torch.float32)
+    q = torch.randn(1, 4, 16)
+    assert decode_not_supported_reasons(q, cache) == []
+    assert any("float64" in r for r in decode_not_supported_reasons(q.double(), cache))
+    # d = 1: a block of l' = 64 plus l = 32 spans more than two tiles of 64 tokens
+    wide = NSAConfig(l=32, d=1, l_sel=64, n=3, w=20, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
+    wcache = NSACache(wide, 1, dtype=torch.float32)
+    reasons = decode_not_supported_reasons(q, wcache)
+    assert any("l'=64" in r and "d=1" in r for r in reasons), reasons
+    wcache.prefill(*(torch.randn(1, 70, 2, 16) for _ in range(6)))
+    g = torch.rand(1, 4)
+    with pytest.raises(ValueError, match="l'=64"):
+        nsa_decode(q, wcache, g, g, g, backend="triton")
