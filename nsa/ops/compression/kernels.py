@@ -31,6 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from nsa.ops.rows import _tile_rows
+
 
 @triton.jit
 def _n_visible(t, N, CMP_L: tl.constexpr, CMP_D: tl.constexpr):
@@ -88,12 +90,7 @@ def _cmp_fwd_kernel(
     b = tl.program_id(2).to(tl.int64)
     t0 = tile * PP
 
-    offs_m = tl.arange(0, BLOCK_M)
-    p_loc = offs_m // GP2
-    g_loc = offs_m % GP2
-    t_row = t0 + p_loc
-    row_ok = (g_loc < G) & (t_row < T)
-    hq = h * G + g_loc
+    p_loc, t_row, row_ok, hq = _tile_rows(t0, h, T, G, GP2, PP)
     offs_dk = tl.arange(0, DK)
     offs_dv = tl.arange(0, DV)
     offs_n = tl.arange(0, BLOCK_N)

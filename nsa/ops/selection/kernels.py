@@ -35,6 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from nsa.ops.rows import _tile_rows
+
 _KEY_NONE = tl.constexpr(-9223372036854775808)  # int64 min: "no candidate"
 _KEY_FULL = tl.constexpr(9223372036854775807)  # int64 max: a slot that is not in use
 _IDX_NONE = tl.constexpr(2147483647)  # int32 max: an unused index slot while sorting
@@ -194,12 +196,7 @@ def _sel_fwd_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     t0 = tile * PP
-    offs_m = tl.arange(0, BLOCK_M)
-    p_loc = offs_m // GP2
-    g_loc = offs_m % GP2
-    t_row = t0 + p_loc
-    row_ok = (g_loc < G) & (t_row < T)
-    hq = h * G + g_loc
+    p_loc, t_row, row_ok, hq = _tile_rows(t0, h, T, G, GP2, PP)
     offs_dk = tl.arange(0, DK)
     offs_dv = tl.arange(0, DV)
     offs_n = tl.arange(0, BLOCK_N)
