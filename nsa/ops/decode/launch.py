@@ -9,6 +9,7 @@ import torch
 import triton
 from torch import Tensor
 
+from nsa.backends import device_info
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import dot_precision
@@ -112,9 +113,8 @@ def _workspace(cache: NSACache, G: int, poison: bool) -> dict[str, Tensor]:
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """SMs of the GPU (probed once per device, nsa.backends); 1 in the interpreter."""
+    return device_info(device).sm_count if device.type == "cuda" else 1
 
 
 def triton_decode(
@@ -142,10 +142,11 @@ def triton_decode(
     ntile = triton.cdiv(ncap, BLOCK_C) if (use_cmp or use_sel) else 0
     # many tiles per SM (large batches, long contexts): splits of several tiles (a
     # pipelined loop) write fewer partials
-    tps = SPLIT_TILES if B * H * ntile > TILES_PER_SM * _sm_count(q.device) else 1
+    sms = _sm_count(q.device)
+    tps = SPLIT_TILES if B * H * ntile > TILES_PER_SM * sms else 1
     splits = triton.cdiv(ntile, tps)
     # the same for the selected blocks: 4 per program pick the top-n once for 4 blocks
-    bpp = 4 if B * H * cfg.n > SEL_PER_SM * _sm_count(q.device) else 1
+    bpp = 4 if B * H * cfg.n > SEL_PER_SM * sms else 1
     n_sp = triton.cdiv(cfg.n, bpp)
     n_wt = triton.cdiv(cfg.w, LP) if use_win else 0
     nch = triton.cdiv(triton.cdiv(T_used, cfg.l_sel), ws["jt"]) if use_sel else 0
