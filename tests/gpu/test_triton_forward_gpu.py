@@ -133,3 +133,44 @@ def test_kernels_write_every_output_element():
     o = nan()
     win_forward(inp["q"], inp["k_win"], inp["v_win"], CFG.w, d ** -0.5, o=o)
     assert not o.isnan().any()
+
+
+@pytest.mark.parametrize("G", [16, 4])
+def test_selected_kernels_pointer_and_descriptor_loads_agree(G):
+    """Both load paths of the selected forward and dQ kernels, batch 2 (the descriptors'
+    batch coordinate) and T not a multiple of the block: each within the bf16 band of
+    float64, and within 1e-4 of each other."""
+    from nsa.ops import reference as R
+    from nsa.ops.selection import sel_forward
+    from nsa.ops.selection.bwd_launch import sel_backward
+
+    B, T, H, D = 2, 1531, 2, 128
+    HQ = G * H
+    g = torch.Generator(device="cuda").manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
+    q, k, v = r(B, T, HQ, D), r(B, T, H, D), r(B, T, H, D)
+    s = torch.rand(B, H, T, CFG.num_sel_blocks(T), generator=g, device="cuda",
+                   dtype=torch.float64)
+    pos = torch.arange(T, device="cuda").unsqueeze(0).expand(B, -1)
+    idx = R.select_blocks(s, pos, CFG)
+    want, _ = R.sel_attention(R._to_groups(q.double(), H), k.double(), v.double(), idx, pos,
+                              CFG, D ** -0.5)
+    want = R._from_groups(want)
+    idx32 = idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+    outs, dqs = [], []
+    dout = r(B, T, HQ, D)
+    gate = torch.rand(B, T, HQ, generator=g, device="cuda").to(torch.bfloat16)
+    for desc in (False, True):
+        o = torch.full((B, T, HQ, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+        lse = torch.empty(B, HQ, T, device="cuda", dtype=torch.float32)
+        sel_forward(q, k, v, idx32, CFG, D ** -0.5, o_branch=o, lse=lse, use_desc=desc)
+        assert rel(o, want) < 1e-2
+        outs.append(o)
+        delta = (gate.float() * (dout.float() * o.float()).sum(-1)).contiguous()
+        dq = torch.zeros(B, T, HQ, D, device="cuda", dtype=torch.float32)
+        sel_backward(q, k, v, idx32, dout, gate, lse, delta, dq, CFG, D ** -0.5,
+                     dq_only=True, use_desc=desc)
+        assert torch.isfinite(dq).all()
+        dqs.append(dq)
+    assert rel(outs[1], outs[0]) < 1e-4
+    assert rel(dqs[1], dqs[0]) < 1e-4

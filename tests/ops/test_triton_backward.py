@@ -162,6 +162,30 @@ def test_grads_of_every_input_fp16(blocks, sel, B, T, H, G, dk, dv, rng):
     assert_unseen_cmp_grads_zero(got, cfg, T)
 
 
+@pytest.mark.parametrize("case,dtype", [(0, torch.float32), (3, torch.float32),
+                                        (4, torch.float16)])
+def test_grads_with_descriptor_loads_of_selected_blocks(case, dtype, rng, monkeypatch):
+    """The selected forward and dQ kernels read key/value tiles by tensor descriptor."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    import nsa.ops.selection.launch as sel_launch
+
+    made = []
+    build = TensorDescriptor.from_tensor
+    monkeypatch.setattr(sel_launch, "SEL_USE_DESC", True)
+    monkeypatch.setattr(TensorDescriptor, "from_tensor",
+                        staticmethod(lambda x, shape: made.append(shape) or build(x, shape)))
+    blocks, (n, ni, nl, w), B, T, H, G, dk, dv = CASES[case]
+    cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
+    inp, dout = make(rng, cfg, B, T, H, G, dk, dv, dtype)
+    inp = {k: (x.contiguous() if torch.is_tensor(x) else x) for k, x in inp.items()}
+    ref, raux, want = reference(inp, cfg, dout)
+    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices)
+    assert len(made) == 4, f"descriptor builds: {made}"  # k and v, forward and dQ
+    assert rel(out, ref) < TOL[dtype]
+    check_grads(got, want, dtype, TOL[dtype])
+
+
 def test_grads_shorter_than_one_compressed_block(rng):
     """T < l: no compressed token is visible (O_cmp = 0): g_cmp's gradient is 0, k_cmp/v_cmp
     (only tokens no query may see) get none; the other branches are unaffected."""

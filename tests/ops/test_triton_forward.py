@@ -190,15 +190,19 @@ def ref_indices(rng, B, H, T, cfg) -> torch.Tensor:
     return R.select_blocks(s, pos, cfg)
 
 
-@pytest.mark.parametrize("blocks,G,H,T,dk,dv,dtype,pp", [
-    (PAPER, 1, 2, 211, 32, 16, torch.float32, None),  # 16 positions per program (union)
-    (PAPER, 3, 1, 190, 32, 32, torch.float32, None),  # 4 positions, padded heads
-    (PAPER, 16, 1, 97, 32, 32, torch.float32, None),  # one position per program
-    (PAPER, 16, 1, 97, 16, 16, torch.float16, 2),  # union path with G = 16
-    (EQUAL, 2, 1, 150, 16, 16, torch.float16, None),
-    (PAPER, 4, 1, 130, 32, 32, torch.float32, 1),  # small G, one position per program
+@pytest.mark.parametrize("blocks,G,H,T,dk,dv,dtype,pp,desc", [
+    (PAPER, 1, 2, 211, 32, 16, torch.float32, None, False),  # 16 positions/program (union)
+    (PAPER, 3, 1, 190, 32, 32, torch.float32, None, False),  # 4 positions, padded heads
+    (PAPER, 16, 1, 97, 32, 32, torch.float32, None, False),  # one position per program
+    (PAPER, 16, 1, 97, 16, 16, torch.float16, 2, False),  # union path with G = 16
+    (EQUAL, 2, 1, 150, 16, 16, torch.float16, None, False),
+    (PAPER, 4, 1, 130, 32, 32, torch.float32, 1, False),  # small G, one position/program
+    # key/value tiles through tensor descriptors: rows past T arrive as zeros
+    (PAPER, 16, 2, 97, 32, 32, torch.float32, None, True),
+    (PAPER, 3, 1, 150, 16, 32, torch.float16, None, True),
+    (EQUAL, 2, 2, 101, 32, 16, torch.float32, 2, True),
 ])
-def test_sel_kernel_against_reference(blocks, G, H, T, dk, dv, dtype, pp, rng):
+def test_sel_kernel_against_reference(blocks, G, H, T, dk, dv, dtype, pp, desc, rng):
     cfg = NSAConfig(n=4, w=32, **blocks)
     B, HQ = 1, G * H
     q, k, v = rand(rng, B, T, HQ, dk, dtype=dtype), rand(rng, B, T, H, dk, dtype=dtype), \
@@ -210,8 +214,32 @@ def test_sel_kernel_against_reference(blocks, G, H, T, dk, dv, dtype, pp, rng):
                               cfg, scale)
     o = nan_like((B, T, HQ, dv), dtype)
     sel_forward(q, k, v, idx.permute(0, 2, 1, 3).to(torch.int32).contiguous(), cfg, scale,
-                o_branch=o, positions_per_program=pp)
+                o_branch=o, positions_per_program=pp, use_desc=desc)
     assert rel(o, R._from_groups(want)) < TOL[dtype]
+
+
+def test_sel_kernel_refuses_descriptors_it_cannot_build(rng):
+    cfg = NSAConfig(n=4, w=32, **PAPER)
+    q = rand(rng, 1, 70, 2, 24)
+    k, v = rand(rng, 1, 70, 1, 24), rand(rng, 1, 70, 1, 24)  # 24 is not a power of two
+    idx = ref_indices(rng, 1, 1, 70, cfg).permute(0, 2, 1, 3).to(torch.int32).contiguous()
+    with pytest.raises(ValueError, match="k: head dim 24"):
+        sel_forward(q, k, v, idx, cfg, 0.2, use_desc=True)
+
+
+def test_descriptor_loads_default_off_the_gpu_and_obey_the_override(rng, monkeypatch):
+    import nsa.ops.selection.launch as sl
+
+    k, v = rand(rng, 1, 70, 1, 32), rand(rng, 1, 70, 1, 32)
+    monkeypatch.setattr(sl, "SEL_USE_DESC", None)
+    assert sl.resolve_desc("t", None, k, v, 32, 32) is False  # CPU: no bulk copies
+    assert sl.resolve_desc("t", True, k, v, 32, 32) is True
+    monkeypatch.setattr(sl, "SEL_USE_DESC", True)
+    assert sl.resolve_desc("t", None, k, v, 32, 32) is True
+    assert sl.resolve_desc("t", False, k, v, 32, 32) is False
+    odd = rand(rng, 1, 70, 1, 40)[..., :24]  # strides of 40 fp32: 160 B, head dim 24
+    assert sl.resolve_desc("t", None, odd, v, 32, 32) is False  # silently the pointer path
+    assert "not a power of two" in " ".join(sl.desc_problems(odd, 32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

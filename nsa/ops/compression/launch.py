@@ -73,9 +73,12 @@ def rows_per_position(G: int) -> int:
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device from the cached probe; (0, 0) for other devices."""
     if device.type != "cuda":
         return (0, 0)
-    return torch.cuda.get_device_capability(device)
+    from nsa.backends import device_info
+
+    return device_info(device).capability
 
 
 def shrink_on_oor(launch, bm: int, stages: int, min_bm: int):

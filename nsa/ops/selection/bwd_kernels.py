@@ -45,7 +45,7 @@ def _sel_bwd_dq_kernel(
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
@@ -65,8 +65,9 @@ def _sel_bwd_dq_kernel(
                                  stride_oh, stride_gb, stride_gt, stride_gh, stride_lb,
                                  stride_lh, DK, DV, D_K, D_V)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    if not USE_DESC:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
     i_base, flat, order, row_idx, n_blocks = _block_list(
         IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih, PP, NP, N_SEL)
 
@@ -77,10 +78,15 @@ def _sel_bwd_dq_kernel(
             s0 = blk.to(tl.int64) * L_SEL + c0
             kpos = s0 + offs_n
             key_ok = (kpos < T) & (c0 + offs_n < L_SEL)
-            k = tl.load(k_base + s0 * stride_kt + (offs_n * stride_kt)[:, None]
-                        + offs_dk[None, :], mask=key_ok[:, None] & dk_ok, other=0.0)
-            v = tl.load(v_base + s0 * stride_vt + (offs_n * stride_vt)[:, None]
-                        + offs_dv[None, :], mask=key_ok[:, None] & dv_ok, other=0.0)
+            if USE_DESC:
+                # bulk tensor copies (rows past T arrive as zeros)
+                k = tl.reshape(K.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DK])
+                v = tl.reshape(V.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DV])
+            else:
+                k = tl.load(k_base + s0 * stride_kt + (offs_n * stride_kt)[:, None]
+                            + offs_dk[None, :], mask=key_ok[:, None] & dk_ok, other=0.0)
+                v = tl.load(v_base + s0 * stride_vt + (offs_n * stride_vt)[:, None]
+                            + offs_dv[None, :], mask=key_ok[:, None] & dv_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             ok = member[:, None] & (kpos[None, :] <= t_row[:, None]) & key_ok[None, :]
             p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)

@@ -189,7 +189,7 @@ def _sel_fwd_kernel(
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     WRITE_OUT: tl.constexpr, WRITE_BRANCH: tl.constexpr,
     HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
@@ -207,8 +207,9 @@ def _sel_fwd_kernel(
               + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    if not USE_DESC:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
     k_cols = offs_dk[:, None] + offs_n[None, :] * stride_kt  # K^T tile [DK, BLOCK_N]
     v_rows = offs_n[:, None] * stride_vt + offs_dv[None, :]
     i_base, flat, order, row_idx, n_blocks = _block_list(
@@ -223,8 +224,13 @@ def _sel_fwd_kernel(
         for c0 in tl.static_range(0, L_SEL, BLOCK_N):
             s0 = blk.to(tl.int64) * L_SEL + c0
             kpos = s0 + offs_n
-            kt = tl.load(k_base + s0 * stride_kt + k_cols,
-                         mask=dk_ok & (kpos[None, :] < T), other=0.0)
+            if USE_DESC:
+                # bulk tensor copy of the [BLOCK_N, DK] tile (rows past T arrive as zeros)
+                kb = K.load([b.to(tl.int32), s0.to(tl.int32), h, 0])
+                kt = tl.trans(tl.reshape(kb, [BLOCK_N, DK]))
+            else:
+                kt = tl.load(k_base + s0 * stride_kt + k_cols,
+                             mask=dk_ok & (kpos[None, :] < T), other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
             ok = (member[:, None] & (kpos[None, :] <= t_row[:, None])
                   & (c0 + offs_n < L_SEL)[None, :])
@@ -234,8 +240,11 @@ def _sel_fwd_kernel(
             alpha = tl.math.exp2(m_i - m_safe)
             p = tl.math.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + s0 * stride_vt + v_rows,
-                        mask=dv_ok & (kpos[:, None] < T), other=0.0)
+            if USE_DESC:
+                v = tl.reshape(V.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DV])
+            else:
+                v = tl.load(v_base + s0 * stride_vt + v_rows,
+                            mask=dv_ok & (kpos[:, None] < T), other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
 
