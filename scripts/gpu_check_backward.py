@@ -94,9 +94,14 @@ def compile_only() -> None:
             print(f"dq   mask={mask} G={G:2d} d={d}: " + one(_bwd_dq_kernel, c, w2, st2),
                   flush=True)
         bnq, wq, bmk, bnk, wk, st = _sel_bwd_config(D, D, G2, 64, _Cuda())
-        c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
-                 BLOCK_N=bnq, N_SEL=16, NP=16, ACCUMULATE=True, DOT_PREC="tf32")
-        print(f"sel dq    G={G:2d} d={d}: " + one(_sel_bwd_dq_kernel, c, wq, st), flush=True)
+        for desc in (False, True) if d == D else (False,):
+            c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
+                     BLOCK_N=bnq, N_SEL=16, NP=16, ACCUMULATE=True, DOT_PREC="tf32",
+                     USE_DESC=desc)
+            td = {n: f"tensordesc<bf16[1,{bnq},1,{D}]>" for n in ("K", "V")} if desc else None
+            print(f"sel dq desc={desc:d} G={G:2d} d={d}: "
+                  + one(_sel_bwd_dq_kernel, c, wq, SL._dq_stages(st, desc, D, D), td),
+                  flush=True)
         for atomic in (True, False):
             c = dict(G=G, GP2=G2, PP=max(1, bmk // G2), DK=D, DV=D, D_K=d, D_V=d,
                      L_SEL=64, BLOCK_N=bnk, NSUB=64 // bnk, ATOMIC=atomic, DOT_PREC="tf32")

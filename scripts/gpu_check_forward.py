@@ -165,7 +165,11 @@ def compile_only() -> None:
 
     from nsa.ops.compression.kernels import _cmp_fwd_kernel
     from nsa.ops.selection.kernels import _sel_fwd_kernel, _topn_kernel
+    from nsa.ops.selection.launch import _sel_config
     from nsa.ops.window.kernels import _win_fwd_kernel
+
+    class _Cuda:
+        type = "cuda"
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     not16 = {"stride_lh", "stride_st", "stride_it", "stride_ib", "stride_ih", "stride_sb",
@@ -207,12 +211,16 @@ def compile_only() -> None:
                  D_K=d, D_V=d, STORE_LSE=True, DOT_PREC="tf32")
         print(f"win  G={G:2d} d={d}: " + one(_win_fwd_kernel, {**bf, "LSE": "*fp32"}, c, 8,
                                              3 if d <= 128 else 2))
-        c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
-                 BLOCK_N=64 if d <= 128 else 32, N_SEL=16, NP=16, WRITE_OUT=True,
-                 WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True, STORE_LSE=True,
-                 DOT_PREC="tf32")
-        print(f"sel  G={G:2d} d={d}: " + one(_sel_fwd_kernel, {**bf, "IDX": "*i32",
-                                                               "LSE": "*fp32"}, c, 4, 3))
+        for desc in (False, True) if d == D else (False,):
+            bn, w, st = _sel_config(D, D, 64, _Cuda(), desc)
+            w = 2 if G2 >= 16 and D <= 128 else w
+            c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
+                     BLOCK_N=bn, N_SEL=16, NP=16, WRITE_OUT=True,
+                     WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True, STORE_LSE=True,
+                     DOT_PREC="tf32", USE_DESC=desc)
+            td = {n: f"tensordesc<bf16[1,{bn},1,{D}]>" for n in ("K", "V")} if desc else {}
+            print(f"sel  desc={desc:d} G={G:2d} d={d} w{w} s{st}: " + one(
+                _sel_fwd_kernel, {**bf, "IDX": "*i32", "LSE": "*fp32", **td}, c, w, st))
     c = dict(CMP_L=32, CMP_D=16, L_SEL=64, SEL_B=4, SEL_A=2, N_SEL=16, N_INIT=1, N_LOCAL=2,
              K_FREE=13, P=16, NOUT=16, ROWS=16, CH=128)
     print("topn n=16: " + one(_topn_kernel, {"SCORES": "*fp32", "IDX": "*i32"}, c, 4, 1))

@@ -166,15 +166,19 @@ def test_grads_of_every_input_fp16(blocks, sel, B, T, H, G, dk, dv, rng):
                                         (4, torch.float16)])
 def test_grads_with_descriptor_loads_of_selected_blocks(case, dtype, rng, monkeypatch):
     """The selected forward and dQ kernels read key/value tiles by tensor descriptor."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    import nsa.ops.selection.launch as sel_launch
+    import nsa.ops.descriptors as D
+    import nsa.ops.selection.bwd_launch as SB
+    import nsa.ops.selection.launch as SF
 
     made = []
-    build = TensorDescriptor.from_tensor
-    monkeypatch.setattr(sel_launch, "SEL_USE_DESC", True)
-    monkeypatch.setattr(TensorDescriptor, "from_tensor",
-                        staticmethod(lambda x, shape: made.append(shape) or build(x, shape)))
+
+    def spy(x, rows, block_rows, tile):
+        made.append((rows, block_rows))
+        return D.kv_desc(x, rows, block_rows, tile)
+
+    monkeypatch.setattr(D, "USE_DESC", True)
+    monkeypatch.setattr(SF, "kv_desc", spy)
+    monkeypatch.setattr(SB, "kv_desc", spy)
     blocks, (n, ni, nl, w), B, T, H, G, dk, dv = CASES[case]
     cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
     inp, dout = make(rng, cfg, B, T, H, G, dk, dv, dtype)

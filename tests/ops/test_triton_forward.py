@@ -84,16 +84,20 @@ def ref_cmp(q, kc, vc, H, cfg, scale):
 
 
 # block_n = 16 gives several key tiles, so scores cross tile boundaries (the carried tail)
-@pytest.mark.parametrize("blocks,G,H,T,dk,dv,dtype,mode,block_n", [
-    (PAPER, 3, 2, 403, 32, 16, torch.float32, "fused", 16),
-    (PAPER, 3, 1, 403, 32, 16, torch.float32, "two_pass", 16),
-    (PAPER, 3, 2, 203, 32, 16, torch.float32, "fused", None),
-    (EQUAL, 1, 2, 150, 16, 16, torch.float32, "fused", None),
-    (PAPER, 4, 1, 330, 32, 32, torch.float16, "fused", 16),
-    (dict(l=32, d=8, l_sel=32), 2, 1, 181, 32, 32, torch.float32, "two_pass", 16),
+@pytest.mark.parametrize("blocks,G,H,T,dk,dv,dtype,mode,block_n,desc", [
+    (PAPER, 3, 2, 403, 32, 16, torch.float32, "fused", 16, False),
+    (PAPER, 3, 1, 403, 32, 16, torch.float32, "two_pass", 16, False),
+    (PAPER, 3, 2, 203, 32, 16, torch.float32, "fused", None, False),
+    (EQUAL, 1, 2, 150, 16, 16, torch.float32, "fused", None, False),
+    (PAPER, 4, 1, 330, 32, 32, torch.float16, "fused", 16, False),
+    (dict(l=32, d=8, l_sel=32), 2, 1, 181, 32, 32, torch.float32, "two_pass", 16, False),
+    # key/value tiles through tensor descriptors
+    (PAPER, 3, 2, 403, 32, 16, torch.float32, "fused", 16, True),
+    (PAPER, 3, 1, 403, 32, 16, torch.float32, "two_pass", 16, True),
+    (PAPER, 4, 1, 330, 32, 32, torch.float16, "fused", 16, True),
 ])
 def test_cmp_kernel_outputs_and_block_scores(blocks, G, H, T, dk, dv, dtype, mode, block_n,
-                                             rng):
+                                             desc, rng):
     cfg = NSAConfig(n=4, w=32, **blocks)
     B, HQ = 1, G * H
     q = rand(rng, B, T, HQ, dk, dtype=dtype)
@@ -104,7 +108,8 @@ def test_cmp_kernel_outputs_and_block_scores(blocks, G, H, T, dk, dv, dtype, mod
     nb = cfg.num_sel_blocks(T)
     o = nan_like((B, T, HQ, dv), dtype)
     scores = torch.full((B, H, T, nb), float("nan"), dtype=torch.float32)
-    cmp_forward(q, kc, vc, cfg, scale, o=o, scores=scores, mode=mode, block_n=block_n)
+    cmp_forward(q, kc, vc, cfg, scale, o=o, scores=scores, mode=mode, block_n=block_n,
+                use_desc=desc)
     o_ref, s_ref = ref_cmp(q, kc, vc, H, cfg, scale)
     assert rel(o, o_ref) < TOL[dtype]
     mask = readable(T, N, cfg)
@@ -228,13 +233,13 @@ def test_sel_kernel_refuses_descriptors_it_cannot_build(rng):
 
 
 def test_descriptor_loads_default_off_the_gpu_and_obey_the_override(rng, monkeypatch):
-    import nsa.ops.selection.launch as sl
+    import nsa.ops.descriptors as sl
 
     k, v = rand(rng, 1, 70, 1, 32), rand(rng, 1, 70, 1, 32)
-    monkeypatch.setattr(sl, "SEL_USE_DESC", None)
+    monkeypatch.setattr(sl, "USE_DESC", None)
     assert sl.resolve_desc("t", None, k, v, 32, 32) is False  # CPU: no bulk copies
     assert sl.resolve_desc("t", True, k, v, 32, 32) is True
-    monkeypatch.setattr(sl, "SEL_USE_DESC", True)
+    monkeypatch.setattr(sl, "USE_DESC", True)
     assert sl.resolve_desc("t", None, k, v, 32, 32) is True
     assert sl.resolve_desc("t", False, k, v, 32, 32) is False
     odd = rand(rng, 1, 70, 1, 40)[..., :24]  # strides of 40 fp32: 160 B, head dim 24
@@ -268,14 +273,17 @@ def test_sel_kernel_fuses_the_gate_combine(dtype, rng):
 # ----------------------------------------------------------------------------- window
 
 
-@pytest.mark.parametrize("G,H,T,w,dk,dv,dtype,bm,bn", [
-    (3, 2, 203, 37, 32, 16, torch.float32, None, None),
-    (1, 1, 250, 64, 32, 32, torch.float32, None, None),  # w a multiple of the key tile
-    (4, 1, 150, 1, 16, 16, torch.float32, 16, 16),  # only the token itself
-    (16, 1, 130, 1000, 32, 32, torch.float16, None, None),  # w >= T: dense causal
-    (2, 1, 190, 50, 16, 16, torch.float16, 32, 16),
+@pytest.mark.parametrize("G,H,T,w,dk,dv,dtype,bm,bn,desc", [
+    (3, 2, 203, 37, 32, 16, torch.float32, None, None, False),
+    (1, 1, 250, 64, 32, 32, torch.float32, None, None, False),  # w a multiple of the tile
+    (4, 1, 150, 1, 16, 16, torch.float32, 16, 16, False),  # only the token itself
+    (16, 1, 130, 1000, 32, 32, torch.float16, None, None, False),  # w >= T: dense causal
+    (2, 1, 190, 50, 16, 16, torch.float16, 32, 16, False),
+    # key/value tiles through tensor descriptors
+    (3, 2, 203, 37, 32, 16, torch.float32, None, None, True),
+    (2, 1, 190, 50, 16, 16, torch.float16, 32, 16, True),
 ])
-def test_win_kernel_against_reference(G, H, T, w, dk, dv, dtype, bm, bn, rng):
+def test_win_kernel_against_reference(G, H, T, w, dk, dv, dtype, bm, bn, desc, rng):
     B, HQ = 1, G * H
     q, k, v = rand(rng, B, T, HQ, dk, dtype=dtype), rand(rng, B, T, H, dk, dtype=dtype), \
         rand(rng, B, T, H, dv, dtype=dtype)
@@ -284,7 +292,7 @@ def test_win_kernel_against_reference(G, H, T, w, dk, dv, dtype, bm, bn, rng):
     want, _ = R.win_attention(R._to_groups(q.double(), H), k.double(), v.double(), pos, pos,
                               NSAConfig(w=w), scale)
     o = nan_like((B, T, HQ, dv), dtype)
-    win_forward(q, k, v, w, scale, o=o, block_m=bm, block_n=bn)
+    win_forward(q, k, v, w, scale, o=o, block_m=bm, block_n=bn, use_desc=desc)
     assert rel(o, R._from_groups(want)) < TOL[dtype]
 
 

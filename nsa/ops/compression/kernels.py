@@ -80,7 +80,7 @@ def _cmp_fwd_kernel(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_B: tl.constexpr, SEL_A: tl.constexpr,
     PASS1: tl.constexpr, PASS2: tl.constexpr, DO_PV: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     n_tiles_t = tl.cdiv(T, PP)
@@ -99,8 +99,10 @@ def _cmp_fwd_kernel(
     q_ptrs = q_base + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    if not USE_DESC:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+    b32 = b.to(tl.int32)
     k_cols = offs_dk[:, None] + offs_n[None, :] * stride_kn  # K^T tile [DK, BLOCK_N]
     v_rows = offs_n[:, None] * stride_vn + offs_dv[None, :]  # V tile [BLOCK_N, DV]
     # masks on the head dims only where they are padded (keeps the loads vectorised)
@@ -122,8 +124,11 @@ def _cmp_fwd_kernel(
         # one pipelined loop; only tiles past n_full (the causal edge) pay for the mask
         for start in range(0, n_hi, BLOCK_N):
             cols = start + offs_n
-            kt = tl.load(k_base + start * stride_kn + k_cols,
-                         mask=dk_ok & (cols[None, :] < N), other=0.0)
+            if USE_DESC:  # bulk tensor copy; tokens past N arrive as zeros
+                kt = tl.trans(tl.reshape(K.load([b32, start, h, 0]), [BLOCK_N, DK]))
+            else:
+                kt = tl.load(k_base + start * stride_kn + k_cols,
+                             mask=dk_ok & (cols[None, :] < N), other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
             if start >= n_full:
                 s = tl.where(cols[None, :] < n_vis[:, None], s, float("-inf"))
@@ -133,8 +138,11 @@ def _cmp_fwd_kernel(
             p = tl.math.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if DO_PV:
-                v = tl.load(v_base + start * stride_vn + v_rows,
-                            mask=dv_ok & (cols[:, None] < N), other=0.0)
+                if USE_DESC:
+                    v = tl.reshape(V.load([b32, start, h, 0]), [BLOCK_N, DV])
+                else:
+                    v = tl.load(v_base + start * stride_vn + v_rows,
+                                mask=dv_ok & (cols[:, None] < N), other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
         if DO_PV:
@@ -162,8 +170,11 @@ def _cmp_fwd_kernel(
         n_tiles = tl.cdiv(n_hi, BLOCK_N)
         for kt_i in range(0, n_tiles):
             cols = kt_i * BLOCK_N + offs_n
-            kt = tl.load(k_base + kt_i * BLOCK_N * stride_kn + k_cols,
-                         mask=dk_ok & (cols[None, :] < N), other=0.0)
+            if USE_DESC:
+                kt = tl.trans(tl.reshape(K.load([b32, kt_i * BLOCK_N, h, 0]), [BLOCK_N, DK]))
+            else:
+                kt = tl.load(k_base + kt_i * BLOCK_N * stride_kn + k_cols,
+                             mask=dk_ok & (cols[None, :] < N), other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
             p = tl.math.exp2(s - lse[:, None])
             if kt_i * BLOCK_N >= n_full:

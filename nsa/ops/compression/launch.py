@@ -157,6 +157,7 @@ def cmp_forward(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    use_desc: bool | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Compressed-branch attention and/or the group block scores, in one or two launches.
 
@@ -172,8 +173,12 @@ def cmp_forward(
     log-sum-exp of every row (+inf where no compressed token is visible), for the backward.
     ``mode``: "fused" runs both passes in one program; "two_pass" hands the log-sum-exp
     through memory to a second launch. ``block_m``/``block_n``/``num_warps``/``num_stages``
-    override the launch config of the (first) kernel, for tuning runs.
+    override the launch config of the (first) kernel, for tuning runs. ``use_desc``: read
+    key/value tiles through tensor descriptors (None: :func:`nsa.ops.descriptors.resolve_desc`
+    decides).
     """
+    from nsa.ops.descriptors import kv_desc, resolve_desc
+
     if mode not in CMP_MODES:
         raise ValueError(f"cmp_forward: mode must be one of {CMP_MODES}, got {mode!r}")
     q, k_cmp, v_cmp = map(last_dim_contiguous, (q, k_cmp, v_cmp))
@@ -195,6 +200,7 @@ def cmp_forward(
         scores = torch.empty(B, H, T, NB, device=q.device, dtype=torch.float32)
     if not want_o and not want_scores:
         return None, None
+    use_desc = resolve_desc("cmp_forward", use_desc, k_cmp, v_cmp, DK, DV)
     bm, bn, warps, stages = _cmp_config(DK, DV, GP2, SEL_B, q.device)
     bm, bn = block_m or bm, block_n or bn
     warps, stages = num_warps or warps, num_stages or stages
@@ -213,8 +219,10 @@ def cmp_forward(
     def launch(bm_, bn_, warps_, stages_, pass1, pass2, store_lse):
         pp = max(1, bm_ // GP2)
         grid = (triton.cdiv(T, pp), H, B)
+        kd, vd = ((kv_desc(k_cmp, N, bn_, DK), kv_desc(v_cmp, N, bn_, DV)) if use_desc
+                  else (k_cmp, v_cmp))
         _cmp_fwd_kernel[grid](
-            q, k_cmp, v_cmp, o_arg, lse, s_arg,
+            q, kd, vd, o_arg, lse, s_arg,
             q.stride(0), q.stride(1), q.stride(2),
             k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
             v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2),
@@ -227,7 +235,7 @@ def cmp_forward(
             G=G, GP2=GP2, PP=pp, BLOCK_N=bn_, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             CMP_L=cfg.l, CMP_D=cfg.d, SEL_B=SEL_B, SEL_A=SEL_A,
             PASS1=pass1, PASS2=pass2, DO_PV=want_o, STORE_LSE=store_lse,
-            DOT_PREC=prec, num_warps=warps_, num_stages=stages_,
+            DOT_PREC=prec, USE_DESC=use_desc, num_warps=warps_, num_stages=stages_,
         )
 
     min_bm = max(16, GP2)

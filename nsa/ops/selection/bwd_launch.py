@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import (
@@ -17,12 +16,12 @@ from nsa.ops.compression.launch import (
     rows_per_position,
     shrink_on_oor,
 )
+from nsa.ops.descriptors import kv_desc, resolve_desc
 from nsa.ops.selection.bwd_kernels import (
     _sel_bwd_dkdv_kernel,
     _sel_bwd_dq_kernel,
     _sel_bwd_reduce_kernel,
 )
-from nsa.ops.selection.launch import resolve_desc
 
 
 def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int):
@@ -159,8 +158,7 @@ def sel_backward(
     use_desc = resolve_desc("sel_backward", use_desc, k, v, DK, DV)
 
     def launch_q(_bm, st):
-        kd, vd = ((TensorDescriptor.from_tensor(k, [1, bn_q, 1, DK]),
-                   TensorDescriptor.from_tensor(v, [1, bn_q, 1, DV])) if use_desc else (k, v))
+        kd, vd = ((kv_desc(k, T, bn_q, DK), kv_desc(v, T, bn_q, DV)) if use_desc else (k, v))
         _sel_bwd_dq_kernel[(triton.cdiv(T, pp_q), H, B)](
             q, kd, vd, idx, dout, gate, lse, delta, dq, *common,
             idx.stride(0), idx.stride(1), idx.stride(2), *go,

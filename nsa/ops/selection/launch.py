@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import (
     LOG2E,
-    cuda_capability,
     dot_precision,
     head_dim_tile,
-    interpreting,
     last_dim_contiguous,
     next_pow2,
     rows_per_position,
     shrink_on_oor,
 )
+from nsa.ops.descriptors import kv_desc, resolve_desc
 from nsa.ops.selection.kernels import _sel_fwd_kernel, _topn_kernel
 
 
@@ -60,45 +56,6 @@ def select_topn(
         num_warps=4, num_stages=1,
     )
     return out
-
-
-# Selected key/value tiles by bulk tensor copy (tensor descriptors): None = on CUDA devices
-# of SM 9.0 and newer (H200, paper shape, 64k: forward 17.0 -> 14.5 ms); NSA_SEL_DESC=1/0
-# forces either path (GPU test runs of both)
-SEL_USE_DESC: bool | None = {"1": True, "0": False}.get(os.environ.get("NSA_SEL_DESC", ""))
-
-
-def desc_problems(x: Tensor, tile: int) -> list[str]:
-    """Why ``x`` [B, T, H, d] cannot be read through a tensor descriptor (empty if it can):
-    the head dim must fill its power-of-two tile, the base address and every stride but the
-    last must be 16-byte multiples."""
-    es = x.element_size()
-    why = []
-    if x.shape[-1] != tile:
-        why.append(f"head dim {x.shape[-1]} is not a power of two")
-    if x.data_ptr() % 16:
-        why.append("base address not 16-byte aligned")
-    if any((st * es) % 16 for st in x.stride()[:-1]) or x.stride(-1) != 1:
-        why.append(f"strides {tuple(x.stride())} not 16-byte multiples")
-    return why
-
-
-def resolve_desc(who: str, use_desc: bool | None, k: Tensor, v: Tensor, DK: int,
-                 DV: int) -> bool:
-    """Whether a kernel reads k/v tiles through tensor descriptors: ``use_desc`` if given
-    (True raises, naming the reason, where they cannot be built), else SEL_USE_DESC if set,
-    else on CUDA devices with bulk tensor copies (SM 9.0+), where they can be built."""
-    why = [f"{nm}: {w}" for nm, x, tile in (("k", k, DK), ("v", v, DV))
-           for w in desc_problems(x, tile)]
-    if use_desc and why:
-        raise ValueError(f"{who}: use_desc=True, but the key/value tiles cannot be read "
-                         "through tensor descriptors: " + "; ".join(why))
-    if use_desc is not None:
-        return use_desc
-    want = SEL_USE_DESC
-    if want is None:
-        want = cuda_capability(k.device) >= (9, 0) and not interpreting()
-    return bool(want and not why)
 
 
 def _sel_config(DK: int, DV: int, L_SEL: int, device: torch.device, desc: bool):
@@ -146,8 +103,8 @@ def sel_forward(
     ``positions_per_program``: query positions packed into one program (default
     max(1, 16 // GP2): every dot has at least 16 rows). ``num_warps``/``num_stages``
     override the launch config (for tuning runs). ``use_desc``: load the selected key and
-    value tiles as bulk tensor copies through tensor descriptors (None: where
-    :func:`desc_ok` allows it and ``SEL_USE_DESC`` is on).
+    value tiles as bulk tensor copies through tensor descriptors (None:
+    :func:`nsa.ops.descriptors.resolve_desc` decides).
     """
     q, k, v = map(last_dim_contiguous, (q, k, v))
     B, T, HQ, d_k = q.shape
@@ -177,8 +134,7 @@ def sel_forward(
         return (x.stride(0), x.stride(1), x.stride(2)) if x is not None else (0, 0, 0)
 
     def launch(_bm, stages_):
-        kd, vd = ((TensorDescriptor.from_tensor(k, [1, bn, 1, DK]),
-                   TensorDescriptor.from_tensor(v, [1, bn, 1, DV])) if use_desc else (k, v))
+        kd, vd = ((kv_desc(k, T, bn, DK), kv_desc(v, T, bn, DV)) if use_desc else (k, v))
         _sel_fwd_kernel[(triton.cdiv(T, PP), H, B)](
             q, kd, vd, block_indices,
             out if out is not None else dummy, o_branch if o_branch is not None else dummy,

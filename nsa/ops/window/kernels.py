@@ -27,7 +27,7 @@ def _win_fwd_kernel(
     T, W, qk_scale,
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, BLOCK_N: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
-    STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
@@ -44,8 +44,10 @@ def _win_fwd_kernel(
     q_ptrs = (Q + b * stride_qb + t0.to(tl.int64) * stride_qt
               + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    if not USE_DESC:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+    b32 = b.to(tl.int32)
     k_cols = offs_dk[:, None] + offs_n[None, :] * stride_kt  # K^T tile [DK, BLOCK_N]
     v_rows = offs_n[:, None] * stride_vt + offs_dv[None, :]
 
@@ -57,9 +59,10 @@ def _win_fwd_kernel(
     mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     mid_hi = tl.maximum(mid_lo, tl.minimum(((t0 + 1) // BLOCK_N) * BLOCK_N, hi))
 
-    # 64-bit pointers walk the key tiles (token offsets may pass 2^31 elements)
-    kt_ptrs = k_base + lo.to(tl.int64) * stride_kt + k_cols
-    v_ptrs = v_base + lo.to(tl.int64) * stride_vt + v_rows
+    if not USE_DESC:
+        # 64-bit pointers walk the key tiles (token offsets may pass 2^31 elements)
+        kt_ptrs = k_base + lo.to(tl.int64) * stride_kt + k_cols
+        v_ptrs = v_base + lo.to(tl.int64) * stride_vt + v_rows
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
@@ -67,7 +70,10 @@ def _win_fwd_kernel(
     # diagonal) pay for the mask
     for start in range(lo, hi, BLOCK_N):
         kpos = start + offs_n
-        kt = tl.load(kt_ptrs, mask=dk_ok & (kpos[None, :] < T), other=0.0)
+        if USE_DESC:  # bulk tensor copy; keys past T arrive as zeros
+            kt = tl.trans(tl.reshape(K.load([b32, start, h, 0]), [BLOCK_N, DK]))
+        else:
+            kt = tl.load(kt_ptrs, mask=dk_ok & (kpos[None, :] < T), other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if (start < mid_lo) | (start >= mid_hi):
             ok = (kpos[None, :] <= t_row[:, None]) & (kpos[None, :] > t_row[:, None] - W)
@@ -77,11 +83,14 @@ def _win_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=dv_ok & (kpos[:, None] < T), other=0.0)
+        if USE_DESC:
+            v = tl.reshape(V.load([b32, start, h, 0]), [BLOCK_N, DV])
+        else:
+            v = tl.load(v_ptrs, mask=dv_ok & (kpos[:, None] < T), other=0.0)
+            kt_ptrs += BLOCK_N * stride_kt
+            v_ptrs += BLOCK_N * stride_vt
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
-        kt_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = (O + b * stride_ob + t0.to(tl.int64) * stride_ot

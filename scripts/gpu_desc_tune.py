@@ -1,7 +1,7 @@
-"""Selected-branch kernels: pointer loads against tensor-descriptor (bulk copy) loads.
+"""Prefill kernels: pointer loads against tensor-descriptor (bulk copy) loads of K/V tiles.
 
-    python scripts/gpu_sel_tune.py                 # T = 16k and 64k, G = 16 (+ G = 4, 1 at 64k)
-    python scripts/gpu_sel_tune.py --Ts 65536 --no-groups
+    python scripts/gpu_desc_tune.py                 # T = 16k and 64k, G = 16 (+ G = 4, 1 at 64k)
+    python scripts/gpu_desc_tune.py --Ts 65536 --no-groups --kernels cmp,win
 
 Paper shape (HQ=64, H=4, d=128, bf16, l=32, d=16, l'=64, n=16, w=512), block indices from
 the kernels' own selection on random inputs. For each variant (loads, warps, pipeline
@@ -9,8 +9,9 @@ stages) it prints the median time (triton.testing.do_bench) of the selected forw
 the gate combine and of the selected dQ, the L2 rate that implies (every position pulls
 its n*l' keys and values), and the largest relative difference of its output from the
 pointer-load default (the default itself is checked against float64 by the GPU tests).
-It ends with the whole NSA forward, default loads and descriptor loads, against dense
-SDPA in the same run.
+The compressed (fused with block scores, and attention only) and sliding-window kernels
+get the same treatment (their rate is FLOP/s of the attention). It ends with the whole NSA
+forward, pointer loads and descriptor loads, against dense SDPA in the same run.
 """
 
 from __future__ import annotations
@@ -36,12 +37,80 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def timed(T, G, kind, name, fn, base, unit) -> None:
+    """Time ``fn`` (returns its output), compare with ``base``, print one row."""
+    import torch
+    from triton.testing import do_bench
+
+    try:
+        out = fn()
+        ok = all(torch.isfinite(x).all().item() for x in out)
+        d = max(rel(x, b) for x, b in zip(out, base, strict=True))
+        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        amount, label = unit  # bytes or FLOPs: amount / ms / 1e9 = tera per second
+        print(f"{T:>6} {G:>3} {kind:<4} {name:<22} {ms:8.3f} ms {amount / ms / 1e9:7.2f} "
+              f"{label} rel {d:.1e}{'' if ok else ' NON-FINITE'}", flush=True)
+    except Exception as e:  # noqa: BLE001 (a variant that cannot launch is a result)
+        print(f"{T:>6} {G:>3} {kind:<4} {name:<22} failed: {type(e).__name__}: {e}"[:300])
+
+
+def run_cmp_win(T: int, G: int) -> None:
+    import torch
+
+    from nsa import NSAConfig
+    from nsa.ops.compression import cmp_forward
+    from nsa.ops.window import win_forward
+
+    cf = _check_forward()
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
+    H, D = 4, 128
+    HQ = G * H
+    scale = D ** -0.5
+    inp = cf.make(T, HQ, H, D, D, cfg, torch.bfloat16)
+    q = inp["q"]
+    fl = cf.floors(T, HQ, H, D, D, cfg.l, cfg.d, cfg.l_sel, cfg.n, cfg.w)
+
+    def cmp(**kw):  # (o,): unwritten score entries (never read) hold garbage
+        return cmp_forward(q, inp["k_cmp"], inp["v_cmp"], cfg, scale, **kw)[:1]
+
+    def attn(**kw):
+        return cmp(want_scores=False, **kw)
+
+    base_f = cmp(use_desc=False)
+    base_a = attn(use_desc=False)
+    unit = (fl["cmp_attn"]["flops"], "TFLOP/s")
+    for name, kw in [("ptr default", {}), ("desc 64x64 w4 s3", {}),
+                     ("desc 64x64 w4 s2", dict(num_stages=2)),
+                     ("desc 64x64 w4 s4", dict(num_stages=4)),
+                     ("desc 128x64 w8 s2", dict(block_m=128, num_warps=8, num_stages=2)),
+                     ("desc 128x64 w8 s3", dict(block_m=128, num_warps=8, num_stages=3)),
+                     ("desc 128x128 w8 s2", dict(block_m=128, block_n=128, num_warps=8,
+                                                 num_stages=2))]:
+        kw = dict(kw, use_desc=name.startswith("desc"))
+        timed(T, G, "cmpF", name, lambda kw=kw: cmp(**kw), base_f, unit)
+        timed(T, G, "cmpA", name, lambda kw=kw: attn(**kw), base_a, unit)
+
+    def win(**kw):
+        return (win_forward(q, inp["k_win"], inp["v_win"], cfg.w, scale, **kw),)
+
+    base_w = win(use_desc=False)
+    unit = (fl["win"]["flops"], "TFLOP/s")
+    for name, kw in [("ptr default", {}), ("desc 128x64 w8 s3", {}),
+                     ("desc 128x64 w8 s4", dict(num_stages=4)),
+                     ("desc 128x64 w8 s2", dict(num_stages=2)),
+                     ("desc 64x64 w4 s3", dict(block_m=64, num_warps=4)),
+                     ("desc 128x128 w8 s2", dict(block_n=128, num_stages=2))]:
+        kw = dict(kw, use_desc=name.startswith("desc"))
+        timed(T, G, "win", name, lambda kw=kw: win(**kw), base_w, unit)
+    torch.cuda.empty_cache()
+
+
 def run(T: int, G: int, fwd_variants, dq_variants, whole: bool) -> None:
     import torch
     import torch.nn.functional as F
     from triton.testing import do_bench
 
-    import nsa.ops.selection.launch as sl
+    import nsa.ops.descriptors as dsc
     from nsa import NSAConfig, nsa_attention
     from nsa.ops.compression import cmp_forward
     from nsa.ops.selection import sel_forward, select_topn
@@ -107,12 +176,12 @@ def run(T: int, G: int, fwd_variants, dq_variants, whole: bool) -> None:
             qt, kt, vt, is_causal=True, enable_gqa=True), return_mode="median")
         del qt, kt, vt
         for flag in (False, True):
-            sl.SEL_USE_DESC = flag
+            dsc.USE_DESC = flag
             t = do_bench(lambda: nsa_attention(**inp, config=cfg, backend="triton"),
                          return_mode="median")
             print(f"{T:>6} {G:>3} NSA forward, descriptors {'on ' if flag else 'off'}: "
                   f"{t:8.3f} ms, dense {t_dense:8.3f} ms, {t_dense / t:5.2f}x", flush=True)
-        sl.SEL_USE_DESC = False
+        dsc.USE_DESC = None
     torch.cuda.empty_cache()
 
 
@@ -120,32 +189,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--Ts", default="16384,65536")
     ap.add_argument("--no-groups", action="store_true", help="G = 16 only")
+    ap.add_argument("--kernels", default="sel,cmp", help="sel (forward + dQ), cmp (+ window)")
     a = ap.parse_args()
+    kernels = set(a.kernels.split(","))
     import torch
 
     if not torch.cuda.is_available():
-        sys.exit("gpu_sel_tune: needs a CUDA GPU")
+        sys.exit("gpu_desc_tune: needs a CUDA GPU")
     print(torch.cuda.get_device_name(), flush=True)
 
     def fwd_variants(G):
         v = [("ptr default", dict(use_desc=False))]
-        for w, s in ((2, 3), (2, 2), (4, 3), (4, 2), (4, 4), (2, 4), (8, 3)):
+        for w, s in ((2, 2), (2, 3)):
             v.append((f"desc w{w} s{s}", dict(use_desc=True, num_warps=w, num_stages=s)))
         return v
 
     def dq_variants(G):
         v = [("ptr default", dict(use_desc=False))]
-        for w, s in ((4, 2), (4, 3), (8, 2), (8, 3)):
+        for w, s in ((4, 3), (4, 2)):
             v.append((f"desc w{w} s{s}", dict(use_desc=True, dq_warps=w, dq_stages=s)))
-        v.append(("ptr w8 s2", dict(use_desc=False, dq_warps=8, dq_stages=2)))
         return v
 
     Ts = [int(x) for x in a.Ts.split(",")]
-    for T in Ts:
-        run(T, 16, fwd_variants, dq_variants, whole=True)
-    if not a.no_groups:
-        for G in (4, 1):
-            run(Ts[-1], G, fwd_variants, dq_variants, whole=False)
+    groups = [16] + ([] if a.no_groups else [4, 1])
+    for G in groups:
+        for T in Ts if G == 16 else Ts[-1:]:
+            if "cmp" in kernels:
+                run_cmp_win(T, G)
+            if "sel" in kernels:
+                run(T, G, fwd_variants, dq_variants, whole=G == 16)
 
 
 if __name__ == "__main__":
