@@ -105,6 +105,95 @@ def run_cmp_win(T: int, G: int) -> None:
     torch.cuda.empty_cache()
 
 
+def _bwd_branch(T, G, branch, flash_backward, q, k, v, dout, gate, lse, delta, mk, scale,
+                unit) -> None:
+    import torch
+
+    def fb(parts, **kw):
+        dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
+        dk, dv = flash_backward(q, k, v, dout, gate, lse, delta, dq, scale, parts=parts,
+                                **mk, **kw)
+        return (dq,) if parts == "dq" else (dk, dv)
+
+    base_q = fb("dq", use_desc=False)
+    for name, kw in [("ptr default", {}), ("desc default", {}),
+                     ("desc 64x64 w4 s3", dict(num_stages=3)),
+                     ("desc 128x64 w8 s2", dict(dq_config=(128, 64, 8))),
+                     ("desc 128x32 w8 s2", dict(dq_config=(128, 32, 8)))]:
+        kw = dict(kw, use_desc=name.startswith("desc"))
+        # dQ: 3 of the backward's 5 matrix products (QK, dO V, dS K) = 1.5x the forward's
+        timed(T, G, f"{branch}Q", name, lambda kw=kw: fb("dq", **kw), base_q,
+              (unit[0] * 1.5, unit[1]))
+    base_kv = fb("dkdv", use_desc_rows=False)
+    for name, kw in [("ptr default", {}), ("desc default", {}),
+                     ("desc 32x128 w8 s2", dict(kv_config=(32, 128, 8), num_stages=2)),
+                     ("desc 16x64 w4 s3", dict(kv_config=(16, 64, 4))),
+                     ("ptr 32x128 w8 s2", dict(kv_config=(32, 128, 8), num_stages=2))]:
+        kw = dict(kw, use_desc_rows=name.startswith("desc"))
+        # dK/dV: 4 products (QK, dO V, P^T dO, dS^T Q) = 2x the forward's
+        timed(T, G, f"{branch}KV", name, lambda kw=kw: fb("dkdv", **kw), base_kv,
+              (unit[0] * 2.0, unit[1]))
+
+
+def run_bwd(T: int, G: int) -> None:
+    """Flash backward (compressed and window branches): dQ and dK/dV kernels apart, then
+    the whole forward+backward with and without descriptors against dense."""
+    import torch
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    import nsa.ops.descriptors as dsc
+    from nsa import NSAConfig, nsa_attention
+    from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, flash_backward
+    from nsa.ops.triton_backend import forward_kernels
+
+    cf = _check_forward()
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
+    H, D = 4, 128
+    HQ = G * H
+    scale = D ** -0.5
+    inp = cf.make(T, HQ, H, D, D, cfg, torch.bfloat16)
+    q = inp["q"]
+    dout = torch.randn_like(q)
+    with torch.no_grad():
+        fk = forward_kernels(**inp, block_indices=None, cfg=cfg, scale=scale, save=True,
+                             want_o_sel=False)
+    fl = cf.floors(T, HQ, H, D, D, cfg.l, cfg.d, cfg.l_sel, cfg.n, cfg.w)
+    for branch, mask, kk, vv, o, gname, fl_key in (
+            ("cmp", MASK_CMP, "k_cmp", "v_cmp", "o_cmp", "g_cmp", "cmp_attn"),
+            ("win", MASK_WIN, "k_win", "v_win", "o_win", "g_win", "win")):
+        gate = inp[gname].contiguous()
+        delta = (gate.float() * (dout.float() * fk[o].float()).sum(-1)).contiguous()
+        _bwd_branch(T, G, branch, flash_backward, q, inp[kk], inp[vv], dout, gate,
+                    fk[f"lse_{branch}"], delta, dict(mask=mask, w=cfg.w, cmp_l=cfg.l,
+                                                     cmp_d=cfg.d), scale,
+                    (fl[fl_key]["flops"], "TFLOP/s"))
+    if G == 16:
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
+        ins = list(leaves.values())
+
+        def nsa_fb():
+            out = nsa_attention(**leaves, config=cfg, backend="triton")
+            return torch.autograd.grad(out, ins, dout)
+
+        qd, kd, vd = (leaves[k].detach().transpose(1, 2).contiguous().requires_grad_(True)
+                      for k in ("q", "k_sel", "v_sel"))
+        dd = dout.transpose(1, 2).contiguous()
+
+        def dense_fb():
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+            return torch.autograd.grad(o, (qd, kd, vd), dd)
+
+        t_dense = do_bench(dense_fb, return_mode="median")
+        for flag in (False, True):
+            dsc.USE_DESC = flag
+            t = do_bench(nsa_fb, return_mode="median")
+            print(f"{T:>6} {G:>3} NSA fwd+bwd, descriptors {'on ' if flag else 'off'}: "
+                  f"{t:8.3f} ms, dense {t_dense:8.3f} ms, {t_dense / t:5.2f}x", flush=True)
+        dsc.USE_DESC = None
+    torch.cuda.empty_cache()
+
+
 def run(T: int, G: int, fwd_variants, dq_variants, whole: bool) -> None:
     import torch
     import torch.nn.functional as F
@@ -189,7 +278,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--Ts", default="16384,65536")
     ap.add_argument("--no-groups", action="store_true", help="G = 16 only")
-    ap.add_argument("--kernels", default="sel,cmp", help="sel (forward + dQ), cmp (+ window)")
+    ap.add_argument("--kernels", default="sel,cmp",
+                    help="sel (forward + dQ), cmp (+ window), bwd (flash backward)")
     a = ap.parse_args()
     kernels = set(a.kernels.split(","))
     import torch
@@ -218,6 +308,8 @@ def main() -> None:
                 run_cmp_win(T, G)
             if "sel" in kernels:
                 run(T, G, fwd_variants, dq_variants, whole=G == 16)
+            if "bwd" in kernels:
+                run_bwd(T, G)
 
 
 if __name__ == "__main__":

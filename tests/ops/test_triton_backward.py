@@ -164,30 +164,73 @@ def test_grads_of_every_input_fp16(blocks, sel, B, T, H, G, dk, dv, rng):
 
 @pytest.mark.parametrize("case,dtype", [(0, torch.float32), (3, torch.float32),
                                         (4, torch.float16)])
-def test_grads_with_descriptor_loads_of_selected_blocks(case, dtype, rng, monkeypatch):
-    """The selected forward and dQ kernels read key/value tiles by tensor descriptor."""
+def test_grads_with_descriptor_loads(case, dtype, rng, monkeypatch):
+    """Every kernel that can reads its streamed tiles by tensor descriptor: the forward's
+    compressed, window and selected kernels and the dQ kernels of all three branches."""
     import nsa.ops.descriptors as D
+    import nsa.ops.flashbwd.launch as FB
     import nsa.ops.selection.bwd_launch as SB
     import nsa.ops.selection.launch as SF
+    import nsa.ops.window.launch as WF
 
     made = []
+    build = D.kv_desc
 
-    def spy(x, rows, block_rows, tile):
-        made.append((rows, block_rows))
-        return D.kv_desc(x, rows, block_rows, tile)
+    def spy(tag):
+        def kv(x, rows, block_rows, tile):
+            made.append(tag)
+            return build(x, rows, block_rows, tile)
+        return kv
 
     monkeypatch.setattr(D, "USE_DESC", True)
-    monkeypatch.setattr(SF, "kv_desc", spy)
-    monkeypatch.setattr(SB, "kv_desc", spy)
+    for mod, tag in ((D, "cmp"), (SF, "sel"), (SB, "sel_dq"), (WF, "win"), (FB, "flash_dq")):
+        monkeypatch.setattr(mod, "kv_desc", spy(tag))
     blocks, (n, ni, nl, w), B, T, H, G, dk, dv = CASES[case]
     cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
     inp, dout = make(rng, cfg, B, T, H, G, dk, dv, dtype)
     inp = {k: (x.contiguous() if torch.is_tensor(x) else x) for k, x in inp.items()}
     ref, raux, want = reference(inp, cfg, dout)
     out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices)
-    assert len(made) == 4, f"descriptor builds: {made}"  # k and v, forward and dQ
+    # (the flash dK/dV kernel's q/dout rows stay on pointer loads unless asked for)
+    assert set(made) == {"cmp", "sel", "sel_dq", "win", "flash_dq"}, sorted(set(made))
     assert rel(out, ref) < TOL[dtype]
     check_grads(got, want, dtype, TOL[dtype])
+
+
+@pytest.mark.parametrize("mask,G", [(0, 4), (1, 1), (1, 16)])
+def test_flash_backward_descriptor_rows_equal_pointer_rows(mask, G, rng):
+    """The flash dK/dV kernel's q/dout rows by descriptor give the pointer path's dK, dV;
+    a group size that is not a power of two is refused, by name."""
+    from nsa.ops.flashbwd import MASK_CMP, flash_backward
+    from nsa.ops.window import win_forward
+
+    B, T, H, d = 2, 150, 1, 16
+    q = torch.randn(B, T, G * H, d, generator=rng)
+    k, v = torch.randn(B, T, H, d, generator=rng), torch.randn(B, T, H, d, generator=rng)
+    if mask == MASK_CMP:
+        k, v = compress_mean(k, 32, 16), compress_mean(v, 32, 16)
+    dout, gate = torch.randn(B, T, G * H, d, generator=rng), torch.rand(B, T, G * H, generator=rng)
+    lse = torch.empty(B, G * H, T)
+    if mask == MASK_CMP:
+        from nsa.ops.compression import cmp_forward
+
+        o, _ = cmp_forward(q, k, v, NSAConfig(**PAPER), 0.25, want_scores=False, lse=lse)
+    else:
+        o = win_forward(q, k, v, 40, 0.25, lse=lse)
+    delta = (gate * (dout * o).sum(-1)).contiguous()
+    res = []
+    for rows in (False, True):
+        dq = torch.zeros(q.shape)
+        dk, dv = flash_backward(q, k, v, dout, gate, lse, delta, dq, 0.25, mask=mask, w=40,
+                                cmp_l=32, cmp_d=16, use_desc=rows, use_desc_rows=rows)
+        res.append((dq, dk, dv))
+    for a, b in zip(*res, strict=True):
+        assert torch.isfinite(a).all() and rel(b, a) < 1e-6
+    with pytest.raises(ValueError, match="G = 3"):
+        q3 = torch.randn(B, T, 3 * H, d, generator=rng)
+        flash_backward(q3, k, v, q3, q3[..., 0].contiguous(), lse[:, :3], q3[..., 0].contiguous(),
+                       torch.zeros(q3.shape), 0.25, mask=mask, w=40, cmp_l=32, cmp_d=16,
+                       use_desc_rows=True)
 
 
 def test_grads_shorter_than_one_compressed_block(rng):

@@ -60,6 +60,7 @@ def _bwd_dkdv_kernel(
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, BLOCK_N: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     MASK: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_DESC: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     kt_i = tl.program_id(0)
@@ -110,10 +111,16 @@ def _bwd_dkdv_kernel(
         t_row = p0 + p_loc
         row_ok = (g_loc < G) & (t_row < c_hi)
         p64 = tl.full([], 0, tl.int64) + p0  # (the interpreter hands loop indices as ints)
-        q = tl.load(Q + b * stride_qb + p64 * stride_qt + q_rows[:, None] + offs_dk[None, :],
-                    mask=row_ok[:, None] & dk_ok, other=0.0)
-        do = tl.load(DO + b * stride_ob + p64 * stride_ot + o_rows[:, None] + offs_dv[None, :],
-                     mask=row_ok[:, None] & dv_ok, other=0.0)
+        if USE_DESC:
+            # bulk copies of PP positions x the group's G (= GP2) heads; rows past c_hi are
+            # real rows of later positions, masked below like padding rows (p = 0)
+            q = tl.reshape(Q.load([b.to(tl.int32), p0, h * G, 0]), [BLOCK_M, DK])
+            do = tl.reshape(DO.load([b.to(tl.int32), p0, h * G, 0]), [BLOCK_M, DV])
+        else:
+            q = tl.load(Q + b * stride_qb + p64 * stride_qt + q_rows[:, None]
+                        + offs_dk[None, :], mask=row_ok[:, None] & dk_ok, other=0.0)
+            do = tl.load(DO + b * stride_ob + p64 * stride_ot + o_rows[:, None]
+                         + offs_dv[None, :], mask=row_ok[:, None] & dv_ok, other=0.0)
         g_off = b * stride_gb + p64 * stride_gt + g_rows
         gate = tl.load(GATE + g_off, mask=row_ok, other=0.0)
         do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(q.dtype)
@@ -187,7 +194,7 @@ def _bwd_dq_kernel(
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, BLOCK_N: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     MASK: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     n_tiles_t = tl.cdiv(T, PP)
@@ -216,17 +223,22 @@ def _bwd_dq_kernel(
         lo = (tl.maximum(t0 - W + 1, 0) // BLOCK_N) * BLOCK_N
         hi = t_last + 1
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    if not USE_DESC:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, DK], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         kpos = start + offs_n
-        s64 = tl.full([], 0, tl.int64) + start
-        key_ok = kpos < NK
-        k = tl.load(k_base + s64 * stride_kt + (offs_n * stride_kt)[:, None] + offs_dk[None, :],
-                    mask=key_ok[:, None] & dk_ok, other=0.0)
-        v = tl.load(v_base + s64 * stride_vt + (offs_n * stride_vt)[:, None] + offs_dv[None, :],
-                    mask=key_ok[:, None] & dv_ok, other=0.0)
+        if USE_DESC:  # bulk tensor copies; keys past NK arrive as zeros
+            k = tl.reshape(K.load([b.to(tl.int32), start, h, 0]), [BLOCK_N, DK])
+            v = tl.reshape(V.load([b.to(tl.int32), start, h, 0]), [BLOCK_N, DV])
+        else:
+            s64 = tl.full([], 0, tl.int64) + start
+            key_ok = kpos < NK
+            k = tl.load(k_base + s64 * stride_kt + (offs_n * stride_kt)[:, None]
+                        + offs_dk[None, :], mask=key_ok[:, None] & dk_ok, other=0.0)
+            v = tl.load(v_base + s64 * stride_vt + (offs_n * stride_vt)[:, None]
+                        + offs_dv[None, :], mask=key_ok[:, None] & dv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         ok = _visible(t_row[:, None], kpos[None, :], NK, W, MASK, CMP_L, CMP_D) & row_ok[:, None]
         p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
