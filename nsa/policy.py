@@ -43,6 +43,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "TRITON_INTERPRET": (
         "0", "Triton's interpreter switch; 1 makes the Triton backend usable on CPU "
              "(slow, for tests)"),
+    "NSA_KV_DESC": (
+        "unset", "1 = Triton kernels read key/value (and query) tiles by tensor descriptor "
+                 "(bulk copies) wherever they can, 0 = never; unset = where the kernel's "
+                 "default says so on SM 9.0+"),
     "NSA_DEBUG": (
         "0", "1 = the nsa command prints the full traceback of known errors"),
     "GITHUB_STEP_SUMMARY": (
@@ -64,6 +68,12 @@ def read_flags() -> Flags:
         use_fa2=_env_on("NSA_USE_FA2"),
         triton_interpret=_env_on("TRITON_INTERPRET"),
     )
+
+
+def kv_desc_env() -> bool | None:
+    """NSA_KV_DESC: True (1), False (0) or None (unset or anything else: kernels decide)."""
+    v = os.environ.get("NSA_KV_DESC", "").strip().lower()
+    return True if v in _TRUE else False if v in {"0", "false", "no", "off"} else None
 
 
 def debug_enabled() -> bool:

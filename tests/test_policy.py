@@ -266,3 +266,18 @@ def test_policy_tables_name_real_backends_branches_and_flags():
         assert branch in BRANCHES
         assert order[-1] == "reference"
         assert all(branch in BACKEND_SPECS[name].branches for name in order)
+
+
+@pytest.mark.parametrize("value,want", [("1", True), ("on", True), ("0", False), ("off", False),
+                                        ("", None), ("auto", None)])
+def test_kv_desc_env_reads_the_descriptor_switch(value, want, monkeypatch):
+    from nsa.ops import descriptors
+    from nsa.policy import kv_desc_env
+
+    monkeypatch.setenv("NSA_KV_DESC", value)
+    assert kv_desc_env() is want
+    k = torch.randn(1, 8, 1, 32)
+    # CPU tensors: only the switch can turn descriptors on (the interpreter runs them)
+    assert descriptors.resolve_desc("t", None, k, k, 32, 32) is bool(want)
+    monkeypatch.setattr(descriptors, "USE_DESC", False)  # the programmatic override wins
+    assert descriptors.resolve_desc("t", None, k, k, 32, 32) is False

@@ -10,14 +10,12 @@ the kernel may read: those must never be read, not even as masked-out values).
 
 from __future__ import annotations
 
-import os
-
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-# None = on CUDA devices of SM 9.0 and newer; NSA_KV_DESC=1/0 forces either path (GPU test
-# runs of both). Launchers read it at every call.
-USE_DESC: bool | None = {"1": True, "0": False}.get(os.environ.get("NSA_KV_DESC", ""))
+# Programmatic override (tests, tuning scripts): True / False forces every kernel's choice;
+# None defers to NSA_KV_DESC (nsa.policy), then to SM 9.0+. Read at every launch.
+USE_DESC: bool | None = None
 
 
 def desc_problems(x: Tensor, tile: int) -> list[str]:
@@ -38,8 +36,9 @@ def desc_problems(x: Tensor, tile: int) -> list[str]:
 def resolve_desc(who: str, use_desc: bool | None, k: Tensor, v: Tensor, DK: int,
                  DV: int) -> bool:
     """Whether a kernel reads k/v tiles through tensor descriptors: ``use_desc`` if given
-    (True raises, naming the reason, where they cannot be built), else USE_DESC if set,
-    else on CUDA devices with bulk tensor copies (SM 9.0+), where they can be built."""
+    (True raises, naming the reason, where they cannot be built), else USE_DESC or
+    NSA_KV_DESC if set, else on CUDA devices with bulk tensor copies (SM 9.0+); never where
+    they cannot be built."""
     why = [f"{nm}: {w}" for nm, x, tile in (("k", k, DK), ("v", v, DV))
            for w in desc_problems(x, tile)]
     if use_desc and why:
@@ -48,6 +47,10 @@ def resolve_desc(who: str, use_desc: bool | None, k: Tensor, v: Tensor, DK: int,
     if use_desc is not None:
         return use_desc
     want = USE_DESC
+    if want is None:
+        from nsa.policy import kv_desc_env
+
+        want = kv_desc_env()
     if want is None:
         from nsa.ops.compression.launch import cuda_capability, interpreting
 
