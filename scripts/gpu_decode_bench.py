@@ -47,12 +47,19 @@ def set_variant(v: str, default) -> None:
     """"auto" (the launcher's defaults) or settings joined by "+": "t1" compressed
     splits of one tile, "tN" splits of N tiles, "s1" one selected block per program,
     "p3w2" two warps for kernel p3, "st2" two pipeline stages in p1, "x3" block scores
-    through one 3xTF32 dot instead of three bf16 dots."""
+    through one 3xTF32 dot instead of three bf16 dots, "ptr" / "desc" key/value tiles by
+    pointer loads / tensor descriptors (the default: descriptors on SM 9.0+)."""
+    from nsa.ops import descriptors
+
     for k, val in zip(KNOBS, default[0], strict=True):
         setattr(launch, k, val)
     launch.WARPS = dict(default[1])
+    descriptors.USE_DESC = None
     for o in v.split("+"):
         if o == "auto":
+            continue
+        if o in ("ptr", "desc"):
+            descriptors.USE_DESC = o == "desc"
             continue
         if o == "t1":
             launch.TILES_PER_SM = 10**9

@@ -33,6 +33,15 @@ def desc_problems(x: Tensor, tile: int) -> list[str]:
     return why
 
 
+def forced() -> bool | None:
+    """The override in force: USE_DESC if set, else NSA_KV_DESC (None: neither is set)."""
+    if USE_DESC is not None:
+        return USE_DESC
+    from nsa.policy import kv_desc_env
+
+    return kv_desc_env()
+
+
 def resolve_desc(who: str, use_desc: bool | None, k: Tensor, v: Tensor, DK: int,
                  DV: int) -> bool:
     """Whether a kernel reads k/v tiles through tensor descriptors: ``use_desc`` if given
@@ -46,11 +55,7 @@ def resolve_desc(who: str, use_desc: bool | None, k: Tensor, v: Tensor, DK: int,
                          "through tensor descriptors: " + "; ".join(why))
     if use_desc is not None:
         return use_desc
-    want = USE_DESC
-    if want is None:
-        from nsa.policy import kv_desc_env
-
-        want = kv_desc_env()
+    want = forced()
     if want is None:
         from nsa.ops.compression.launch import cuda_capability, interpreting
 

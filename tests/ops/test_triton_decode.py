@@ -22,9 +22,24 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU kernel tests need TRITON_INTERPRET=1")
 
 
+def poison_unused_rows(cache: NSACache, cfg: NSAConfig) -> None:
+    """NaN in every cache row no sequence may read yet (past its tokens, past its
+    compressed tokens, window slots not yet written): a kernel that loads such a row and
+    only masks it afterwards (0 * NaN) shows up."""
+    from nsa.ops.reference import num_compressed
+
+    for b, n in enumerate(cache.lengths.tolist()):
+        nc = num_compressed(n, cfg.l, cfg.d)
+        for name, lo in (("k_sel", n), ("v_sel", n), ("k_cmp", nc), ("v_cmp", nc),
+                         ("k_win", n), ("v_win", n)):
+            getattr(cache, name)[b, lo:] = float("nan")
+
+
 def run_steps(cfg: NSAConfig, lens: list[int], steps: int, dtype: torch.dtype, HQ: int,
-              gates=(True, True, True), static: bool = False, seed: int = 0):
-    """Ragged prefill, then `steps` decode steps comparing triton with the reference."""
+              gates=(True, True, True), static: bool = False, seed: int = 0,
+              poison: bool = False):
+    """Ragged prefill, then `steps` decode steps comparing triton with the reference.
+    ``poison``: NaN in the cache rows no sequence may read (:func:`poison_unused_rows`)."""
     torch.manual_seed(seed)
     B, H, dk, dv = len(lens), cfg.n_kv_heads, cfg.d_k, cfg.d_v
     P = max(lens)
@@ -36,6 +51,8 @@ def run_steps(cfg: NSAConfig, lens: list[int], steps: int, dtype: torch.dtype, H
     worst = 0.0
     for _ in range(steps):
         cache.append(*(torch.randn(B, H, D, dtype=dtype) for D in (dk, dv, dk, dv, dk, dv)))
+        if poison:
+            poison_unused_rows(cache, cfg)
         q = torch.randn(B, HQ, dk, dtype=dtype)
         g = [torch.rand(B, HQ, dtype=dtype) if on else None for on in gates]
         # the reference in float64 on the same (rounded) inputs is the oracle
@@ -146,6 +163,27 @@ def test_decode_kernel_multi_tile_splits(monkeypatch, many):
     cfg = NSAConfig(l=8, d=4, l_sel=16, n=6, w=20, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
     # 300 tokens -> 74 compressed -> 5 tiles of 16 (three splits of 2 tiles, one partial)
     assert run_steps(cfg, [300, 151, 64], steps=2, dtype=torch.float32, HQ=4) < 1e-5
+
+
+@pytest.mark.parametrize("desc", [False, True])
+def test_decode_kernels_never_read_rows_past_a_sequence(monkeypatch, desc):
+    """NaN in every cache row a sequence may not read yet, with pointer loads and with
+    tensor-descriptor loads (which fetch whole tiles and must zero such rows); ragged
+    lengths, a window ring not yet full, multi-tile splits and 4 blocks per program."""
+    from nsa.ops import descriptors
+    from nsa.ops.decode import launch
+
+    made = []
+    monkeypatch.setattr(descriptors, "USE_DESC", desc)
+    monkeypatch.setattr(launch, "kv_desc", lambda *a: made.append(1) or descriptors.kv_desc(*a))
+    monkeypatch.setattr(launch, "BLOCK_C", 16)
+    monkeypatch.setattr(launch, "TILES_PER_SM", 0)
+    monkeypatch.setattr(launch, "SPLIT_TILES", 2)
+    monkeypatch.setattr(launch, "SEL_PER_SM", 0)
+    cfg = NSAConfig(l=8, d=4, l_sel=16, n=6, w=40, n_heads=6, n_kv_heads=2, d_k=16, d_v=32)
+    assert run_steps(cfg, [150, 13, 64], steps=2, dtype=torch.float32, HQ=6,
+                     poison=True) < 1e-5
+    assert bool(made) == desc
 
 
 def test_decode_reasons_name_what_the_kernels_cannot_take():

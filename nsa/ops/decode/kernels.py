@@ -109,7 +109,8 @@ def _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, sp, n_vis, NTILE, N
                D_K: tl.constexpr, D_V: tl.constexpr, CMP_L: tl.constexpr,
                CMP_D: tl.constexpr, SEL_L: tl.constexpr, BLOCK_C: tl.constexpr,
                TPS: tl.constexpr, JB: tl.constexpr, SLOT_CMP: tl.constexpr,
-               DO_SCORES: tl.constexpr, SPLIT_SCORES: tl.constexpr, DOT_PREC: tl.constexpr):
+               DO_SCORES: tl.constexpr, SPLIT_SCORES: tl.constexpr, DOT_PREC: tl.constexpr,
+               USE_DESC: tl.constexpr):
     g = tl.arange(0, GP)
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
@@ -122,10 +123,16 @@ def _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, sp, n_vis, NTILE, N
         tile = sp * TPS + tt
         i = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         okc = i < n_vis
-        kc = tl.load(KC + b * stride_kb + i[:, None] * stride_kn + h * stride_kh + dk[None, :],
-                     mask=okc[:, None] & mk, other=0.0)
-        vc = tl.load(VC + b * stride_vb + i[:, None] * stride_vn + h * stride_vh + dv[None, :],
-                     mask=okc[:, None] & mv, other=0.0)
+        if USE_DESC:
+            # bulk copies; rows past this sequence's tokens are zeroed like masked loads
+            kc = tl.reshape(KC.load([b, tile * BLOCK_C, h, 0]), [BLOCK_C, DK])
+            vc = tl.reshape(VC.load([b, tile * BLOCK_C, h, 0]), [BLOCK_C, DV])
+            vc = tl.where(okc[:, None], vc, 0.0)
+        else:
+            kc = tl.load(KC + b * stride_kb + i[:, None] * stride_kn + h * stride_kh
+                         + dk[None, :], mask=okc[:, None] & mk, other=0.0)
+            vc = tl.load(VC + b * stride_vb + i[:, None] * stride_vn + h * stride_vh
+                         + dv[None, :], mask=okc[:, None] & mv, other=0.0)
         p, m_t = _tile_probs(q, kc, okc, scale, DOT_PREC)
         if DO_SCORES:
             # Eq. 9 on this tile: blocks j0 .. j0 + JB - 1, weights overlap(i, j) / d,
@@ -168,18 +175,22 @@ def _win_tile(q, KW, VW, PM, PL, PO, CNT, bh, b, h, u, t, NPART, scale,
               stride_kwb, stride_kwn, stride_kwh, stride_vwb, stride_vwn, stride_vwh,
               G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               D_K: tl.constexpr, D_V: tl.constexpr, LP: tl.constexpr, W: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr):
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
     # window ring tile: slot s holds position t - ((t - s) mod W)
     slot = u * LP + tl.arange(0, LP)
     pos = t - ((t - slot) % W + W) % W
     ok = (slot < W) & (pos >= 0)
-    slot = tl.where(ok, slot, 0)
-    kw = tl.load(KW + b * stride_kwb + slot[:, None] * stride_kwn + h * stride_kwh
-                 + dk[None, :], mask=ok[:, None] & (dk[None, :] < D_K), other=0.0)
-    vw = tl.load(VW + b * stride_vwb + slot[:, None] * stride_vwn + h * stride_vwh
-                 + dv[None, :], mask=ok[:, None] & (dv[None, :] < D_V), other=0.0)
+    if USE_DESC:  # the tile's ring slots are consecutive rows
+        kw = tl.reshape(KW.load([b, u * LP, h, 0]), [LP, DK])
+        vw = tl.where(ok[:, None], tl.reshape(VW.load([b, u * LP, h, 0]), [LP, DV]), 0.0)
+    else:
+        slot = tl.where(ok, slot, 0)
+        kw = tl.load(KW + b * stride_kwb + slot[:, None] * stride_kwn + h * stride_kwh
+                     + dk[None, :], mask=ok[:, None] & (dk[None, :] < D_K), other=0.0)
+        vw = tl.load(VW + b * stride_vwb + slot[:, None] * stride_vwn + h * stride_vwh
+                     + dv[None, :], mask=ok[:, None] & (dv[None, :] < D_V), other=0.0)
     _partial(q, kw, vw, ok, scale, PM, PL, PO, CNT, bh * NPART + u, G, GP, DV, D_V, DOT_PREC)
 
 
@@ -252,7 +263,7 @@ def _sel_blocks(q, KS, VS, PM, PL, PO, CNT, CAND, IDX, bh, b, h, u, t, NCH, NPAR
                 G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 D_K: tl.constexpr, D_V: tl.constexpr, SEL_L: tl.constexpr, LP: tl.constexpr,
                 N_SEL: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BPP: tl.constexpr,
-                SLOT_SEL: tl.constexpr, DOT_PREC: tl.constexpr):
+                SLOT_SEL: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr):
     """Selected blocks u*BPP .. u*BPP + BPP - 1 (ascending block order) into one partial."""
     # the n best of all chunks' candidates, as ascending block indices (unused: BIG)
     kp = tl.arange(0, KP)
@@ -278,11 +289,16 @@ def _sel_blocks(q, KS, VS, PM, PL, PO, CNT, CAND, IDX, bh, b, h, u, t, NCH, NPAR
         jblk = tl.where(used, jblk, 0)
         pos = jblk * SEL_L + r
         ok = used & (r < SEL_L) & (pos <= t)
-        pos = tl.where(ok, pos, 0)
-        k = tl.load(KS + b * stride_ksb + pos[:, None] * stride_ksn + h * stride_ksh
-                    + dk[None, :], mask=ok[:, None] & (dk[None, :] < D_K), other=0.0)
-        v = tl.load(VS + b * stride_vsb + pos[:, None] * stride_vsn + h * stride_vsh
-                    + dv[None, :], mask=ok[:, None] & (dv[None, :] < D_V), other=0.0)
+        if USE_DESC:
+            k = tl.reshape(KS.load([b, jblk * SEL_L, h, 0]), [LP, DK])
+            v = tl.where(ok[:, None], tl.reshape(VS.load([b, jblk * SEL_L, h, 0]), [LP, DV]),
+                         0.0)
+        else:
+            pos = tl.where(ok, pos, 0)
+            k = tl.load(KS + b * stride_ksb + pos[:, None] * stride_ksn + h * stride_ksh
+                        + dk[None, :], mask=ok[:, None] & (dk[None, :] < D_K), other=0.0)
+            v = tl.load(VS + b * stride_vsb + pos[:, None] * stride_vsn + h * stride_vsh
+                        + dv[None, :], mask=ok[:, None] & (dv[None, :] < D_V), other=0.0)
         p, m_t = _tile_probs(q, k, ok, scale, DOT_PREC)
         m_i, l_i, acc = _online(p, m_t, v, m_i, l_i, acc, DOT_PREC)
         n_ok += tl.sum(ok.to(tl.int32), 0)
@@ -377,7 +393,7 @@ def _dec_p1(
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
     BLOCK_C: tl.constexpr, TPS: tl.constexpr, JB: tl.constexpr, LP: tl.constexpr,
     W: tl.constexpr, SLOT_CMP: tl.constexpr, USE_SEL: tl.constexpr,
-    SPLIT_SCORES: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT_SCORES: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
     bh = tl.program_id(0)
     r = tl.program_id(1)
@@ -390,11 +406,11 @@ def _dec_p1(
         _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, r, n_vis, NTILE, NBCAP,
                    NPART, NTCAP, scale, stride_kcb, stride_kcn, stride_kch, stride_vcb,
                    stride_vcn, stride_vch, G, GP, DK, DV, D_K, D_V, CMP_L, CMP_D, SEL_L,
-                   BLOCK_C, TPS, JB, SLOT_CMP, USE_SEL, SPLIT_SCORES, DOT_PREC)
+                   BLOCK_C, TPS, JB, SLOT_CMP, USE_SEL, SPLIT_SCORES, DOT_PREC, USE_DESC)
     else:
         _win_tile(q, KW, VW, PM, PL, PO, CNT, bh, b, h, r - SPLITS, t, NPART, scale,
                   stride_kwb, stride_kwn, stride_kwh, stride_vwb, stride_vwn, stride_vwh,
-                  G, GP, DK, DV, D_K, D_V, LP, W, DOT_PREC)
+                  G, GP, DK, DV, D_K, D_V, LP, W, DOT_PREC, USE_DESC)
 
 
 @triton.jit(do_not_specialize=["NCAP", "SPLITS", "NTILE", "NBCAP", "NPART", "NTCAP"])
@@ -424,6 +440,7 @@ def _dec_p3(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     SEL_L: tl.constexpr, LP: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     KP: tl.constexpr, BPP: tl.constexpr, SLOT_SEL: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_DESC: tl.constexpr = False,
 ):
     bh = tl.program_id(0)
     u = tl.program_id(1)
@@ -433,7 +450,8 @@ def _dec_p3(
     q = _load_q(Q, b, h, stride_qb, stride_qh, G, GP, DK, D_K)
     _sel_blocks(q, KS, VS, PM, PL, PO, CNT, CAND, IDX, bh, b, h, u, t, NCH, NPART, scale,
                 stride_ksb, stride_ksn, stride_ksh, stride_vsb, stride_vsn, stride_vsh,
-                G, GP, DK, DV, D_K, D_V, SEL_L, LP, N_SEL, NP, KP, BPP, SLOT_SEL, DOT_PREC)
+                G, GP, DK, DV, D_K, D_V, SEL_L, LP, N_SEL, NP, KP, BPP, SLOT_SEL, DOT_PREC,
+                USE_DESC)
 
 
 @triton.jit(do_not_specialize=["SPLITS", "NPART"])

@@ -14,6 +14,7 @@ from nsa.cache import NSACache
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import dot_precision
 from nsa.ops.decode.kernels import _dec_p1, _dec_p2, _dec_p3, _dec_p4
+from nsa.ops.descriptors import forced, kv_desc, resolve_desc
 from nsa.ops.reference import num_compressed
 
 BLOCK_C = 64  # compressed tokens per tile
@@ -177,13 +178,22 @@ def triton_decode(
     kws = (kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2))
     kss = (ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2))
     part = (ws["pm"], ws["pl"], ws["po"], ws["cnt"])
+    # key/value tiles by bulk copy only where forced (USE_DESC / NSA_KV_DESC=1): on an
+    # H200 they measured slower here (64k: 97.2 against 95.0 us at batch 16, 32.9 against
+    # 32.3 at batch 1), unlike in the prefill kernels
+    desc = forced() is True and all(resolve_desc("triton_decode", None, k_, v_, DK, DV)
+                                    for k_, v_ in ((kc, vc), (kw, vw), (ks, vs)))
+    if desc:
+        kc, vc = kv_desc(kc, ncap, BLOCK_C, DK), kv_desc(vc, ncap, BLOCK_C, DV)
+        kw, vw = kv_desc(kw, cfg.w, LP, DK), kv_desc(vw, cfg.w, LP, DV)
+        ks, vs = kv_desc(ks, ks.shape[1], LP, DK), kv_desc(vs, vs.shape[1], LP, DV)
     if r2:
         _dec_p1[(B * H, r2)](
             q, kc, vc, kw, vw, cache.lengths, *part, ws["tm"], ws["ps"], *qs, *kcs, *kws,
             ncap, splits, ntile, ws["nbcap"], npart, ws["ntcap"], scale, **common, **shape,
             **blocks, TPS=tps, JB=jb, LP=LP, W=cfg.w, SLOT_CMP=slots["SLOT_CMP"],
-            USE_SEL=use_sel, SPLIT_SCORES=split_scores, DOT_PREC=prec, num_warps=WARPS["p1"],
-            num_stages=P1_STAGES,
+            USE_SEL=use_sel, SPLIT_SCORES=split_scores, DOT_PREC=prec, USE_DESC=desc,
+            num_warps=WARPS["p1"], num_stages=P1_STAGES,
         )
     if use_sel:
         _dec_p2[(B * H, nch)](
@@ -194,7 +204,7 @@ def triton_decode(
         _dec_p3[(B * H, n_sp)](
             q, ks, vs, cache.lengths, *part, ws["cand"], ws["idx"], *qs, *kss, nch, npart,
             scale, **common, **shape, SEL_L=cfg.l_sel, LP=LP, N_SEL=cfg.n, NP=NP,
-            KP=ws["kp"], BPP=bpp, SLOT_SEL=n_wt_slots, DOT_PREC=prec,
+            KP=ws["kp"], BPP=bpp, SLOT_SEL=n_wt_slots, DOT_PREC=prec, USE_DESC=desc,
             num_warps=WARPS["p3"],
         )
     _dec_p4[(B * HQ,)](

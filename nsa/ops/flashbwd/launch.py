@@ -18,7 +18,7 @@ from nsa.ops.compression.launch import (
     rows_per_position,
     shrink_on_oor,
 )
-from nsa.ops.descriptors import desc_problems, kv_desc, resolve_desc
+from nsa.ops.descriptors import desc_problems, forced, kv_desc, resolve_desc
 from nsa.ops.flashbwd.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _rowdot_kernel
 
 MASK_CMP = 0
@@ -103,10 +103,8 @@ def flash_backward(
     if use_desc_rows is None:
         # H200, paper shape, 64k: the compressed dK/dV took 27.2 ms with descriptor rows
         # against 26.8 with pointer loads (window 8.1 / 8.2): off unless asked for
-        # (NSA_KV_DESC=1 asks for it where G is a power of two)
-        from nsa.policy import kv_desc_env
-
-        use_desc_rows = (G == GP2 and kv_desc_env() is True and not desc_problems(q, DK)
+        # (USE_DESC / NSA_KV_DESC=1 ask for it where G is a power of two)
+        use_desc_rows = (G == GP2 and forced() is True and not desc_problems(q, DK)
                          and not desc_problems(dout, DV))
     use_desc_rows = resolve_desc("flash_backward", use_desc_rows, q, dout, DK, DV)
     prec = dot_precision(q.dtype, q.device)
