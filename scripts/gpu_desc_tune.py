@@ -194,6 +194,48 @@ def run_bwd(T: int, G: int) -> None:
     torch.cuda.empty_cache()
 
 
+def run_score(T: int, G: int) -> None:
+    """Compressed kernel: block scores by register reductions against the tensor-core
+    product (score_dot); scores compared where selection reads them."""
+    import torch
+    from triton.testing import do_bench
+
+    import nsa.ops.compression.launch as cl
+    from nsa import NSAConfig, nsa_attention
+    from nsa.ops.compression import cmp_forward
+    cf = _check_forward()
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
+    H, D = 4, 128
+    inp = cf.make(T, G * H, H, D, D, cfg, torch.bfloat16)
+    q, kc, vc = inp["q"], inp["k_cmp"], inp["v_cmp"]
+    scale = D ** -0.5
+    N = kc.shape[1]
+    # entries selection reads: block j of query t with j*4 - 1 < n_vis(t)
+    t = torch.arange(T, device="cuda")
+    n_vis = ((t + 1 - cfg.l + cfg.d).clamp(min=0) // cfg.d).clamp(max=N)
+    j = torch.arange(cfg.num_sel_blocks(T), device="cuda")
+    readable = (j[None, :] * 4 - 1 < n_vis[:, None])
+    base = cmp_forward(q, kc, vc, cfg, scale, score_dot=False)[1][..., readable]
+    for name, kw in [("fused regs", dict(score_dot=False)),
+                     ("fused dot", dict(score_dot=True)),
+                     ("two-pass regs", dict(score_dot=False, mode="two_pass")),
+                     ("two-pass dot", dict(score_dot=True, mode="two_pass"))]:
+        sc = cmp_forward(q, kc, vc, cfg, scale, **kw)[1][..., readable]
+        d = rel(sc, base)
+        ms = do_bench(lambda kw=kw: cmp_forward(q, kc, vc, cfg, scale, **kw),
+                      return_mode="median")
+        print(f"{T:>6} {G:>3} cmpS {name:<16} {ms:8.3f} ms  scores rel {d:.1e}", flush=True)
+    if G == 16:
+        for flag in (False, True):
+            cl.CMP_SCORE_DOT = flag
+            ms = do_bench(lambda: nsa_attention(**inp, config=cfg, backend="triton"),
+                          return_mode="median")
+            print(f"{T:>6} {G:>3} NSA forward, score dot {'on ' if flag else 'off'}: "
+                  f"{ms:8.3f} ms", flush=True)
+        cl.CMP_SCORE_DOT = False
+    torch.cuda.empty_cache()
+
+
 def run(T: int, G: int, fwd_variants, dq_variants, whole: bool) -> None:
     import torch
     import torch.nn.functional as F
@@ -279,7 +321,8 @@ def main() -> None:
     ap.add_argument("--Ts", default="16384,65536")
     ap.add_argument("--no-groups", action="store_true", help="G = 16 only")
     ap.add_argument("--kernels", default="sel,cmp",
-                    help="sel (forward + dQ), cmp (+ window), bwd (flash backward)")
+                    help="sel (forward + dQ), cmp (+ window), bwd (flash backward), "
+                         "score (compressed block scores: reductions or tensor cores)")
     a = ap.parse_args()
     kernels = set(a.kernels.split(","))
     import torch
@@ -310,6 +353,8 @@ def main() -> None:
                 run(T, G, fwd_variants, dq_variants, whole=G == 16)
             if "bwd" in kernels:
                 run_bwd(T, G)
+            if "score" in kernels:
+                run_score(T, G)
 
 
 if __name__ == "__main__":

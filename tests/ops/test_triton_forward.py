@@ -95,6 +95,12 @@ def ref_cmp(q, kc, vc, H, cfg, scale):
     (PAPER, 3, 2, 403, 32, 16, torch.float32, "fused", 16, True),
     (PAPER, 3, 1, 403, 32, 16, torch.float32, "two_pass", 16, True),
     (PAPER, 4, 1, 330, 32, 32, torch.float16, "fused", 16, True),
+    # block scores as a tensor-core product (fp16 hi/lo split of P, overlap matrix)
+    (PAPER, 3, 2, 403, 32, 16, torch.float32, "fused", 16, "dot"),
+    (PAPER, 16, 1, 290, 32, 16, torch.float32, "two_pass", None, "dot"),
+    (PAPER, 4, 1, 330, 32, 32, torch.float16, "fused", 16, "dot"),
+    (EQUAL, 1, 2, 150, 16, 16, torch.float32, "fused", None, "dot"),
+    (dict(l=32, d=8, l_sel=32), 2, 1, 181, 32, 32, torch.float32, "fused", 16, "dot"),
 ])
 def test_cmp_kernel_outputs_and_block_scores(blocks, G, H, T, dk, dv, dtype, mode, block_n,
                                              desc, rng):
@@ -109,7 +115,7 @@ def test_cmp_kernel_outputs_and_block_scores(blocks, G, H, T, dk, dv, dtype, mod
     o = nan_like((B, T, HQ, dv), dtype)
     scores = torch.full((B, H, T, nb), float("nan"), dtype=torch.float32)
     cmp_forward(q, kc, vc, cfg, scale, o=o, scores=scores, mode=mode, block_n=block_n,
-                use_desc=desc)
+                use_desc=desc is True, score_dot=desc == "dot")
     o_ref, s_ref = ref_cmp(q, kc, vc, H, cfg, scale)
     assert rel(o, o_ref) < TOL[dtype]
     mask = readable(T, N, cfg)

@@ -41,6 +41,45 @@ def _n_visible(t, N, CMP_L: tl.constexpr, CMP_D: tl.constexpr):
 
 
 @triton.jit
+def _overlap_matrix(BLOCK_N: tl.constexpr, BJ2: tl.constexpr, SEL_B: tl.constexpr,
+                    SEL_A: tl.constexpr):
+    """[BLOCK_N, BJ2] fp16 weights of a key tile's compressed tokens to the tile's blocks
+    (columns 0..BJ-1) and to the next tile's first block (column BJ): overlap / d, small
+    integers (exact in fp16)."""
+    i = tl.arange(0, BLOCK_N)[:, None]
+    jj = tl.arange(0, BJ2)[None, :]
+    r = i % SEL_B
+    grp = i // SEL_B
+    w_in = tl.minimum(SEL_A, SEL_B - r)
+    w_tail = tl.maximum(r + SEL_A - SEL_B, 0)
+    w = tl.where(grp == jj, w_in, 0) + tl.where(grp == jj - 1, w_tail, 0)
+    return w.to(tl.float16)
+
+
+@triton.jit
+def _scores_tile_dot(p, wt, carry, s_rows, kt_i, pos_ok, NB,
+                     PP: tl.constexpr, GP2: tl.constexpr, BLOCK_N: tl.constexpr,
+                     SEL_B: tl.constexpr, BJ2: tl.constexpr):
+    """:func:`_scores_tile` on the tensor cores: P @ W with the overlap matrix of
+    :func:`_overlap_matrix`, P split into fp16 hi + lo after scaling by 2^15 (22 bits and
+    no underflow for p >= 2^-39; the products with the integer weights are exact), then the
+    sum over the group's heads on the [rows, BJ2] result instead of on P itself."""
+    BJ: tl.constexpr = BLOCK_N // SEL_B
+    ps = p * 32768.0
+    p_hi = ps.to(tl.float16)
+    p_lo = (ps - p_hi.to(tl.float32)).to(tl.float16)
+    pw = tl.dot(p_hi, wt)
+    pw = tl.dot(p_lo, wt, pw) * (1.0 / 32768.0)  # [PP*GP2, BJ2]
+    pg = tl.sum(tl.reshape(pw, [PP, GP2, BJ2]), 1)  # Eq. 10: sum over the group's heads
+    jj = tl.arange(0, BJ2)[None, :]
+    sc = pg + tl.where(jj == 0, carry[:, None], 0.0)
+    carry = tl.sum(tl.where(jj == BJ, pg, 0.0), 1)
+    j0 = kt_i * BJ
+    tl.store(s_rows + j0 + jj, sc, mask=pos_ok & (jj < BJ) & (j0 + jj < NB))
+    return carry
+
+
+@triton.jit
 def _scores_tile(p, carry, s_ptrs, kt_i, pos_ok, NB,
                  PP: tl.constexpr, GP2: tl.constexpr, BLOCK_N: tl.constexpr,
                  SEL_B: tl.constexpr, SEL_A: tl.constexpr):
@@ -80,7 +119,8 @@ def _cmp_fwd_kernel(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_B: tl.constexpr, SEL_A: tl.constexpr,
     PASS1: tl.constexpr, PASS2: tl.constexpr, DO_PV: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False, SCORE_DOT: tl.constexpr = False,
+    BJ2: tl.constexpr = 32,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     n_tiles_t = tl.cdiv(T, PP)
@@ -164,9 +204,12 @@ def _cmp_fwd_kernel(
         t_pos = t0 + offs_p
         s_base = (SCORES + b * stride_sb + h.to(tl.int64) * stride_sh
                   + t0.to(tl.int64) * stride_st)
-        s_ptrs = s_base + (offs_p * stride_st)[:, None] + tl.arange(0, BJ)[None, :]
+        s_rows = s_base + (offs_p * stride_st)[:, None]
+        s_ptrs = s_rows + tl.arange(0, BJ)[None, :]
         pos_ok = (t_pos < T)[:, None]
         carry = tl.zeros([PP], tl.float32)
+        if SCORE_DOT:
+            wt = _overlap_matrix(BLOCK_N, BJ2, SEL_B, SEL_A)
         n_tiles = tl.cdiv(n_hi, BLOCK_N)
         for kt_i in range(0, n_tiles):
             cols = kt_i * BLOCK_N + offs_n
@@ -179,8 +222,12 @@ def _cmp_fwd_kernel(
             p = tl.math.exp2(s - lse[:, None])
             if kt_i * BLOCK_N >= n_full:
                 p = tl.where(cols[None, :] < n_vis[:, None], p, 0.0)
-            carry = _scores_tile(p, carry, s_ptrs, kt_i, pos_ok, NB,
-                                 PP, GP2, BLOCK_N, SEL_B, SEL_A)
+            if SCORE_DOT:
+                carry = _scores_tile_dot(p, wt, carry, s_rows, kt_i, pos_ok, NB,
+                                         PP, GP2, BLOCK_N, SEL_B, BJ2)
+            else:
+                carry = _scores_tile(p, carry, s_ptrs, kt_i, pos_ok, NB,
+                                     PP, GP2, BLOCK_N, SEL_B, SEL_A)
         if SEL_A > 1:
             # the last tile's tail belongs to the block after it
             j_last = n_tiles * BJ

@@ -16,6 +16,11 @@ from nsa.ops.compression.kernels import _cmp_fwd_kernel
 LOG2E = 1.4426950408889634
 
 CMP_MODES = ("fused", "two_pass")
+# block scores through the tensor cores (cmp_forward's score_dot); None: on CUDA for groups
+# of at most 4 rows per position. H200, paper shape, 64k, fused kernel: G = 4 4.81 -> 4.42
+# ms, G = 1 1.21 -> 1.16, but G = 16 17.39 -> 18.26 (the products cost more there than
+# the shuffles they save; scores equal to 7e-8)
+CMP_SCORE_DOT: bool | None = None
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -158,6 +163,7 @@ def cmp_forward(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_desc: bool | None = None,
+    score_dot: bool | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Compressed-branch attention and/or the group block scores, in one or two launches.
 
@@ -175,7 +181,9 @@ def cmp_forward(
     through memory to a second launch. ``block_m``/``block_n``/``num_warps``/``num_stages``
     override the launch config of the (first) kernel, for tuning runs. ``use_desc``: read
     key/value tiles through tensor descriptors (None: :func:`nsa.ops.descriptors.resolve_desc`
-    decides).
+    decides). ``score_dot``: the Eq. 9 mapping as a tensor-core product of P (fp16 hi/lo
+    split) with the overlap matrix, the group sum after it (None: ``CMP_SCORE_DOT``, which
+    by default takes it on CUDA for G <= 4).
     """
     from nsa.ops.descriptors import kv_desc, resolve_desc
 
@@ -201,6 +209,10 @@ def cmp_forward(
     if not want_o and not want_scores:
         return None, None
     use_desc = resolve_desc("cmp_forward", use_desc, k_cmp, v_cmp, DK, DV)
+    if score_dot is None:
+        score_dot = CMP_SCORE_DOT
+    if score_dot is None:
+        score_dot = q.device.type == "cuda" and not interpreting() and GP2 <= 4
     bm, bn, warps, stages = _cmp_config(DK, DV, GP2, SEL_B, q.device)
     bm, bn = block_m or bm, block_n or bn
     warps, stages = num_warps or warps, num_stages or stages
@@ -235,7 +247,8 @@ def cmp_forward(
             G=G, GP2=GP2, PP=pp, BLOCK_N=bn_, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             CMP_L=cfg.l, CMP_D=cfg.d, SEL_B=SEL_B, SEL_A=SEL_A,
             PASS1=pass1, PASS2=pass2, DO_PV=want_o, STORE_LSE=store_lse,
-            DOT_PREC=prec, USE_DESC=use_desc, num_warps=warps_, num_stages=stages_,
+            DOT_PREC=prec, USE_DESC=use_desc, SCORE_DOT=score_dot,
+            BJ2=max(16, next_pow2(bn_ // SEL_B + 1)), num_warps=warps_, num_stages=stages_,
         )
 
     min_bm = max(16, GP2)
