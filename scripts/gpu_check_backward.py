@@ -85,14 +85,18 @@ def compile_only() -> None:
         (bm1, bn1, w1, st1), (bm2, bn2, w2, st2) = _configs(D, D, G2, _Cuda())
         for mask in (0, 1):
             c = dict(G=G, GP2=G2, PP=max(1, bm1 // G2), BLOCK_N=bn1, DK=D, DV=D,
-                     D_K=d, D_V=d, MASK=mask, CMP_L=32, CMP_D=16, DOT_PREC="tf32")
+                     D_K=d, D_V=d, MASK=mask, CMP_L=32, CMP_D=16, DOT_PREC="tf32",
+                     USE_DESC=False)
             print(f"dkdv mask={mask} G={G:2d} d={d}: " + one(_bwd_dkdv_kernel, c, w1, st1),
                   flush=True)
-            c = dict(G=G, GP2=G2, PP=max(1, bm2 // G2), BLOCK_N=bn2, DK=D, DV=D,
-                     D_K=d, D_V=d, MASK=mask, CMP_L=32, CMP_D=16, ACCUMULATE=True,
-                     DOT_PREC="tf32")
-            print(f"dq   mask={mask} G={G:2d} d={d}: " + one(_bwd_dq_kernel, c, w2, st2),
-                  flush=True)
+            for desc in (False, True) if d == D else (False,):
+                c = dict(G=G, GP2=G2, PP=max(1, bm2 // G2), BLOCK_N=bn2, DK=D, DV=D,
+                         D_K=d, D_V=d, MASK=mask, CMP_L=32, CMP_D=16, ACCUMULATE=True,
+                         DOT_PREC="tf32", USE_DESC=desc)
+                td = ({n: f"tensordesc<bf16[1,{bn2},1,{D}]>" for n in ("K", "V")} if desc
+                      else None)
+                print(f"dq   mask={mask} desc={desc:d} G={G:2d} d={d}: "
+                      + one(_bwd_dq_kernel, c, w2, st2, td), flush=True)
         bnq, wq, bmk, bnk, wk, st = _sel_bwd_config(D, D, G2, 64, _Cuda())
         for desc in (False, True) if d == D else (False,):
             c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,

@@ -199,18 +199,25 @@ def compile_only() -> None:
     for G, d in ((16, 128), (4, 128), (1, 128), (4, 192), (16, 256), (3, 64)):
         G2 = 1 << (G - 1).bit_length()
         D = 1 << (d - 1).bit_length()
+        desc = d == D  # the launchers' defaults on SM 9.0 (nsa.ops.descriptors)
         for p1, p2 in ((True, True), (True, False), (False, True)):
-            bn = (128 if not p1 else 64) if d <= 128 else 32
-            c = dict(G=G, GP2=G2, PP=128 // G2, BLOCK_N=bn, DK=D, DV=D, D_K=d, D_V=d,
+            # compressed: 64 x 64 on 4 warps (pass 2 alone: 64 x 128), 128 x 32 / 8 above 128
+            bm, bn, w, st = ((64, 64 if p1 else 128, 4, 3) if d <= 128 else (128, 32, 8, 2))
+            c = dict(G=G, GP2=G2, PP=max(1, bm // G2), BLOCK_N=bn, DK=D, DV=D, D_K=d, D_V=d,
                      CMP_L=32, CMP_D=16, SEL_B=4, SEL_A=2, PASS1=p1, PASS2=p2, DO_PV=True,
-                     STORE_LSE=not p2, DOT_PREC="tf32")
-            print(f"cmp  G={G:2d} d={d} pass1={p1:d} pass2={p2:d}: " + one(
-                _cmp_fwd_kernel, {**bf, "LSE": "*fp32", "SCORES": "*fp32"}, c, 8,
-                3 if d <= 128 else 2), flush=True)
-        c = dict(G=G, GP2=G2, PP=128 // G2, BLOCK_N=64 if d <= 128 else 32, DK=D, DV=D,
-                 D_K=d, D_V=d, STORE_LSE=True, DOT_PREC="tf32")
-        print(f"win  G={G:2d} d={d}: " + one(_win_fwd_kernel, {**bf, "LSE": "*fp32"}, c, 8,
-                                             3 if d <= 128 else 2))
+                     STORE_LSE=not p2, DOT_PREC="tf32", USE_DESC=desc, SCORE_DOT=G2 <= 4,
+                     BJ2=max(16, 1 << (bn // 4).bit_length()))
+            td = {n: f"tensordesc<bf16[1,{bn},1,{D}]>" for n in ("K", "V")} if desc else {}
+            print(f"cmp  G={G:2d} d={d} pass1={p1:d} pass2={p2:d} desc={desc:d}: " + one(
+                _cmp_fwd_kernel, {**bf, "LSE": "*fp32", "SCORES": "*fp32", **td}, c, w, st),
+                flush=True)
+        bm, bn, w, st = ((64, 64, 4, 3) if desc and d <= 128 else
+                         (128, 64, 4 if d <= 64 else 8, 3) if d <= 128 else (128, 32, 8, 2))
+        c = dict(G=G, GP2=G2, PP=max(1, bm // G2), BLOCK_N=bn, DK=D, DV=D,
+                 D_K=d, D_V=d, STORE_LSE=True, DOT_PREC="tf32", USE_DESC=desc)
+        td = {n: f"tensordesc<bf16[1,{bn},1,{D}]>" for n in ("K", "V")} if desc else {}
+        print(f"win  G={G:2d} d={d} desc={desc:d}: " + one(
+            _win_fwd_kernel, {**bf, "LSE": "*fp32", **td}, c, w, st))
         for desc in (False, True) if d == D else (False,):
             bn, w, st = _sel_config(D, D, 64, _Cuda(), desc)
             w = 2 if G2 >= 16 and D <= 128 else w
