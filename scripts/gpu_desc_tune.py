@@ -33,6 +33,20 @@ def _check_forward():
     return mod
 
 
+def paper_case(T: int, G: int):
+    """(check-forward module, config, H, D, HQ, scale, bf16 inputs) of the paper shape with
+    H = 4 KV heads of G query heads each."""
+    import torch
+
+    from nsa import NSAConfig
+
+    cf = _check_forward()
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
+    H, D = 4, 128
+    HQ = G * H
+    return cf, cfg, H, D, HQ, D ** -0.5, cf.make(T, HQ, H, D, D, cfg, torch.bfloat16)
+
+
 def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -57,16 +71,10 @@ def timed(T, G, kind, name, fn, base, unit) -> None:
 def run_cmp_win(T: int, G: int) -> None:
     import torch
 
-    from nsa import NSAConfig
     from nsa.ops.compression import cmp_forward
     from nsa.ops.window import win_forward
 
-    cf = _check_forward()
-    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    H, D = 4, 128
-    HQ = G * H
-    scale = D ** -0.5
-    inp = cf.make(T, HQ, H, D, D, cfg, torch.bfloat16)
+    cf, cfg, H, D, HQ, scale, inp = paper_case(T, G)
     q = inp["q"]
     fl = cf.floors(T, HQ, H, D, D, cfg.l, cfg.d, cfg.l_sel, cfg.n, cfg.w)
 
@@ -103,6 +111,19 @@ def run_cmp_win(T: int, G: int) -> None:
         kw = dict(kw, use_desc=name.startswith("desc"))
         timed(T, G, "win", name, lambda kw=kw: win(**kw), base_w, unit)
     torch.cuda.empty_cache()
+
+
+def on_off(T, G, label, set_knob, fn, t_dense=None) -> None:
+    """Time ``fn`` with a knob off, then on (``set_knob(False / True)``), then reset it to
+    the default (``set_knob(None)``); one row each, against dense where given."""
+    from triton.testing import do_bench
+
+    for flag in (False, True):
+        set_knob(flag)
+        t = do_bench(fn, return_mode="median")
+        vs = f", dense {t_dense:8.3f} ms, {t_dense / t:5.2f}x" if t_dense else ""
+        print(f"{T:>6} {G:>3} {label} {'on ' if flag else 'off'}: {t:8.3f} ms{vs}", flush=True)
+    set_knob(None)
 
 
 def _bwd_branch(T, G, branch, flash_backward, q, k, v, dout, gate, lse, delta, mk, scale,
@@ -143,16 +164,11 @@ def run_bwd(T: int, G: int) -> None:
     from triton.testing import do_bench
 
     import nsa.ops.descriptors as dsc
-    from nsa import NSAConfig, nsa_attention
+    from nsa import nsa_attention
     from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, flash_backward
     from nsa.ops.triton_backend import forward_kernels
 
-    cf = _check_forward()
-    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    H, D = 4, 128
-    HQ = G * H
-    scale = D ** -0.5
-    inp = cf.make(T, HQ, H, D, D, cfg, torch.bfloat16)
+    cf, cfg, H, D, HQ, scale, inp = paper_case(T, G)
     q = inp["q"]
     dout = torch.randn_like(q)
     with torch.no_grad():
@@ -185,12 +201,8 @@ def run_bwd(T: int, G: int) -> None:
             return torch.autograd.grad(o, (qd, kd, vd), dd)
 
         t_dense = do_bench(dense_fb, return_mode="median")
-        for flag in (False, True):
-            dsc.USE_DESC = flag
-            t = do_bench(nsa_fb, return_mode="median")
-            print(f"{T:>6} {G:>3} NSA fwd+bwd, descriptors {'on ' if flag else 'off'}: "
-                  f"{t:8.3f} ms, dense {t_dense:8.3f} ms, {t_dense / t:5.2f}x", flush=True)
-        dsc.USE_DESC = None
+        on_off(T, G, "NSA fwd+bwd, descriptors", lambda f: setattr(dsc, "USE_DESC", f), nsa_fb,
+               t_dense)
     torch.cuda.empty_cache()
 
 
@@ -201,14 +213,10 @@ def run_score(T: int, G: int) -> None:
     from triton.testing import do_bench
 
     import nsa.ops.compression.launch as cl
-    from nsa import NSAConfig, nsa_attention
+    from nsa import nsa_attention
     from nsa.ops.compression import cmp_forward
-    cf = _check_forward()
-    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    H, D = 4, 128
-    inp = cf.make(T, G * H, H, D, D, cfg, torch.bfloat16)
+    cf, cfg, H, D, HQ, scale, inp = paper_case(T, G)
     q, kc, vc = inp["q"], inp["k_cmp"], inp["v_cmp"]
-    scale = D ** -0.5
     N = kc.shape[1]
     # entries selection reads: block j of query t with j*4 - 1 < n_vis(t)
     t = torch.arange(T, device="cuda")
@@ -226,13 +234,9 @@ def run_score(T: int, G: int) -> None:
                       return_mode="median")
         print(f"{T:>6} {G:>3} cmpS {name:<16} {ms:8.3f} ms  scores rel {d:.1e}", flush=True)
     if G == 16:
-        for flag in (False, True):
-            cl.CMP_SCORE_DOT = flag
-            ms = do_bench(lambda: nsa_attention(**inp, config=cfg, backend="triton"),
-                          return_mode="median")
-            print(f"{T:>6} {G:>3} NSA forward, score dot {'on ' if flag else 'off'}: "
-                  f"{ms:8.3f} ms", flush=True)
-        cl.CMP_SCORE_DOT = False
+        on_off(T, G, "NSA forward, score dot",
+               lambda f: setattr(cl, "CMP_SCORE_DOT", f),
+               lambda: nsa_attention(**inp, config=cfg, backend="triton"))
     torch.cuda.empty_cache()
 
 
@@ -242,18 +246,13 @@ def run(T: int, G: int, fwd_variants, dq_variants, whole: bool) -> None:
     from triton.testing import do_bench
 
     import nsa.ops.descriptors as dsc
-    from nsa import NSAConfig, nsa_attention
+    from nsa import nsa_attention
     from nsa.ops.compression import cmp_forward
     from nsa.ops.selection import sel_forward, select_topn
     from nsa.ops.selection.bwd_launch import sel_backward
     from nsa.ops.window import win_forward
 
-    cf = _check_forward()
-    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    H, D = 4, 128
-    HQ = G * H
-    scale = D ** -0.5
-    inp = cf.make(T, HQ, H, D, D, cfg, torch.bfloat16)
+    cf, cfg, H, D, HQ, scale, inp = paper_case(T, G)
     q, k, v = inp["q"], inp["k_sel"], inp["v_sel"]
     o_cmp, scores = cmp_forward(q, inp["k_cmp"], inp["v_cmp"], cfg, scale)
     idx = select_topn(scores, T, inp["k_cmp"].shape[1], cfg)
@@ -306,13 +305,8 @@ def run(T: int, G: int, fwd_variants, dq_variants, whole: bool) -> None:
         t_dense = do_bench(lambda: F.scaled_dot_product_attention(
             qt, kt, vt, is_causal=True, enable_gqa=True), return_mode="median")
         del qt, kt, vt
-        for flag in (False, True):
-            dsc.USE_DESC = flag
-            t = do_bench(lambda: nsa_attention(**inp, config=cfg, backend="triton"),
-                         return_mode="median")
-            print(f"{T:>6} {G:>3} NSA forward, descriptors {'on ' if flag else 'off'}: "
-                  f"{t:8.3f} ms, dense {t_dense:8.3f} ms, {t_dense / t:5.2f}x", flush=True)
-        dsc.USE_DESC = None
+        on_off(T, G, "NSA forward, descriptors", lambda f: setattr(dsc, "USE_DESC", f),
+               lambda: nsa_attention(**inp, config=cfg, backend="triton"), t_dense)
     torch.cuda.empty_cache()
 
 
