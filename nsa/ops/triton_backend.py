@@ -17,6 +17,9 @@ Backward: :mod:`nsa.ops.triton_autograd` wraps the forward in the custom op
 ``nsa::triton_fwd`` (opaque to ``torch.compile``) whose backward launches the Triton
 backward kernels (:mod:`nsa.ops.flashbwd` for the compressed and window branches,
 :mod:`nsa.ops.selection.bwd_launch` for the selected branch).
+On SM 9.0+ the kernels that stream key/value tiles read them by bulk tensor copy
+(:mod:`nsa.ops.descriptors`; pointer loads elsewhere and where a tensor's layout does not
+allow it), and the compressed kernel maps block scores on the tensor cores for G <= 4.
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (slow; for tests).
 The SM 8.9 policy of :mod:`nsa.policy` is honoured: where it routes the selection branch
 to the reference, that branch (scores, top-n, attention) runs in PyTorch and the other
