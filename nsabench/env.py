@@ -17,6 +17,7 @@ import torch
 import nsa
 from nsa import policy
 from nsa.backends import BACKEND_SPECS, DeviceInfo, Shapes, device_info, module_status
+from nsa.ops.descriptors import describe as describe_variants
 
 ENV_SCHEMA_VERSION = 1
 # distribution -> module; fla-core is only the optional `nsa prefill --fla` comparator
@@ -274,6 +275,11 @@ def probe() -> dict[str, Any]:
         "preference": {b: list(order) for b, order in policy.PREFERENCE.items()},
         "backends": backend_table(devices),
         "routing": routing,
+        "kernel_variants": {
+            "device": main_dev.label,
+            "rows": describe_variants(main_dev.type, main_dev.capability,
+                                      flags.triton_interpret),
+        },
     }
 
 

@@ -338,6 +338,10 @@ def _environment_md(env: dict[str, Any]) -> str:
         parts.append(f"Routing for {case['device']}, {case['dtype']}, d_k={case['d_k']}, "
                      f"d_v={case['d_v']}, G={case['G']}:\n\n"
                      + md_table(["branch", "backend", "why"], rr))
+    kv = env.get("kernel_variants")
+    if kv:
+        parts.append(f"Triton kernel variants on {kv['device']}:\n\n" + md_table(
+            ["what", "variant", "why"], [[r["what"], r["variant"], r["why"]] for r in kv["rows"]]))
     evs = env.get("env_vars", {})
     if evs:
         parts.append("Environment variables read:\n\n" + md_table(

@@ -10,8 +10,12 @@ the kernel may read: those must never be read, not even as masked-out values).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+if TYPE_CHECKING:  # Triton is imported where a descriptor is built (nsa env runs without it)
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Programmatic override (tests, tuning scripts): True / False forces every kernel's choice;
 # None defers to NSA_KV_DESC (nsa.policy), then to SM 9.0+. Read at every launch.
@@ -66,5 +70,48 @@ def resolve_desc(who: str, use_desc: bool | None, k: Tensor, v: Tensor, DK: int,
 def kv_desc(x: Tensor, rows: int, block_rows: int, tile: int) -> TensorDescriptor:
     """Descriptor of x [B, >= rows, H, d] limited to its first ``rows`` rows; one load
     gives a [1, block_rows, 1, tile] box of one (batch, row offset, head)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     B, _, H, d = x.shape
     return TensorDescriptor(x, [B, rows, H, d], list(x.stride()), [1, block_rows, 1, tile])
+
+
+def describe(device_type: str, capability: tuple[int, int] | None,
+             interpreter: bool) -> list[dict[str, str]]:
+    """Which load and score variants the Triton kernels take on a device, and why: rows of
+    {"what", "variant", "why"} for ``nsa env`` and every report's env.json."""
+    f = forced()
+    src = ("descriptors.USE_DESC" if USE_DESC is not None else "NSA_KV_DESC") + f"={int(bool(f))}"
+    cuda = device_type == "cuda" and not interpreter
+    sm90 = cuda and capability is not None and tuple(capability) >= (9, 0)
+    if f is not None:
+        prefill = ("bulk tensor copies (descriptors)" if f else "pointer loads", f"forced: {src}")
+    elif sm90:
+        prefill = ("bulk tensor copies (descriptors)",
+                   f"SM {capability[0]}.{capability[1]} has them; measured faster "
+                   "(docs/perf-notes.md)")
+    else:
+        prefill = ("pointer loads", "not a CUDA device" if not cuda else
+                   f"SM {capability[0]}.{capability[1]}: no bulk tensor copies"
+                   if capability else "compute capability unknown")
+    pointer_unless = ("pointer loads", "measured no faster with descriptors; "
+                      "NSA_KV_DESC=1 forces them")
+    rows = [
+        {"what": "key/value tiles, prefill forward and dQ kernels", "variant": prefill[0],
+         "why": prefill[1] + ("; pointer loads for tensors a descriptor cannot describe "
+                              "(head dim not a power of two, 16-byte alignment)"
+                              if prefill[0] != "pointer loads" else "")},
+        {"what": "key/value tiles, decode kernels",
+         "variant": "bulk tensor copies (descriptors)" if f else "pointer loads",
+         "why": f"forced: {src}" if f is not None else pointer_unless[1]},
+        {"what": "q/dout rows, flash dK/dV kernel",
+         "variant": "bulk tensor copies (descriptors)" if f else "pointer loads",
+         "why": (f"forced: {src} (power-of-two groups only)" if f is not None
+                 else pointer_unless[1])},
+        {"what": "compressed block scores (Eq. 9/10)",
+         "variant": ("tensor-core product for G <= 4, register reductions above" if cuda
+                     else "register reductions"),
+         "why": ("measured faster for G <= 4 only (docs/perf-notes.md)" if cuda else
+                 "the default off CUDA (cmp_forward(score_dot=True) takes the product)")},
+    ]
+    return rows

@@ -97,6 +97,13 @@ def render(d: dict[str, Any]) -> None:
         rt.add_row(br, ch["backend"], escape(ch["reason"]))
     con.print(rt)
 
+    kv = d.get("kernel_variants")
+    if kv:
+        kt = _t(f"Triton kernel variants on {kv['device']}", "what", "variant", "why")
+        for row in kv["rows"]:
+            kt.add_row(escape(row["what"]), escape(row["variant"]), escape(row["why"]))
+        con.print(kt)
+
     pol = _t("Policy rules", "rule", "applies to")
     for rule in d["policy"]:
         pol.add_row(escape(rule["rule"]), f"{rule['backend']}: {', '.join(rule['branches'])}")

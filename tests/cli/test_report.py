@@ -79,10 +79,37 @@ def test_env_json_and_human_output(invoke):
         assert "not installed" in fa["note"]
     assert d["routing"]["op"]["backend"] in ("reference", "triton")
     assert set(d["env_vars"]) >= {"NSA_TRITON_SEL_FORCE", "NSA_USE_FA2", "NSA_DEBUG"}
+    kv = {row["what"]: row for row in d["kernel_variants"]["rows"]}
+    assert kv["key/value tiles, prefill forward and dQ kernels"]["variant"] == "pointer loads"
+    assert kv["key/value tiles, decode kernels"]["variant"] == "pointer loads"
     r = invoke("env")
     assert r.exit_code == 0
-    for text in ("Versions", "Backends", "Routing for", "Environment variables read"):
+    for text in ("Versions", "Backends", "Routing for", "Triton kernel variants",
+                 "Environment variables read"):
         assert text in r.stdout
+
+
+def test_env_explains_the_kernel_variants_of_an_sm90_gpu_and_the_override(invoke, monkeypatch):
+    gpu = DeviceInfo("cuda", 0, "NVIDIA H200", (9, 0), 132)
+    monkeypatch.setattr(envmod, "list_devices", lambda: [DeviceInfo("cpu", name="cpu"), gpu])
+    monkeypatch.setattr(envmod, "probe_gpus", lambda: ([], {"available": False,
+                                                            "reason": "faked"}))
+    monkeypatch.delenv("NSA_KV_DESC", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = {r["what"]: r for r in json.loads(invoke("env", "--json").stdout)
+            ["kernel_variants"]["rows"]}
+    pre = rows["key/value tiles, prefill forward and dQ kernels"]
+    assert pre["variant"] == "bulk tensor copies (descriptors)" and "SM 9.0" in pre["why"]
+    assert rows["key/value tiles, decode kernels"]["variant"] == "pointer loads"
+    assert rows["compressed block scores (Eq. 9/10)"]["variant"].startswith("tensor-core")
+    monkeypatch.setenv("NSA_KV_DESC", "0")
+    rows = {r["what"]: r for r in json.loads(invoke("env", "--json").stdout)
+            ["kernel_variants"]["rows"]}
+    pre = rows["key/value tiles, prefill forward and dQ kernels"]
+    assert pre["variant"] == "pointer loads" and pre["why"] == "forced: NSA_KV_DESC=0"
+    monkeypatch.setenv("NSA_KV_DESC", "1")
+    r = invoke("env")
+    assert "forced: NSA_KV_DESC=1" in " ".join(r.stdout.split())
 
 
 def test_env_on_a_faked_rtx_4090_prints_the_selection_policy(invoke, monkeypatch):
