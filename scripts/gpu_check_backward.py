@@ -97,14 +97,14 @@ def compile_only() -> None:
                       else None)
                 print(f"dq   mask={mask} desc={desc:d} G={G:2d} d={d}: "
                       + one(_bwd_dq_kernel, c, w2, st2, td), flush=True)
-        bnq, wq, bmk, bnk, wk, st = _sel_bwd_config(D, D, G2, 64, _Cuda())
         for desc in (False, True) if d == D else (False,):
+            bnq, wq, stq, bmk, bnk, wk, st = _sel_bwd_config(D, D, G2, 64, _Cuda(), desc)
             c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
                      BLOCK_N=bnq, N_SEL=16, NP=16, ACCUMULATE=True, DOT_PREC="tf32",
                      USE_DESC=desc)
             td = {n: f"tensordesc<bf16[1,{bnq},1,{D}]>" for n in ("K", "V")} if desc else None
             print(f"sel dq desc={desc:d} G={G:2d} d={d}: "
-                  + one(_sel_bwd_dq_kernel, c, wq, SL._dq_stages(st, desc, D, D), td),
+                  + one(_sel_bwd_dq_kernel, c, wq, stq, td),
                   flush=True)
         for atomic in (True, False):
             c = dict(G=G, GP2=G2, PP=max(1, bmk // G2), DK=D, DV=D, D_K=d, D_V=d,

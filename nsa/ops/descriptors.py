@@ -47,19 +47,23 @@ def forced() -> bool | None:
 
 
 def resolve_desc(who: str, use_desc: bool | None, k: Tensor, v: Tensor, DK: int,
-                 DV: int) -> bool:
+                 DV: int, *, default: bool | None = None, why: tuple[str, ...] = (),
+                 arg: str = "use_desc") -> bool:
     """Whether a kernel reads k/v tiles through tensor descriptors: ``use_desc`` if given
     (True raises, naming the reason, where they cannot be built), else USE_DESC or
-    NSA_KV_DESC if set, else on CUDA devices with bulk tensor copies (SM 9.0+); never where
-    they cannot be built."""
-    why = [f"{nm}: {w}" for nm, x, tile in (("k", k, DK), ("v", v, DV))
-           for w in desc_problems(x, tile)]
+    NSA_KV_DESC if set, else ``default`` (the kernel's measured choice; None: on CUDA
+    devices with bulk tensor copies, SM 9.0+); never where they cannot be built. ``why``:
+    reasons of the kernel's own against descriptors; ``arg``: the caller's argument name."""
+    why = list(why) + [f"{nm}: {w}" for nm, x, tile in (("k", k, DK), ("v", v, DV))
+                       for w in desc_problems(x, tile)]
     if use_desc and why:
-        raise ValueError(f"{who}: use_desc=True, but the key/value tiles cannot be read "
-                         "through tensor descriptors: " + "; ".join(why))
+        raise ValueError(f"{who}: {arg}=True, but the tiles cannot be read through tensor "
+                         "descriptors: " + "; ".join(why))
     if use_desc is not None:
         return use_desc
     want = forced()
+    if want is None:
+        want = default
     if want is None:
         from nsa.ops.compression.launch import cuda_capability, interpreting
 
@@ -74,6 +78,14 @@ def kv_desc(x: Tensor, rows: int, block_rows: int, tile: int) -> TensorDescripto
 
     B, _, H, d = x.shape
     return TensorDescriptor(x, [B, rows, H, d], list(x.stride()), [1, block_rows, 1, tile])
+
+
+def rows_desc(x: Tensor, positions: int, heads: int, tile: int) -> TensorDescriptor:
+    """Descriptor of x [B, T, HQ, d]; one load gives a [1, positions, heads, tile] box of
+    consecutive positions and query heads (the group-packed rows of a tile)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, positions, heads, tile])
 
 
 def describe(device_type: str, capability: tuple[int, int] | None,

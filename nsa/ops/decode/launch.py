@@ -14,7 +14,7 @@ from nsa.cache import NSACache
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import dot_precision
 from nsa.ops.decode.kernels import _dec_p1, _dec_p2, _dec_p3, _dec_p4
-from nsa.ops.descriptors import forced, kv_desc, resolve_desc
+from nsa.ops.descriptors import kv_desc, resolve_desc
 from nsa.ops.reference import num_compressed
 
 BLOCK_C = 64  # compressed tokens per tile
@@ -181,8 +181,8 @@ def triton_decode(
     # key/value tiles by bulk copy only where forced (USE_DESC / NSA_KV_DESC=1): on an
     # H200 they measured slower here (64k: 97.2 against 95.0 us at batch 16, 32.9 against
     # 32.3 at batch 1), unlike in the prefill kernels
-    desc = forced() is True and all(resolve_desc("triton_decode", None, k_, v_, DK, DV)
-                                    for k_, v_ in ((kc, vc), (kw, vw), (ks, vs)))
+    desc = all(resolve_desc("triton_decode", None, k_, v_, DK, DV, default=False)
+               for k_, v_ in ((kc, vc), (kw, vw), (ks, vs)))
     if desc:
         kc, vc = kv_desc(kc, ncap, BLOCK_C, DK), kv_desc(vc, ncap, BLOCK_C, DV)
         kw, vw = kv_desc(kw, cfg.w, LP, DK), kv_desc(vw, cfg.w, LP, DV)

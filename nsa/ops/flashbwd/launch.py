@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nsa.ops.compression.launch import (
     LOG2E,
@@ -18,7 +17,7 @@ from nsa.ops.compression.launch import (
     rows_per_position,
     shrink_on_oor,
 )
-from nsa.ops.descriptors import desc_problems, forced, kv_desc, resolve_desc
+from nsa.ops.descriptors import kv_desc, resolve_desc, rows_desc
 from nsa.ops.flashbwd.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _rowdot_kernel
 
 MASK_CMP = 0
@@ -97,16 +96,12 @@ def flash_backward(
     bm2, bn2, warps2 = dq_config or (bm2, bn2, warps2)
     stages1, stages2 = num_stages or stages1, num_stages or stages2
     use_desc = resolve_desc("flash_backward", use_desc, k, v, DK, DV)
-    if use_desc_rows and G != GP2:
-        raise ValueError(f"flash_backward: use_desc_rows=True needs a power-of-two group "
-                         f"size, got G = {G}")
-    if use_desc_rows is None:
-        # H200, paper shape, 64k: the compressed dK/dV took 27.2 ms with descriptor rows
-        # against 26.8 with pointer loads (window 8.1 / 8.2): off unless asked for
-        # (USE_DESC / NSA_KV_DESC=1 ask for it where G is a power of two)
-        use_desc_rows = (G == GP2 and forced() is True and not desc_problems(q, DK)
-                         and not desc_problems(dout, DV))
-    use_desc_rows = resolve_desc("flash_backward", use_desc_rows, q, dout, DK, DV)
+    # rows by descriptor: a box holds whole groups only. H200, paper shape, 64k: the
+    # compressed dK/dV took 27.2 ms with them against 26.8 with pointer loads (window 8.1
+    # / 8.2), so they are off unless asked for (here or by USE_DESC / NSA_KV_DESC=1)
+    use_desc_rows = resolve_desc(
+        "flash_backward", use_desc_rows, q, dout, DK, DV, default=False,
+        why=() if G == GP2 else (f"G = {G} is not a power of two",), arg="use_desc_rows")
     prec = dot_precision(q.dtype, q.device)
     qk_scale = scale * LOG2E
     on_gpu = q.device.type == "cuda" and not interpreting()
@@ -132,9 +127,8 @@ def flash_backward(
     if NK > 0:
         def launch_kv(bm, st):
             pp = max(1, bm // GP2)
-            qd, od = ((TensorDescriptor(q, list(q.shape), list(q.stride()), [1, pp, GP2, DK]),
-                       TensorDescriptor(dout, list(dout.shape), list(dout.stride()),
-                                        [1, pp, GP2, DV])) if use_desc_rows else (q, dout))
+            qd, od = ((rows_desc(q, pp, GP2, DK), rows_desc(dout, pp, GP2, DV))
+                      if use_desc_rows else (q, dout))
             _bwd_dkdv_kernel[(triton.cdiv(NK, bn1), n_chunks, H * B)](
                 qd, k, v, od, gate, lse, delta, dkp, dvp, *common,
                 dkp.stride(0), dkp.stride(1), dkp.stride(2), dkp.stride(3),

@@ -70,22 +70,19 @@ def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int):
             i32(seg_first, nb), i32(nseg, nb))
 
 
-def _sel_bwd_config(DK: int, DV: int, GP2: int, L_SEL: int, device: torch.device):
-    """(dQ BLOCK_N, dQ warps, dK/dV BLOCK_M, dK/dV BLOCK_N, dK/dV warps, num_stages);
-    no register spills at d = 128 on sm_90 (compile check)."""
+def _sel_bwd_config(DK: int, DV: int, GP2: int, L_SEL: int, device: torch.device,
+                    desc: bool = False):
+    """(dQ BLOCK_N, dQ warps, dQ stages, dK/dV BLOCK_M, dK/dV BLOCK_N, dK/dV warps,
+    dK/dV stages); no register spills at d = 128 on sm_90 (compile check). dQ with
+    descriptor loads takes 3 stages at d <= 128 (H200, 64k: 18.2 / 13.3 / 11.0 ms for
+    G = 16 / 4 / 1, against 18.5 / 15.0 / 12.3 with 2 stages and 18.2 / 16.1 / 13.5 with
+    pointer loads)."""
     block = max(16, next_pow2(L_SEL))
     if interpreting() or device.type != "cuda":
-        return min(block, 32), 4, max(32, GP2), min(block, 32), 4, 1
+        return min(block, 32), 4, 1, max(32, GP2), min(block, 32), 4, 1
     if max(DK, DV) <= 128:
-        return min(block, 64), 4, max(64, GP2), min(block, 64), 8, 2
-    return min(block, 32), 4, max(32, GP2), min(block, 32), 4, 2
-
-
-def _dq_stages(stages: int, desc: bool, DK: int, DV: int) -> int:
-    """dQ pipeline depth: with descriptor loads 3 at d <= 128 (H200, 64k: 18.2 / 13.3 / 11.0
-    ms for G = 16 / 4 / 1, against 18.5 / 15.0 / 12.3 with 2 stages and 18.2 / 16.1 / 13.5
-    with pointer loads)."""
-    return 3 if desc and max(DK, DV) <= 128 and stages == 2 else stages
+        return min(block, 64), 4, 3 if desc else 2, max(64, GP2), min(block, 64), 8, 2
+    return min(block, 32), 4, 2, max(32, GP2), min(block, 32), 4, 2
 
 
 def sel_backward(
@@ -136,8 +133,10 @@ def sel_backward(
         if T * x.stride(1) + HQ * x.stride(2) >= 2**31:
             raise ValueError(f"sel_backward: {name} of {tuple(x.shape)} is too large for the "
                              f"32-bit row offsets of the dK/dV kernel (T * stride(1) >= 2^31)")
-    bn_q, warps_q, bm_kv, bn_kv, warps_kv, stages = _sel_bwd_config(DK, DV, GP2, L, q.device)
-    warps_q = dq_warps or warps_q
+    use_desc = resolve_desc("sel_backward", use_desc, k, v, DK, DV)
+    bn_q, warps_q, stages_q, bm_kv, bn_kv, warps_kv, stages = _sel_bwd_config(
+        DK, DV, GP2, L, q.device, use_desc)
+    warps_q, stages_q = dq_warps or warps_q, dq_stages or stages_q
     prec = dot_precision(q.dtype, q.device)
     qk_scale = scale * LOG2E
     n_sel = idx.shape[-1]
@@ -155,8 +154,6 @@ def sel_backward(
     # dQ: group-centric, like the forward
     pp_q = positions_per_program or max(1, 16 // GP2)
 
-    use_desc = resolve_desc("sel_backward", use_desc, k, v, DK, DV)
-
     def launch_q(_bm, st):
         kd, vd = ((kv_desc(k, T, bn_q, DK), kv_desc(v, T, bn_q, DV)) if use_desc else (k, v))
         _sel_bwd_dq_kernel[(triton.cdiv(T, pp_q), H, B)](
@@ -170,7 +167,7 @@ def sel_backward(
             num_warps=warps_q, num_stages=st,
         )
 
-    shrink_on_oor(launch_q, 16, dq_stages or _dq_stages(stages, use_desc, DK, DV), 16)
+    shrink_on_oor(launch_q, 16, stages_q, 16)
     if dq_only:
         return None, None
 
