@@ -138,12 +138,36 @@ def bench_gpu(lengths: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
-def _one_length(T, cfg, B, H, G, D, HQ, dt, scale) -> None:
+def fwd_bwd_callables(leaves, dout, cfg):
+    """(nsa_fb(det=False), dense_fb): NSA (Triton) and dense SDPA forward+backward, each
+    returning the gradients of its inputs for ``dout``; ``leaves`` require grad."""
     import torch
     import torch.nn.functional as F
+
+    from nsa import nsa_attention
+
+    inputs = list(leaves.values())
+
+    def nsa_fb(det=False):
+        out = nsa_attention(**leaves, config=cfg, backend="triton", deterministic=det)
+        return torch.autograd.grad(out, inputs, dout)
+
+    qd, kd, vd = (leaves[k].detach().transpose(1, 2).contiguous().requires_grad_(True)
+                  for k in ("q", "k_sel", "v_sel"))
+    dd = dout.transpose(1, 2).contiguous()
+
+    def dense_fb():
+        o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+        return torch.autograd.grad(o, (qd, kd, vd), dd)
+
+    return nsa_fb, dense_fb
+
+
+def _one_length(T, cfg, B, H, G, D, HQ, dt, scale) -> None:
+    import torch
     from triton.testing import do_bench
 
-    from nsa import compress_mean, nsa_attention
+    from nsa import compress_mean
     from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, flash_backward
     from nsa.ops.selection.bwd_launch import inverted_index, sel_backward
     from nsa.ops.triton_backend import forward_kernels
@@ -162,20 +186,8 @@ def _one_length(T, cfg, B, H, G, D, HQ, dt, scale) -> None:
                      for b in ("cmp", "sel", "win")})
     for v in leaves.values():
         v.requires_grad_(True)
-    inputs = list(leaves.values())
     dout = r(B, T, HQ, D)
-
-    def nsa_fb(det=False):
-        out = nsa_attention(**leaves, config=cfg, backend="triton", deterministic=det)
-        return torch.autograd.grad(out, inputs, dout)
-
-    qd, kd, vd = (leaves[k].detach().transpose(1, 2).contiguous().requires_grad_(True)
-                  for k in ("q", "k_sel", "v_sel"))
-    dd = dout.transpose(1, 2).contiguous()
-
-    def dense_fb():
-        o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
-        return torch.autograd.grad(o, (qd, kd, vd), dd)
+    nsa_fb, dense_fb = fwd_bwd_callables(leaves, dout, cfg)
 
     def peak(fn):
         torch.cuda.synchronize()

@@ -25,12 +25,17 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 
-def _check_forward():
+def _script(name: str):
+    """Another script of this folder, as a module (its helpers, not its main)."""
     spec = importlib.util.spec_from_file_location(
-        "gpu_check_forward", os.path.join(ROOT, "scripts", "gpu_check_forward.py"))
+        name, os.path.join(ROOT, "scripts", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _check_forward():
+    return _script("gpu_check_forward")
 
 
 def paper_case(T: int, G: int):
@@ -160,11 +165,9 @@ def run_bwd(T: int, G: int) -> None:
     """Flash backward (compressed and window branches): dQ and dK/dV kernels apart, then
     the whole forward+backward with and without descriptors against dense."""
     import torch
-    import torch.nn.functional as F
     from triton.testing import do_bench
 
     import nsa.ops.descriptors as dsc
-    from nsa import nsa_attention
     from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, flash_backward
     from nsa.ops.triton_backend import forward_kernels
 
@@ -186,20 +189,7 @@ def run_bwd(T: int, G: int) -> None:
                     (fl[fl_key]["flops"], "TFLOP/s"))
     if G == 16:
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
-        ins = list(leaves.values())
-
-        def nsa_fb():
-            out = nsa_attention(**leaves, config=cfg, backend="triton")
-            return torch.autograd.grad(out, ins, dout)
-
-        qd, kd, vd = (leaves[k].detach().transpose(1, 2).contiguous().requires_grad_(True)
-                      for k in ("q", "k_sel", "v_sel"))
-        dd = dout.transpose(1, 2).contiguous()
-
-        def dense_fb():
-            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
-            return torch.autograd.grad(o, (qd, kd, vd), dd)
-
+        nsa_fb, dense_fb = _script("gpu_check_backward").fwd_bwd_callables(leaves, dout, cfg)
         t_dense = do_bench(dense_fb, return_mode="median")
         on_off(T, G, "NSA fwd+bwd, descriptors", lambda f: setattr(dsc, "USE_DESC", f), nsa_fb,
                t_dense)
