@@ -45,6 +45,20 @@ def _load_q(Q, b, h, stride_qb, stride_qh,
 
 
 @triton.jit
+def _load_kv_rows(K, V, b, rows, h, ok, stride_kb, stride_kn, stride_kh, stride_vb,
+                  stride_vn, stride_vh, DK: tl.constexpr, DV: tl.constexpr,
+                  D_K: tl.constexpr, D_V: tl.constexpr):
+    """Key and value rows ``rows`` of (b, h) by pointer loads; rows not ``ok`` are zeros."""
+    dk = tl.arange(0, DK)
+    dv = tl.arange(0, DV)
+    k = tl.load(K + b * stride_kb + rows[:, None] * stride_kn + h * stride_kh + dk[None, :],
+                mask=ok[:, None] & (dk[None, :] < D_K), other=0.0)
+    v = tl.load(V + b * stride_vb + rows[:, None] * stride_vn + h * stride_vh + dv[None, :],
+                mask=ok[:, None] & (dv[None, :] < D_V), other=0.0)
+    return k, v
+
+
+@triton.jit
 def _tile_probs(q, k, ok, scale, DOT_PREC: tl.constexpr):
     """Scores of the group's heads over keys k (rows ok) -> (exp(s - m), m) per head."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
@@ -112,9 +126,6 @@ def _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, sp, n_vis, NTILE, N
                DO_SCORES: tl.constexpr, SPLIT_SCORES: tl.constexpr, DOT_PREC: tl.constexpr,
                USE_DESC: tl.constexpr):
     g = tl.arange(0, GP)
-    dk = tl.arange(0, DK)
-    dv = tl.arange(0, DV)
-    mk, mv = dk[None, :] < D_K, dv[None, :] < D_V
     m_i = tl.full([GP], NEG_INF, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DV], tl.float32)
@@ -129,10 +140,8 @@ def _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, sp, n_vis, NTILE, N
             vc = tl.reshape(VC.load([b, tile * BLOCK_C, h, 0]), [BLOCK_C, DV])
             vc = tl.where(okc[:, None], vc, 0.0)
         else:
-            kc = tl.load(KC + b * stride_kb + i[:, None] * stride_kn + h * stride_kh
-                         + dk[None, :], mask=okc[:, None] & mk, other=0.0)
-            vc = tl.load(VC + b * stride_vb + i[:, None] * stride_vn + h * stride_vh
-                         + dv[None, :], mask=okc[:, None] & mv, other=0.0)
+            kc, vc = _load_kv_rows(KC, VC, b, i, h, okc, stride_kb, stride_kn, stride_kh,
+                                   stride_vb, stride_vn, stride_vh, DK, DV, D_K, D_V)
         p, m_t = _tile_probs(q, kc, okc, scale, DOT_PREC)
         if DO_SCORES:
             # Eq. 9 on this tile: blocks j0 .. j0 + JB - 1, weights overlap(i, j) / d,
@@ -176,8 +185,6 @@ def _win_tile(q, KW, VW, PM, PL, PO, CNT, bh, b, h, u, t, NPART, scale,
               G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               D_K: tl.constexpr, D_V: tl.constexpr, LP: tl.constexpr, W: tl.constexpr,
               DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr):
-    dk = tl.arange(0, DK)
-    dv = tl.arange(0, DV)
     # window ring tile: slot s holds position t - ((t - s) mod W)
     slot = u * LP + tl.arange(0, LP)
     pos = t - ((t - slot) % W + W) % W
@@ -186,11 +193,8 @@ def _win_tile(q, KW, VW, PM, PL, PO, CNT, bh, b, h, u, t, NPART, scale,
         kw = tl.reshape(KW.load([b, u * LP, h, 0]), [LP, DK])
         vw = tl.where(ok[:, None], tl.reshape(VW.load([b, u * LP, h, 0]), [LP, DV]), 0.0)
     else:
-        slot = tl.where(ok, slot, 0)
-        kw = tl.load(KW + b * stride_kwb + slot[:, None] * stride_kwn + h * stride_kwh
-                     + dk[None, :], mask=ok[:, None] & (dk[None, :] < D_K), other=0.0)
-        vw = tl.load(VW + b * stride_vwb + slot[:, None] * stride_vwn + h * stride_vwh
-                     + dv[None, :], mask=ok[:, None] & (dv[None, :] < D_V), other=0.0)
+        kw, vw = _load_kv_rows(KW, VW, b, slot, h, ok, stride_kwb, stride_kwn, stride_kwh,
+                               stride_vwb, stride_vwn, stride_vwh, DK, DV, D_K, D_V)
     _partial(q, kw, vw, ok, scale, PM, PL, PO, CNT, bh * NPART + u, G, GP, DV, D_V, DOT_PREC)
 
 
@@ -276,8 +280,6 @@ def _sel_blocks(q, KS, VS, PM, PL, PO, CNT, CAND, IDX, bh, b, h, u, t, NCH, NPAR
     if u == 0:
         tl.store(IDX + bh * N_SEL + slot, tl.where(blocks == BIG, -1, blocks),
                  mask=slot < N_SEL)
-    dk = tl.arange(0, DK)
-    dv = tl.arange(0, DV)
     r = tl.arange(0, LP)
     m_i = tl.full([GP], NEG_INF, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -294,11 +296,8 @@ def _sel_blocks(q, KS, VS, PM, PL, PO, CNT, CAND, IDX, bh, b, h, u, t, NCH, NPAR
             v = tl.where(ok[:, None], tl.reshape(VS.load([b, jblk * SEL_L, h, 0]), [LP, DV]),
                          0.0)
         else:
-            pos = tl.where(ok, pos, 0)
-            k = tl.load(KS + b * stride_ksb + pos[:, None] * stride_ksn + h * stride_ksh
-                        + dk[None, :], mask=ok[:, None] & (dk[None, :] < D_K), other=0.0)
-            v = tl.load(VS + b * stride_vsb + pos[:, None] * stride_vsn + h * stride_vsh
-                        + dv[None, :], mask=ok[:, None] & (dv[None, :] < D_V), other=0.0)
+            k, v = _load_kv_rows(KS, VS, b, pos, h, ok, stride_ksb, stride_ksn, stride_ksh,
+                                 stride_vsb, stride_vsn, stride_vsh, DK, DV, D_K, D_V)
         p, m_t = _tile_probs(q, k, ok, scale, DOT_PREC)
         m_i, l_i, acc = _online(p, m_t, v, m_i, l_i, acc, DOT_PREC)
         n_ok += tl.sum(ok.to(tl.int32), 0)
