@@ -47,6 +47,11 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "unset", "1 = Triton kernels read key/value (and query) tiles by tensor descriptor "
                  "(bulk copies) wherever they can, 0 = never; unset = where the kernel's "
                  "default says so on SM 9.0+"),
+    "NSA_SEL_MODE": (
+        "unset", "group = the selected-attention forward streams each position's blocks "
+                 "(group-centric), block = it reads each selected block once and merges "
+                 "per-block partials (block-centric, scratch memory); unset = block on "
+                 "CUDA for G <= 8 while the partials fit 8 GiB, else group"),
     "NSA_DEBUG": (
         "0", "1 = the nsa command prints the full traceback of known errors"),
     "GITHUB_STEP_SUMMARY": (
@@ -74,6 +79,26 @@ def kv_desc_env() -> bool | None:
     """NSA_KV_DESC: True (1), False (0) or None (unset or anything else: kernels decide)."""
     v = os.environ.get("NSA_KV_DESC", "").strip().lower()
     return True if v in _TRUE else False if v in {"0", "false", "no", "off"} else None
+
+
+# The selected-attention forward's default path (nsa.ops.selection.launch.auto_sel_mode):
+# block-centric up to this group size (measured, docs/perf-notes.md) ...
+SEL_BLOCK_MAX_G = 8
+# ... while its scratch partials ([B, T, H, n, G, d_v] in q's dtype plus float32
+# log-sum-exps) stay below this many bytes
+SEL_BLOCK_MAX_PARTIAL_BYTES = 8 << 30
+SEL_MODES = ("group", "block")
+
+
+def sel_mode_env() -> str | None:
+    """NSA_SEL_MODE: "group", "block" or None (unset: the measured default). Any other
+    value raises ValueError naming the variable."""
+    v = os.environ.get("NSA_SEL_MODE", "").strip().lower()
+    if not v:
+        return None
+    if v not in SEL_MODES:
+        raise ValueError(f"NSA_SEL_MODE must be one of {SEL_MODES} or unset, got {v!r}")
+    return v
 
 
 def debug_enabled() -> bool:

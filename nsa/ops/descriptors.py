@@ -125,5 +125,29 @@ def describe(device_type: str, capability: tuple[int, int] | None,
                      else "register reductions"),
          "why": ("measured faster for G <= 4 only (docs/perf-notes.md)" if cuda else
                  "the default off CUDA (cmp_forward(score_dot=True) takes the product)")},
+        sel_path_row(cuda),
     ]
     return rows
+
+
+def sel_path_row(cuda: bool) -> dict[str, str]:
+    """The selected-attention forward's path (:func:`nsa.ops.selection.launch.sel_forward`)
+    for :func:`describe`."""
+    from nsa.policy import SEL_BLOCK_MAX_G, SEL_BLOCK_MAX_PARTIAL_BYTES, sel_mode_env
+
+    what = "selected attention, prefill forward"
+    try:
+        env = sel_mode_env()
+    except ValueError as exc:
+        return {"what": what, "variant": "invalid setting", "why": str(exc)}
+    if env is not None:
+        return {"what": what, "variant": f"{env}-centric", "why": f"forced: NSA_SEL_MODE={env}"}
+    if not cuda:
+        return {"what": what, "variant": "group-centric",
+                "why": "the default off CUDA (NSA_SEL_MODE=block takes the other)"}
+    return {"what": what,
+            "variant": f"block-centric for G <= {SEL_BLOCK_MAX_G} (each selected block read "
+                       "once, per-block partials merged), group-centric above",
+            "why": f"measured faster for G <= {SEL_BLOCK_MAX_G} (docs/perf-notes.md); "
+                   f"group-centric where the partials would pass "
+                   f"{SEL_BLOCK_MAX_PARTIAL_BYTES >> 30} GiB"}

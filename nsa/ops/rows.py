@@ -20,3 +20,16 @@ def _tile_rows(t0, h, T, G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr):
     t_row = t0 + p_loc
     row_ok = (g_loc < G) & (t_row < T)
     return p_loc, t_row, row_ok, h * G + g_loc
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i):
+    """One online-softmax step over a tile of base-2 scores ``s`` [M, N] (-inf = masked):
+    (p, alpha, m_new, l_new) with p = exp2(s - m_new), the accumulator's rescale alpha
+    and the updated running max and sum. Rows with nothing visible yet keep m = -inf,
+    p = 0 and l = 0."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)

@@ -82,6 +82,7 @@ def test_env_json_and_human_output(invoke):
     kv = {row["what"]: row for row in d["kernel_variants"]["rows"]}
     assert kv["key/value tiles, prefill forward and dQ kernels"]["variant"] == "pointer loads"
     assert kv["key/value tiles, decode kernels"]["variant"] == "pointer loads"
+    assert kv["selected attention, prefill forward"]["variant"] == "group-centric"
     r = invoke("env")
     assert r.exit_code == 0
     for text in ("Versions", "Backends", "Routing for", "Triton kernel variants",
@@ -95,6 +96,7 @@ def test_env_explains_the_kernel_variants_of_an_sm90_gpu_and_the_override(invoke
     monkeypatch.setattr(envmod, "probe_gpus", lambda: ([], {"available": False,
                                                             "reason": "faked"}))
     monkeypatch.delenv("NSA_KV_DESC", raising=False)
+    monkeypatch.delenv("NSA_SEL_MODE", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     rows = {r["what"]: r for r in json.loads(invoke("env", "--json").stdout)
             ["kernel_variants"]["rows"]}
@@ -102,6 +104,15 @@ def test_env_explains_the_kernel_variants_of_an_sm90_gpu_and_the_override(invoke
     assert pre["variant"] == "bulk tensor copies (descriptors)" and "SM 9.0" in pre["why"]
     assert rows["key/value tiles, decode kernels"]["variant"] == "pointer loads"
     assert rows["compressed block scores (Eq. 9/10)"]["variant"].startswith("tensor-core")
+    assert rows["selected attention, prefill forward"]["variant"].startswith(
+        "block-centric for G <= 8")
+    monkeypatch.setenv("NSA_SEL_MODE", "group")
+    rows = {r["what"]: r for r in json.loads(invoke("env", "--json").stdout)
+            ["kernel_variants"]["rows"]}
+    assert rows["selected attention, prefill forward"] == {
+        "what": "selected attention, prefill forward", "variant": "group-centric",
+        "why": "forced: NSA_SEL_MODE=group"}
+    monkeypatch.delenv("NSA_SEL_MODE")
     monkeypatch.setenv("NSA_KV_DESC", "0")
     rows = {r["what"]: r for r in json.loads(invoke("env", "--json").stdout)
             ["kernel_variants"]["rows"]}

@@ -135,45 +135,81 @@ def test_kernels_write_every_output_element():
     assert not o.isnan().any()
 
 
-@pytest.mark.parametrize("G", [16, 4])
-def test_selected_kernels_pointer_and_descriptor_loads_agree(G):
-    """Both load paths of the selected forward and dQ kernels, batch 2 (the descriptors'
-    batch coordinate) and T not a multiple of the block: each within the bf16 band of
-    float64, and within 1e-4 of each other."""
+def selected_case(B, T, H, G, D, seed):
+    """(generator, q, k, v in bf16, canonical int32 indices [B, T, H, n] from random
+    scores, float64 O_sel of the reference) for the selected-branch kernel tests."""
     from nsa.ops import reference as R
-    from nsa.ops.selection import sel_forward
-    from nsa.ops.selection.bwd_launch import sel_backward
 
-    B, T, H, D = 2, 1531, 2, 128
-    HQ = G * H
-    g = torch.Generator(device="cuda").manual_seed(3)
+    g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
-    q, k, v = r(B, T, HQ, D), r(B, T, H, D), r(B, T, H, D)
+    q, k, v = r(B, T, G * H, D), r(B, T, H, D), r(B, T, H, D)
     s = torch.rand(B, H, T, CFG.num_sel_blocks(T), generator=g, device="cuda",
                    dtype=torch.float64)
     pos = torch.arange(T, device="cuda").unsqueeze(0).expand(B, -1)
     idx = R.select_blocks(s, pos, CFG)
     want, _ = R.sel_attention(R._to_groups(q.double(), H), k.double(), v.double(), idx, pos,
                               CFG, D ** -0.5)
-    want = R._from_groups(want)
-    idx32 = idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+    return g, q, k, v, idx.permute(0, 2, 1, 3).to(torch.int32).contiguous(), \
+        R._from_groups(want)
+
+
+@pytest.mark.parametrize("G", [16, 4])
+def test_selected_kernels_pointer_and_descriptor_loads_agree(G):
+    """Both load paths of the selected forward and dQ kernels, batch 2 (the descriptors'
+    batch coordinate) and T not a multiple of the block: each within the bf16 band of
+    float64, and within 1e-4 of each other."""
+    from nsa.ops.selection import sel_forward
+    from nsa.ops.selection.bwd_launch import sel_backward
+
+    B, T, HQ, D = 2, 1531, 2 * G, 128
+    g, q, k, v, idx32, want = selected_case(B, T, 2, G, D, seed=3)
     outs, dqs = [], []
-    dout = r(B, T, HQ, D)
+    dout = torch.randn(B, T, HQ, D, generator=g, device="cuda").to(torch.bfloat16)
     gate = torch.rand(B, T, HQ, generator=g, device="cuda").to(torch.bfloat16)
     for desc in (False, True):
         o = torch.full((B, T, HQ, D), float("nan"), device="cuda", dtype=torch.bfloat16)
         lse = torch.empty(B, HQ, T, device="cuda", dtype=torch.float32)
-        sel_forward(q, k, v, idx32, CFG, D ** -0.5, o_branch=o, lse=lse, use_desc=desc)
+        # the group-centric kernels (the ones with descriptor loads; G = 4 defaults to
+        # the block-centric path)
+        sel_forward(q, k, v, idx32, CFG, D ** -0.5, o_branch=o, lse=lse, use_desc=desc,
+                    mode="group")
         assert rel(o, want) < 1e-2
         outs.append(o)
         delta = (gate.float() * (dout.float() * o.float()).sum(-1)).contiguous()
         dq = torch.zeros(B, T, HQ, D, device="cuda", dtype=torch.float32)
         sel_backward(q, k, v, idx32, dout, gate, lse, delta, dq, CFG, D ** -0.5,
-                     dq_only=True, use_desc=desc)
+                     dq_only=True, use_desc=desc, mode="group")
         assert torch.isfinite(dq).all()
         dqs.append(dq)
     assert rel(outs[1], outs[0]) < 1e-4
     assert rel(dqs[1], dqs[0]) < 1e-4
+
+
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_selected_forward_group_and_block_paths_agree(G):
+    """The group-centric and block-centric selected forward (the default for G <= 8 on the
+    GPU), batch 2 and T not a multiple of the block: each within the bf16 band of float64,
+    their log-sum-exps within 1e-3 of each other; partial buffers start as NaN."""
+    import nsa.ops.selection.launch as SL
+    from nsa.ops.selection import sel_forward
+
+    B, T, H, D = 2, 1531, 2, 128
+    HQ = G * H
+    _, q, k, v, idx32, want = selected_case(B, T, H, G, D, seed=5)
+    assert SL.sel_forward_mode(q, D, H, CFG.n) == "block"
+    lses = []
+    SL.PARTIAL_FILL = float("nan")
+    try:
+        for mode in ("group", "block"):
+            o = torch.full((B, T, HQ, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+            lse = torch.full((B, HQ, T), float("nan"), device="cuda", dtype=torch.float32)
+            sel_forward(q, k, v, idx32, CFG, D ** -0.5, o_branch=o, lse=lse, mode=mode)
+            assert rel(o, want) < 1e-2, mode
+            lses.append(lse)
+    finally:
+        SL.PARTIAL_FILL = None
+    assert torch.isfinite(lses[1]).all()
+    assert (lses[1] - lses[0]).abs().max().item() < 1e-3
 
 
 @pytest.mark.parametrize("G", [16, 4])

@@ -147,6 +147,31 @@ def test_grads_of_every_input_fp32(blocks, sel, B, T, H, G, dk, dv, rng):
     assert_unseen_cmp_grads_zero(got, cfg, T)
 
 
+@pytest.mark.parametrize("case,dq_atomic,det", [(0, True, False), (1, False, False),
+                                                (3, True, True), (4, True, False)])
+def test_grads_of_the_block_centric_selected_path(case, dq_atomic, det, rng, monkeypatch):
+    """Mode "block" (the GPU default for G <= 8) in both directions: the forward's output
+    and log-sum-exps come from its merge, the selected dQ from the key-centric dK/dV
+    kernel (float32 atomics, or per-slot partials summed in order: ``dq_atomic=False``
+    and deterministic mode). Partial buffers start as NaN."""
+    import nsa.ops.selection.bwd_launch as SB
+    import nsa.ops.selection.launch as SL
+
+    monkeypatch.setattr(SL, "SEL_MODE", "block")
+    monkeypatch.setattr(SL, "PARTIAL_FILL", float("nan"))
+    monkeypatch.setattr(SB, "DQ_ATOMIC", dq_atomic)
+    calls = []
+    monkeypatch.setattr(SB, "_sel_bwd_dq_kernel", calls)  # the group dQ must not run
+    blocks, (n, ni, nl, w), B, T, H, G, dk, dv = CASES[case]
+    cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
+    inp, dout = make(rng, cfg, B, T, H, G, dk, dv, torch.float32)
+    ref, raux, want = reference(inp, cfg, dout)
+    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices,
+                                   deterministic=det)
+    assert rel(out, ref) < TOL[torch.float32]
+    check_grads(got, want, torch.float32, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("blocks,sel,B,T,H,G,dk,dv", [
     (PAPER, (3, 1, 1, 64), 1, 130, 1, 4, 32, 16),
 ])

@@ -253,8 +253,96 @@ def test_descriptor_loads_default_off_the_gpu_and_obey_the_override(rng, monkeyp
     assert "not a power of two" in " ".join(sl.desc_problems(odd, 32))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_sel_kernel_fuses_the_gate_combine(dtype, rng):
+# blocks, B, G, H, T, dk, dv, dtype, seg_len: the block-centric path (sorted entries,
+# per-block partials, merge), ranges of seg_len entries that span several blocks
+BLOCK_CASES = [
+    (PAPER, 1, 1, 2, 211, 32, 16, torch.float32, 16),  # G = 1, d_v < d_k
+    (PAPER, 2, 3, 1, 190, 32, 32, torch.float32, 7),  # batch 2, padded heads, odd ranges
+    (dict(l=32, d=16, l_sel=128), 1, 2, 1, 300, 16, 16, torch.float32, 16),  # 2 sub-tiles
+    (EQUAL, 1, 16, 1, 70, 16, 16, torch.float16, 16),  # G = 16, l = l' = d
+    (PAPER, 1, 4, 2, 150, 32, 32, torch.float16, 64),
+]
+
+
+@pytest.mark.parametrize("blocks,B,G,H,T,dk,dv,dtype,seg", BLOCK_CASES)
+def test_sel_block_path_against_reference(blocks, B, G, H, T, dk, dv, dtype, seg, rng,
+                                          monkeypatch):
+    """Block-centric selected attention against float64, and its log-sum-exps against the
+    group-centric kernel's; the partial buffers start as NaN, so a slot the merge reads
+    without a kernel writing it (an unused -1 slot) shows."""
+    import nsa.ops.selection.launch as SL
+
+    monkeypatch.setattr(SL, "PARTIAL_FILL", float("nan"))
+    cfg = NSAConfig(n=4, w=32, **blocks)
+    HQ = G * H
+    q, k, v = rand(rng, B, T, HQ, dk, dtype=dtype), rand(rng, B, T, H, dk, dtype=dtype), \
+        rand(rng, B, T, H, dv, dtype=dtype)
+    idx = ref_indices(rng, B, H, T, cfg)
+    assert (idx < 0).any(), "no unused slot: the NaN partials would not be tested"
+    scale = dk ** -0.5
+    pos = torch.arange(T).unsqueeze(0).expand(B, -1)
+    want, _ = R.sel_attention(R._to_groups(q.double(), H), k.double(), v.double(), idx, pos,
+                              cfg, scale)
+    idx32 = idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+    lses = []
+    for mode in ("block", "group"):
+        o, lse = nan_like((B, T, HQ, dv), dtype), nan_like((B, HQ, T), torch.float32)
+        sel_forward(q, k, v, idx32, cfg, scale, o_branch=o, lse=lse, mode=mode, seg_len=seg)
+        assert rel(o, R._from_groups(want)) < TOL[dtype], mode
+        lses.append(lse)
+    assert torch.isfinite(lses[0]).all()
+    assert (lses[0] - lses[1]).abs().max() < 1e-4
+
+
+def test_entries_by_block_lists_every_used_slot_once_by_block(rng):
+    from nsa.ops.selection.launch import entries_by_block
+
+    cfg = NSAConfig(n=5, w=32, **PAPER)
+    B, H, T = 2, 3, 333
+    nb = cfg.num_sel_blocks(T)
+    idx = ref_indices(rng, B, H, T, cfg).permute(0, 2, 1, 3).to(torch.int32).contiguous()
+    keys, off = entries_by_block(idx, nb)
+    E = T * cfg.n
+    assert keys.shape == (B, H, E) and off.shape == (B, H, nb + 1)
+    assert off.dtype == torch.int32 and (keys[..., 1:] >= keys[..., :-1]).all()
+    for b in range(B):
+        for h in range(H):
+            used = idx[b, :, h] >= 0
+            assert off[b, h, nb] == used.sum()
+            for c in (0, 1, nb // 2, nb - 1):
+                ent = keys[b, h, off[b, h, c]:off[b, h, c + 1]] - c * E
+                t, j = ent // cfg.n, ent % cfg.n
+                assert torch.equal(idx[b, t, h, j], torch.full_like(t, c, dtype=torch.int32))
+                assert (idx[b, :, h] == c).sum() == ent.numel()
+
+
+def test_sel_mode_is_checked_and_chosen_by_group_size_and_memory(rng, monkeypatch):
+    import nsa.ops.selection.launch as SL
+
+    cfg = NSAConfig(n=4, w=32, **PAPER)
+    q, k, v = rand(rng, 1, 70, 2, 16), rand(rng, 1, 70, 1, 16), rand(rng, 1, 70, 1, 16)
+    idx = ref_indices(rng, 1, 1, 70, cfg).permute(0, 2, 1, 3).to(torch.int32).contiguous()
+    with pytest.raises(ValueError, match="mode must be one of .*'blocks'"):
+        sel_forward(q, k, v, idx, cfg, 0.2, mode="blocks")
+    assert SL.sel_forward_mode(q, 16, 1, 4) == "group"  # CPU interpreter: group by default
+    monkeypatch.setattr(SL, "SEL_MODE", "block")
+    assert SL.sel_forward_mode(q, 16, 1, 4) == "block"
+    assert SL.sel_forward_mode(q, 16, 1, 4, "group") == "group"
+    assert SL.auto_sel_mode(8, True, 1 << 20) == "block"
+    assert SL.auto_sel_mode(16, True, 1 << 20) == "group"
+    assert SL.auto_sel_mode(1, True, SL.SEL_BLOCK_MAX_PARTIAL_BYTES + 1) == "group"
+    assert SL.auto_sel_mode(1, False, 1 << 20) == "group"
+    monkeypatch.setattr(SL, "SEL_MODE", None)
+    monkeypatch.setenv("NSA_SEL_MODE", "block")
+    assert SL.sel_forward_mode(q, 16, 1, 4) == "block"
+    monkeypatch.setenv("NSA_SEL_MODE", "fast")
+    with pytest.raises(ValueError, match="NSA_SEL_MODE must be one of"):
+        sel_forward(q, k, v, idx, cfg, 0.2)
+
+
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "group"), (torch.float16, "group"),
+                                        (torch.float32, "block")])
+def test_sel_kernel_fuses_the_gate_combine(dtype, mode, rng):
     cfg = NSAConfig(n=3, w=32, **PAPER)
     B, T, H, G, dk, dv = 1, 140, 1, 2, 32, 32
     HQ = G * H
@@ -265,7 +353,8 @@ def test_sel_kernel_fuses_the_gate_combine(dtype, rng):
     oc, ow = rand(rng, B, T, HQ, dv, dtype=dtype), rand(rng, B, T, HQ, dv, dtype=dtype)
     ob, out = nan_like((B, T, HQ, dv), dtype), nan_like((B, T, HQ, dv), dtype)
     sel_forward(q, k, v, idx.permute(0, 2, 1, 3).to(torch.int32).contiguous(), cfg, 0.2,
-                o_branch=ob, out=out, g_sel=g[0], o_cmp=oc, g_cmp=g[1], o_win=ow, g_win=g[2])
+                o_branch=ob, out=out, g_sel=g[0], o_cmp=oc, g_cmp=g[1], o_win=ow, g_win=g[2],
+                mode=mode)
     pos = torch.arange(T).unsqueeze(0).expand(B, -1)
     o_sel, _ = R.sel_attention(R._to_groups(q.double(), H), k.double(), v.double(), idx, pos,
                                cfg, 0.2)
@@ -336,13 +425,19 @@ def clear_rows(inp, cfg, gap=1e-5) -> torch.Tensor:
     return (gap_ok | all_taken).permute(0, 2, 1)
 
 
-@pytest.mark.parametrize("blocks,n,w,T,H,G,dk,dv,dtype", [
-    (PAPER, 4, 48, 237, 1, 3, 32, 16, torch.float32),
-    (EQUAL, 4, 40, 150, 1, 1, 16, 16, torch.float32),
-    (PAPER, 3, 64, 200, 1, 4, 32, 32, torch.float16),
-    (EQUAL, 5, 24, 133, 1, 2, 32, 32, torch.float16),
+@pytest.mark.parametrize("blocks,n,w,T,H,G,dk,dv,dtype,mode", [
+    (PAPER, 4, 48, 237, 1, 3, 32, 16, torch.float32, None),
+    (EQUAL, 4, 40, 150, 1, 1, 16, 16, torch.float32, None),
+    (PAPER, 3, 64, 200, 1, 4, 32, 32, torch.float16, None),
+    (EQUAL, 5, 24, 133, 1, 2, 32, 32, torch.float16, None),
+    # the block-centric selected path (the GPU default for G <= 8) end to end
+    (PAPER, 4, 48, 237, 1, 3, 32, 16, torch.float32, "block"),
+    (EQUAL, 5, 24, 133, 2, 2, 32, 32, torch.float16, "block"),
 ])
-def test_op_matches_reference(blocks, n, w, T, H, G, dk, dv, dtype, rng):
+def test_op_matches_reference(blocks, n, w, T, H, G, dk, dv, dtype, mode, rng, monkeypatch):
+    import nsa.ops.selection.launch as SL
+
+    monkeypatch.setattr(SL, "SEL_MODE", mode)
     cfg = NSAConfig(n=n, w=w, **blocks)
     inp = op_inputs(rng, cfg, T, H, G, dk, dv, dtype)
     out, aux = nsa_attention(**inp, config=cfg, backend="triton", return_aux=True)
@@ -367,7 +462,11 @@ def test_op_matches_reference(blocks, n, w, T, H, G, dk, dv, dtype, rng):
     assert torch.equal(aux2.block_indices, raux.block_indices)
 
 
-def test_op_canonicalises_given_indices_like_the_reference(rng):
+@pytest.mark.parametrize("mode", ["group", "block"])
+def test_op_canonicalises_given_indices_like_the_reference(mode, rng, monkeypatch):
+    import nsa.ops.selection.launch as SL
+
+    monkeypatch.setattr(SL, "SEL_MODE", mode)
     cfg = NSAConfig(n=5, w=32, **EQUAL)
     T, H, G, dk = 120, 1, 2, 16
     inp = op_inputs(rng, cfg, T, H, G, dk, dk, torch.float32, gates=("sel",))

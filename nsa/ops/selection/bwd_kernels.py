@@ -116,6 +116,8 @@ def _sel_bwd_dkdv_kernel(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+    DQX=None, stride_x0=0, stride_x1=0, stride_x2=0, stride_x3=0, stride_x4=0, SPAN=0,
+    N_SEL: tl.constexpr = 1, DQ_OUT: tl.constexpr = 0,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     pid = tl.program_id(0)
@@ -158,14 +160,21 @@ def _sel_bwd_dkdv_kernel(
         hq_o = hq * stride_oh
         hq_g = hq * stride_gh
         hq_l = hq * stride_lh
-        key0 = blk * T
+        # keys: block * T + t, or with DQ_OUT block * T * n + t * n + j (SPAN = T or T * n;
+        # int64 where (NB + 1) * SPAN >= 2^31)
+        key0 = blk.to(KEYS.dtype.element_ty) * SPAN
         dk = tl.zeros([BLOCK_N, DK], tl.float32)
         dv = tl.zeros([BLOCK_N, DV], tl.float32)
         for p0 in range(lo, hi, PP):
             e = p0 + p_loc
             row_ok = (g_loc < G) & (e < hi)
             key = tl.load(e_base + e, mask=row_ok, other=0)
-            tr = (key - key0).to(tl.int32)  # the query position
+            ent = (key - key0).to(tl.int32)  # rows past the segment: masked below
+            if DQ_OUT > 0:
+                tr = ent // N_SEL  # the position and its slot
+                jr = ent % N_SEL
+            else:
+                tr = ent
             q = tl.load(q_base + (tr * stride_qt + hq_q)[:, None] + offs_dk[None, :],
                         mask=row_ok[:, None] & dk_ok, other=0.0)
             do = tl.load(o_base + (tr * stride_ot + hq_o)[:, None] + offs_dv[None, :],
@@ -181,6 +190,17 @@ def _sel_bwd_dkdv_kernel(
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+            if DQ_OUT > 0:
+                # this block's share of dQ for the gathered rows
+                dq_t = tl.dot(tl.trans(ds_t.to(q.dtype)), k, input_precision=DOT_PREC) * sm_scale
+                st = row_ok[:, None] & dk_ok
+                if DQ_OUT == 1:  # float32 atomics into dq [B, T, HQ, d_k]
+                    x = (DQX + b * stride_x0 + tr.to(tl.int64) * stride_x1 + hq * stride_x2)
+                    tl.atomic_add(x[:, None] + offs_dk[None, :], dq_t, mask=st, sem="relaxed")
+                else:  # float32 partial in slot (j, sub-tile) [B, T, H, n * NSUB, G, d_k]
+                    x = (DQX + b * stride_x0 + tr.to(tl.int64) * stride_x1 + h * stride_x2
+                         + (jr * NSUB + c0 // BLOCK_N) * stride_x3 + g_loc * stride_x4)
+                    tl.store(x[:, None] + offs_dk[None, :], dq_t, mask=st)
         dk = dk * sm_scale
         if ATOMIC:
             # float32 [B, T, H, D] accumulators
@@ -240,3 +260,36 @@ def _sel_bwd_reduce_kernel(
              dk.to(DK.dtype.element_ty), mask=ok & (offs_dk[None, :] < D_K))
     tl.store(DV + b * stride_vb + h * stride_vh + kpos[:, None] * stride_vt + offs_dv[None, :],
              dv.to(DV.dtype.element_ty), mask=ok & (offs_dv[None, :] < D_V))
+
+
+@triton.jit
+def _sel_bwd_dq_reduce_kernel(
+    DQP, IDX, DQ,
+    stride_x0, stride_x1, stride_x2, stride_x3, stride_x4,
+    stride_ib, stride_it, stride_ih,
+    stride_db, stride_dt, stride_dh,
+    T,
+    G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, DK: tl.constexpr,
+    D_K: tl.constexpr, N_SEL: tl.constexpr, NSUB: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """dQ of every row = sum of its selected blocks' float32 partials (those of the
+    key-centric kernel), in slot order (deterministic); slots whose index is -1 are never
+    read. Written to, or added into, the float32 dQ buffer."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t0 = tile * PP
+    p_loc, t_row, row_ok, hq = _tile_rows(t0, h, T, G, GP2, PP)
+    offs_dk = tl.arange(0, DK)
+    dk_ok = offs_dk[None, :] < D_K
+    t64 = t_row.to(tl.int64)
+    i_row = IDX + b * stride_ib + t64 * stride_it + h * stride_ih
+    x_row = DQP + b * stride_x0 + t64 * stride_x1 + h * stride_x2 + (hq - h * G) * stride_x4
+    dq = tl.zeros([PP * GP2, DK], tl.float32)
+    for j in range(N_SEL):
+        live = row_ok & (tl.load(i_row + j, mask=row_ok, other=-1) >= 0)
+        for sb in tl.static_range(NSUB):
+            dq += tl.load(x_row[:, None] + (j * NSUB + sb) * stride_x3 + offs_dk[None, :],
+                          mask=live[:, None] & dk_ok, other=0.0)
+    _dq_store(DQ, dq, b, t0.to(tl.int64), p_loc, hq, row_ok, stride_db, stride_dt, stride_dh,
+              DK, D_K, ACCUMULATE)

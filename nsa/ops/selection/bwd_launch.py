@@ -20,15 +20,22 @@ from nsa.ops.descriptors import kv_desc, resolve_desc
 from nsa.ops.selection.bwd_kernels import (
     _sel_bwd_dkdv_kernel,
     _sel_bwd_dq_kernel,
+    _sel_bwd_dq_reduce_kernel,
     _sel_bwd_reduce_kernel,
 )
+from nsa.policy import SEL_BLOCK_MAX_PARTIAL_BYTES, sel_mode_env
+
+# key-centric dQ (mode "block", not deterministic): float32 atomics (True) or per-slot
+# partials and an ordered sum (False); measured in docs/perf-notes.md
+DQ_ATOMIC = True
 
 
-def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int):
+def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int, entries: bool = False):
     """Positions that selected each block, grouped by block and cut into segments.
 
     idx int32 [B, T, H, n] (canonical: each block at most once per row, -1 unused).
-    Returns (keys [B, H, T*n] sorted ``block*T + t`` (unused slots sort last),
+    Returns (keys [B, H, T*n] sorted ``block*T + t`` (unused slots sort last; with
+    ``entries``, ``block*T*n + t*n + j``, j the block's slot in row t),
     seg_blk, seg_lo, seg_hi [B, H, S_MAX] int32 (segment -> block, entry range; block
     ``nb`` marks an unused segment), seg_first, seg_count [B, H, nb] int32 (each block's
     segments are seg_first .. seg_first + seg_count - 1)). All on the device, no host sync:
@@ -40,9 +47,12 @@ def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int):
     blk = idx.permute(0, 2, 1, 3).reshape(BH, E).long()  # entries in position order
     valid = blk >= 0
     blk_c = torch.where(valid, blk, torch.full_like(blk, nb))
-    t_of = torch.arange(T, device=dev).repeat_interleave(n).unsqueeze(0)
-    key_dtype = torch.int32 if (nb + 1) * T < 2**31 else torch.int64
-    keys = (blk_c * T + t_of).to(key_dtype)
+    if entries:
+        span, t_of = E, torch.arange(E, device=dev).unsqueeze(0)
+    else:
+        span, t_of = T, torch.arange(T, device=dev).repeat_interleave(n).unsqueeze(0)
+    key_dtype = torch.int32 if (nb + 1) * span < 2**31 else torch.int64
+    keys = (blk_c * span + t_of).to(key_dtype)
     keys, _ = torch.sort(keys, dim=1)
     counts = torch.zeros(BH, nb + 1, device=dev, dtype=torch.int64)
     counts.scatter_add_(1, blk_c, torch.ones_like(blk_c))
@@ -106,6 +116,8 @@ def sel_backward(
     use_desc: bool | None = None,
     dq_warps: int | None = None,
     dq_stages: int | None = None,
+    mode: str | None = None,
+    dq_atomic: bool | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """dK, dV of the selected branch (k's/v's dtype); adds (or writes) its dQ into ``dq``.
 
@@ -114,10 +126,18 @@ def sel_backward(
     (base-2, from the forward); delta float32 [B, T, HQ] with gate's strides; dq float32.
     ``deterministic``: per-segment partials summed in a fixed order instead of float32
     atomics (bitwise reproducible). ``seg_len``: positions per dK/dV program.
-    ``dq_only``: stop after dQ and return (None, None) (for timing runs).
+    ``dq_only``: stop after dQ and return (None, None) (for timing runs; mode "block"
+    forms dQ in the dK/dV kernel, so it runs whole and returns (None, None)).
     ``use_desc``: the dQ kernel reads key/value tiles through tensor descriptors, as in
     :func:`nsa.ops.selection.sel_forward`. ``dq_warps``/``dq_stages`` override the dQ
     launch config (for tuning runs).
+    ``mode``: where dQ is formed. "group": by the group-centric dQ kernel (streams each
+    position's blocks, like the forward); "block": by the key-centric dK/dV kernel, which
+    already forms dS for every (block, position) pair, as float32 atomics into ``dq``
+    (``dq_atomic``, the default) or, with ``deterministic`` or ``dq_atomic=False``, as
+    per-slot partials summed in slot order. Default: the forward's choice
+    (:func:`nsa.ops.selection.launch.sel_forward_mode`), "group" where the partials would
+    pass its memory cap.
     """
     B, T, HQ, d_k = q.shape
     H, d_v = k.shape[2], v.shape[-1]
@@ -125,7 +145,6 @@ def sel_backward(
     GP2 = rows_per_position(G)
     DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
     L = cfg.l_sel
-    nb = cfg.num_sel_blocks(T)
     if gate.stride() != delta.stride():
         raise ValueError("sel_backward: delta must have the gate's strides")
     # the dK/dV kernel gathers query rows with 32-bit offsets within one batch element
@@ -151,6 +170,26 @@ def sel_backward(
         lse.stride(0), lse.stride(1),
     )
 
+    import nsa.ops.selection.launch as SL
+    from nsa.ops.selection.launch import sel_forward_mode
+
+    n_sub = triton.cdiv(L, bn_kv)
+    dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
+    dq_partial = deterministic or not dq_atomic
+    part_bytes = B * T * H * n_sel * n_sub * G * d_k * 4
+    forced = mode or SL.SEL_MODE or sel_mode_env()
+    mode = sel_forward_mode(q, d_v, H, n_sel, mode)
+    if (mode == "block" and dq_partial and forced is None
+            and part_bytes > SEL_BLOCK_MAX_PARTIAL_BYTES):
+        mode = "group"
+    if mode == "block":
+        dk, dv = _sel_backward_block_dq(
+            q, k, v, idx, dout, gate, lse, delta, dq, cfg, scale, common, go, prec,
+            deterministic=deterministic, accumulate_dq=accumulate_dq, seg_len=seg_len,
+            dq_partial=dq_partial, bm_kv=bm_kv, bn_kv=bn_kv, warps_kv=warps_kv,
+            stages=stages)
+        return (None, None) if dq_only else (dk, dv)
+
     # dQ: group-centric, like the forward
     pp_q = positions_per_program or max(1, 16 // GP2)
 
@@ -171,10 +210,33 @@ def sel_backward(
     if dq_only:
         return None, None
 
-    # dK/dV: key-centric over the inverted index
+    dk, dv, _ = _sel_dkdv(q, k, v, idx, dout, gate, lse, delta, cfg, scale, common, go,
+                          prec, deterministic=deterministic, seg_len=seg_len, bm_kv=bm_kv,
+                          bn_kv=bn_kv, warps_kv=warps_kv, stages=stages)
+    return dk, dv
+
+
+def _sel_dkdv(q, k, v, idx, dout, gate, lse, delta, cfg, scale, common, go, prec, *,
+              deterministic, seg_len, bm_kv, bn_kv, warps_kv, stages, dq=None,
+              dq_partial=False):
+    """dK/dV key-centric over the inverted index; with ``dq`` also the rows' dQ (atomics
+    into ``dq``, or partials returned as a third value with ``dq_partial``)."""
+    import nsa.ops.selection.launch as SL
+
+    B, T, HQ, d_k = q.shape
+    H, d_v = k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP2 = rows_per_position(G)
+    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    L = cfg.l_sel
+    nb = cfg.num_sel_blocks(T)
+    n_sel = idx.shape[-1]
+    qk_scale = scale * LOG2E
     # H200, 64k: 128..2048 positions per segment all within 3% (45-46 ms with dQ)
     seg = seg_len or (1024 if q.device.type == "cuda" and not interpreting() else 16)
-    keys, seg_blk, seg_lo, seg_hi, seg_first, seg_count = inverted_index(idx, T, nb, seg)
+    with_dq = dq is not None
+    keys, seg_blk, seg_lo, seg_hi, seg_first, seg_count = inverted_index(
+        idx, T, nb, seg, entries=with_dq)
     s_max = seg_blk.shape[-1]
     nsub = triton.cdiv(L, bn_kv)
     if deterministic:
@@ -183,6 +245,15 @@ def sel_backward(
     else:
         dko = torch.zeros(B, T, H, d_k, device=q.device, dtype=torch.float32)
         dvo = torch.zeros(B, T, H, d_v, device=q.device, dtype=torch.float32)
+    dqx, dq_out = q.new_empty(1, 1, 1, 1, 1, dtype=torch.float32), 0
+    if with_dq and dq_partial:
+        dqx = torch.empty(B, T, H, n_sel * nsub, G, d_k, device=q.device, dtype=torch.float32)
+        if SL.PARTIAL_FILL is not None:
+            dqx.fill_(SL.PARTIAL_FILL)
+        dq_out = 2
+    elif with_dq:
+        dqx, dq_out = dq.unsqueeze(-1), 1
+    xs = dqx.stride()
 
     def launch_kv(bm, st):
         pp = max(1, bm // GP2)
@@ -195,12 +266,15 @@ def sel_backward(
             T, H, nb, qk_scale, scale,
             G=G, GP2=GP2, PP=pp, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=L, BLOCK_N=bn_kv, NSUB=nsub, ATOMIC=not deterministic,
-            DOT_PREC=prec, num_warps=warps_kv, num_stages=st,
+            DOT_PREC=prec, DQX=dqx, stride_x0=xs[0], stride_x1=xs[1], stride_x2=xs[2],
+            stride_x3=xs[3], stride_x4=xs[4], SPAN=T * n_sel if with_dq else T,
+            N_SEL=n_sel, DQ_OUT=dq_out, num_warps=warps_kv, num_stages=st,
         )
 
     shrink_on_oor(launch_kv, bm_kv, stages, max(16, GP2))
+    dq_part = dqx if dq_out == 2 else None
     if not deterministic:
-        return dko.to(k.dtype), dvo.to(v.dtype)
+        return dko.to(k.dtype), dvo.to(v.dtype), dq_part
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _sel_bwd_reduce_kernel[(nb * nsub, H, B)](
@@ -213,4 +287,33 @@ def sel_backward(
         T, DKT=DK, DVT=DV, D_K=d_k, D_V=d_v, L_SEL=L, BLOCK_N=bn_kv, NSUB=nsub,
         num_warps=4, num_stages=1,
     )
+    return dk, dv, dq_part
+
+
+def _sel_backward_block_dq(q, k, v, idx, dout, gate, lse, delta, dq, cfg, scale, common, go,
+                           prec, *, deterministic, accumulate_dq, seg_len, dq_partial, bm_kv,
+                           bn_kv, warps_kv, stages):
+    """Mode "block": dK, dV and dQ from the key-centric kernel (no group-centric pass)."""
+    B, T, HQ, d_k = q.shape
+    H = k.shape[2]
+    G = HQ // H
+    GP2 = rows_per_position(G)
+    if not accumulate_dq and not dq_partial:
+        dq.zero_()
+    dk, dv, part = _sel_dkdv(q, k, v, idx, dout, gate, lse, delta, cfg, scale, common, go,
+                             prec, deterministic=deterministic, seg_len=seg_len, bm_kv=bm_kv,
+                             bn_kv=bn_kv, warps_kv=warps_kv, stages=stages, dq=dq,
+                             dq_partial=dq_partial)
+    if part is not None:
+        on_gpu = q.device.type == "cuda" and not interpreting()
+        pp = max(1, (64 if on_gpu else 16) // GP2)
+        n_sel = idx.shape[-1]
+        _sel_bwd_dq_reduce_kernel[(triton.cdiv(T, pp), H, B)](
+            part, idx, dq, *part.stride()[:5],
+            idx.stride(0), idx.stride(1), idx.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            T, G=G, GP2=GP2, PP=pp, DK=head_dim_tile(d_k), D_K=d_k, N_SEL=n_sel,
+            NSUB=part.shape[3] // n_sel, ACCUMULATE=accumulate_dq, num_warps=4,
+            num_stages=1,
+        )
     return dk, dv

@@ -35,7 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.ops.rows import _tile_rows
+from nsa.ops.rows import _softmax_step, _tile_rows
 
 _KEY_NONE = tl.constexpr(-9223372036854775808)  # int64 min: "no candidate"
 _KEY_FULL = tl.constexpr(9223372036854775807)  # int64 max: a slot that is not in use
@@ -169,6 +169,51 @@ def _block_at(u, i_base, flat, order, row_idx, row_ok, PP: tl.constexpr):
 
 
 @triton.jit
+def _sel_epilogue(
+    o, lse, b, t0, p_loc, t_row, row_ok, hq, O, OB, OC, OW, GS, GC, GW, LSE,
+    stride_ob, stride_ot, stride_oh, stride_bb, stride_bt, stride_bh,
+    stride_cb, stride_ct, stride_ch, stride_wb, stride_wt, stride_wh,
+    stride_gsb, stride_gst, stride_gsh, stride_gcb, stride_gct, stride_gch,
+    stride_gwb, stride_gwt, stride_gwh, stride_lb, stride_lh,
+    DV: tl.constexpr, D_V: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_BRANCH: tl.constexpr,
+    HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """Stores of a tile of O_sel rows (float32 ``o`` [M, DV], base-2 ``lse`` [M]): the
+    log-sum-exp, the ungated branch output and/or ``out`` = g_sel*O_sel + g_cmp*O_cmp +
+    g_win*O_win in the output's dtype."""
+    offs_dv = tl.arange(0, DV)
+    dv_ok = offs_dv[None, :] < D_V
+    if STORE_LSE:
+        tl.store(LSE + b * stride_lb + hq.to(tl.int64) * stride_lh + t_row, lse, mask=row_ok)
+    st_mask = row_ok[:, None] & dv_ok
+    rows_t = (p_loc * stride_ot + hq * stride_oh)[:, None]
+    if WRITE_BRANCH:
+        ob_ptrs = (OB + b * stride_bb + t0.to(tl.int64) * stride_bt
+                   + (p_loc * stride_bt + hq * stride_bh)[:, None] + offs_dv[None, :])
+        tl.store(ob_ptrs, o.to(OB.dtype.element_ty), mask=st_mask)
+    if WRITE_OUT:
+        gs = tl.load(GS + b * stride_gsb + t_row.to(tl.int64) * stride_gst + hq * stride_gsh,
+                     mask=row_ok, other=0.0).to(tl.float32)
+        res = o * gs[:, None]
+        if HAS_CMP:
+            gc = tl.load(GC + b * stride_gcb + t_row.to(tl.int64) * stride_gct + hq * stride_gch,
+                         mask=row_ok, other=0.0).to(tl.float32)
+            oc = tl.load(OC + b * stride_cb + t0.to(tl.int64) * stride_ct
+                         + (p_loc * stride_ct + hq * stride_ch)[:, None] + offs_dv[None, :],
+                         mask=st_mask, other=0.0).to(tl.float32)
+            res += oc * gc[:, None]
+        if HAS_WIN:
+            gw = tl.load(GW + b * stride_gwb + t_row.to(tl.int64) * stride_gwt + hq * stride_gwh,
+                         mask=row_ok, other=0.0).to(tl.float32)
+            ow = tl.load(OW + b * stride_wb + t0.to(tl.int64) * stride_wt
+                         + (p_loc * stride_wt + hq * stride_wh)[:, None] + offs_dv[None, :],
+                         mask=st_mask, other=0.0).to(tl.float32)
+            res += ow * gw[:, None]
+        o_ptrs = O + b * stride_ob + t0.to(tl.int64) * stride_ot + rows_t + offs_dv[None, :]
+        tl.store(o_ptrs, res.to(O.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
 def _sel_fwd_kernel(
     Q, K, V, IDX, O, OB, OC, OW, GS, GC, GW, LSE,
     stride_qb, stride_qt, stride_qh,
@@ -234,12 +279,7 @@ def _sel_fwd_kernel(
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
             ok = (member[:, None] & (kpos[None, :] <= t_row[:, None])
                   & (c0 + offs_n < L_SEL)[None, :])
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_new, l_i = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
             if USE_DESC:
                 v = tl.reshape(V.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DV])
             else:
@@ -249,33 +289,169 @@ def _sel_fwd_kernel(
             m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if STORE_LSE:
-        # base-2 log-sum-exp per row for the backward (+inf: no selected key visible)
-        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
-        tl.store(LSE + b * stride_lb + hq.to(tl.int64) * stride_lh + t_row, lse, mask=row_ok)
-    st_mask = row_ok[:, None] & dv_ok
-    rows_t = (p_loc * stride_ot + hq * stride_oh)[:, None]
-    if WRITE_BRANCH:
-        ob_ptrs = (OB + b * stride_bb + t0.to(tl.int64) * stride_bt
-                   + (p_loc * stride_bt + hq * stride_bh)[:, None] + offs_dv[None, :])
-        tl.store(ob_ptrs, o.to(OB.dtype.element_ty), mask=st_mask)
-    if WRITE_OUT:
-        gs = tl.load(GS + b * stride_gsb + t_row.to(tl.int64) * stride_gst + hq * stride_gsh,
-                     mask=row_ok, other=0.0).to(tl.float32)
-        res = o * gs[:, None]
-        if HAS_CMP:
-            gc = tl.load(GC + b * stride_gcb + t_row.to(tl.int64) * stride_gct + hq * stride_gch,
-                         mask=row_ok, other=0.0).to(tl.float32)
-            oc = tl.load(OC + b * stride_cb + t0.to(tl.int64) * stride_ct
-                         + (p_loc * stride_ct + hq * stride_ch)[:, None] + offs_dv[None, :],
-                         mask=st_mask, other=0.0).to(tl.float32)
-            res += oc * gc[:, None]
-        if HAS_WIN:
-            gw = tl.load(GW + b * stride_gwb + t_row.to(tl.int64) * stride_gwt + hq * stride_gwh,
-                         mask=row_ok, other=0.0).to(tl.float32)
-            ow = tl.load(OW + b * stride_wb + t0.to(tl.int64) * stride_wt
-                         + (p_loc * stride_wt + hq * stride_wh)[:, None] + offs_dv[None, :],
-                         mask=st_mask, other=0.0).to(tl.float32)
-            res += ow * gw[:, None]
-        o_ptrs = O + b * stride_ob + t0.to(tl.int64) * stride_ot + rows_t + offs_dv[None, :]
-        tl.store(o_ptrs, res.to(O.dtype.element_ty), mask=st_mask)
+    # base-2 log-sum-exp per row for the backward (+inf: no selected key visible)
+    lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    _sel_epilogue(
+        o, lse, b, t0, p_loc, t_row, row_ok, hq, O, OB, OC, OW, GS, GC, GW, LSE,
+        stride_ob, stride_ot, stride_oh, stride_bb, stride_bt, stride_bh,
+        stride_cb, stride_ct, stride_ch, stride_wb, stride_wt, stride_wh,
+        stride_gsb, stride_gst, stride_gsh, stride_gcb, stride_gct, stride_gch,
+        stride_gwb, stride_gwt, stride_gwh, stride_lb, stride_lh,
+        DV, D_V, WRITE_OUT, WRITE_BRANCH, HAS_CMP, HAS_WIN, STORE_LSE)
+
+
+@triton.jit
+def _sel_fwd_blocks_kernel(
+    Q, K, V, KEYS, OFF, PO, PL,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_eb, stride_eh,
+    stride_fb, stride_fh,
+    stride_pb, stride_pt, stride_ph, stride_pj, stride_pg,
+    stride_lb, stride_lt, stride_lh, stride_lj,
+    T, NB, E, qk_scale,
+    G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, SEG: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr,
+    DOT_PREC: tl.constexpr, HOIST_KV: tl.constexpr = True,
+):
+    """Block-centric selected attention over the selection's entries sorted by block
+    (``KEYS`` = block * E + t * n + j, ``OFF`` = each block's first entry; see
+    :func:`nsa.ops.selection.launch.entries_by_block`). One program per (SEG consecutive
+    sorted entries, KV head, batch): for each block its range touches, it reads the
+    block's keys and values once and, PP positions (PP x GP2 rows) at a time, gathers the
+    G query heads of each position, attends to the block (causal inside it) and stores the
+    normalised partial output and its base-2 log-sum-exp in the position's slot j (its
+    j-th selected block) of PO / PL. :func:`_sel_merge_kernel` then combines the slots."""
+    BLOCK_M: tl.constexpr = PP * GP2
+    NSUB: tl.constexpr = (L_SEL + BLOCK_N - 1) // BLOCK_N
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    f_base = OFF + b * stride_fb + h * stride_fh
+    lo = tl.program_id(0) * SEG
+    hi = tl.minimum(lo + SEG, tl.load(f_base + NB))  # entries past OFF[NB] are unused slots
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    p_loc = offs_m // GP2
+    g_loc = offs_m % GP2
+    hq = h * G + g_loc
+    dk_ok = offs_dk[None, :] < D_K
+    dv_ok = offs_dv[None, :] < D_V
+    e_base = KEYS + b * stride_eb + h * stride_eh
+    # query rows: 32-bit offsets within one batch element (the launcher checks)
+    q_base = Q + b * stride_qb
+    cur = lo
+    while cur < hi:
+        blk = (tl.load(e_base + cur).to(tl.int64) // E).to(tl.int32)
+        end = tl.minimum(hi, tl.load(f_base + blk + 1))
+        k_base = K + b * stride_kb + h * stride_kh + (blk * L_SEL).to(tl.int64) * stride_kt
+        v_base = V + b * stride_vb + h * stride_vh + (blk * L_SEL).to(tl.int64) * stride_vt
+        if NSUB == 1 and HOIST_KV:  # the block's keys/values once per block
+            key_ok = (blk * L_SEL + offs_n < T) & (offs_n < L_SEL)
+            k = tl.load(k_base + (offs_n * stride_kt)[:, None] + offs_dk[None, :],
+                        mask=key_ok[:, None] & dk_ok, other=0.0)
+            v = tl.load(v_base + (offs_n * stride_vt)[:, None] + offs_dv[None, :],
+                        mask=key_ok[:, None] & dv_ok, other=0.0)
+        key0 = blk.to(tl.int64) * E
+        for p0 in range(cur, end, PP):
+            e = p0 + p_loc
+            row_ok = (g_loc < G) & (e < end)
+            key = tl.load(e_base + e, mask=row_ok, other=0)
+            ent = tl.where(row_ok, key.to(tl.int64) - key0, 0).to(tl.int32)
+            t = ent // N_SEL  # the query position and its slot j
+            j = ent % N_SEL
+            q = tl.load(q_base + (t * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :],
+                        mask=row_ok[:, None] & dk_ok, other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, DV], tl.float32)
+            for c0 in tl.static_range(0, L_SEL, BLOCK_N):
+                kpos = blk * L_SEL + c0 + offs_n
+                if NSUB > 1 or not HOIST_KV:  # (re)loaded per chunk of positions
+                    key_ok = (kpos < T) & (c0 + offs_n < L_SEL)
+                    k = tl.load(k_base + ((c0 + offs_n) * stride_kt)[:, None] + offs_dk[None, :],
+                                mask=key_ok[:, None] & dk_ok, other=0.0)
+                    v = tl.load(v_base + ((c0 + offs_n) * stride_vt)[:, None] + offs_dv[None, :],
+                                mask=key_ok[:, None] & dv_ok, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                ok = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None])
+                p, alpha, m_new, l_i = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+                m_i = m_new
+            # l_i = 0 only for a block wholly after its position (given indices): its
+            # partial gets weight 0 in the merge
+            l_safe = tl.where(l_i > 0, l_i, 1.0)
+            o = acc / l_safe[:, None]
+            lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+            t64 = t.to(tl.int64)
+            po = (PO + b * stride_pb + t64 * stride_pt + h * stride_ph + j * stride_pj
+                  + g_loc * stride_pg)
+            tl.store(po[:, None] + offs_dv[None, :], o.to(PO.dtype.element_ty),
+                     mask=row_ok[:, None] & dv_ok)
+            pl = PL + b * stride_lb + t64 * stride_lt + h * stride_lh + j * stride_lj + g_loc
+            tl.store(pl, lse, mask=row_ok)
+        cur = end
+
+
+@triton.jit
+def _sel_merge_kernel(
+    PO, PL, IDX, O, OB, OC, OW, GS, GC, GW, LSE,
+    stride_pb, stride_pt, stride_ph, stride_pj, stride_pg,
+    stride_xb, stride_xt, stride_xh, stride_xj,
+    stride_ib, stride_it, stride_ih,
+    stride_ob, stride_ot, stride_oh,
+    stride_bb, stride_bt, stride_bh,
+    stride_cb, stride_ct, stride_ch,
+    stride_wb, stride_wt, stride_wh,
+    stride_gsb, stride_gst, stride_gsh,
+    stride_gcb, stride_gct, stride_gch,
+    stride_gwb, stride_gwt, stride_gwh,
+    stride_lb, stride_lh,
+    T,
+    G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, DV: tl.constexpr,
+    D_V: tl.constexpr, N_SEL: tl.constexpr,
+    WRITE_OUT: tl.constexpr, WRITE_BRANCH: tl.constexpr,
+    HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """O_sel of every row from its n block partials (slots whose index is -1 are never
+    read): log-sum-exp weighted sum in slot order, then the same stores as the
+    group-centric kernel (:func:`_sel_epilogue`)."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t0 = tile * PP
+    p_loc, t_row, row_ok, hq = _tile_rows(t0, h, T, G, GP2, PP)
+    g_loc = hq - h * G
+    offs_dv = tl.arange(0, DV)
+    dv_ok = offs_dv[None, :] < D_V
+    t64 = t_row.to(tl.int64)
+    i_row = IDX + b * stride_ib + t64 * stride_it + h * stride_ih
+    po_row = PO + b * stride_pb + t64 * stride_pt + h * stride_ph + g_loc * stride_pg
+    pl_row = PL + b * stride_xb + t64 * stride_xt + h * stride_xh + g_loc
+    m_i = tl.full([PP * GP2], float("-inf"), tl.float32)
+    l_i = tl.zeros([PP * GP2], tl.float32)
+    acc = tl.zeros([PP * GP2, DV], tl.float32)
+    for j in range(N_SEL):
+        live = row_ok & (tl.load(i_row + j, mask=row_ok, other=-1) >= 0)
+        lj = tl.load(pl_row + j * stride_xj, mask=live, other=float("-inf"))
+        oj = tl.load(po_row[:, None] + j * stride_pj + offs_dv[None, :],
+                     mask=live[:, None] & dv_ok, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m_i, lj)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        w = tl.math.exp2(lj - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + oj * w[:, None]
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    _sel_epilogue(
+        o, lse, b, t0, p_loc, t_row, row_ok, hq, O, OB, OC, OW, GS, GC, GW, LSE,
+        stride_ob, stride_ot, stride_oh, stride_bb, stride_bt, stride_bh,
+        stride_cb, stride_ct, stride_ch, stride_wb, stride_wt, stride_wh,
+        stride_gsb, stride_gst, stride_gsh, stride_gcb, stride_gct, stride_gch,
+        stride_gwb, stride_gwt, stride_gwh, stride_lb, stride_lh,
+        DV, D_V, WRITE_OUT, WRITE_BRANCH, HAS_CMP, HAS_WIN, STORE_LSE)

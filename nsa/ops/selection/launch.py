@@ -11,13 +11,26 @@ from nsa.ops.compression.launch import (
     LOG2E,
     dot_precision,
     head_dim_tile,
+    interpreting,
     last_dim_contiguous,
     next_pow2,
     rows_per_position,
     shrink_on_oor,
 )
 from nsa.ops.descriptors import kv_desc, resolve_desc
-from nsa.ops.selection.kernels import _sel_fwd_kernel, _topn_kernel
+from nsa.ops.selection.kernels import (
+    _sel_fwd_blocks_kernel,
+    _sel_fwd_kernel,
+    _sel_merge_kernel,
+    _topn_kernel,
+)
+from nsa.policy import SEL_BLOCK_MAX_G, SEL_BLOCK_MAX_PARTIAL_BYTES, SEL_MODES, sel_mode_env
+
+# Programmatic override of sel_forward's mode (tests, tuning scripts): "group" or "block"
+# forces it; None defers to NSA_SEL_MODE, then to auto_sel_mode. Read at every launch.
+SEL_MODE: str | None = None
+# tests: fill the partial buffers with this value before the kernels run (None: no fill)
+PARTIAL_FILL: float | None = None
 
 
 def select_topn(
@@ -90,6 +103,11 @@ def sel_forward(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_desc: bool | None = None,
+    mode: str | None = None,
+    block_rows: int | None = None,
+    seg_len: int | None = None,
+    partial_dtype: torch.dtype | None = None,
+    hoist_kv: bool | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Selected-block attention, optionally fused with the gate combine.
 
@@ -105,6 +123,12 @@ def sel_forward(
     override the launch config (for tuning runs). ``use_desc``: load the selected key and
     value tiles as bulk tensor copies through tensor descriptors (None:
     :func:`nsa.ops.descriptors.resolve_desc` decides).
+    ``mode``: "group" (group-centric: each position streams its n blocks) or "block"
+    (block-centric: each selected block is read once by the programs of the positions that
+    chose it, which write per-block partials that a second kernel merges; see
+    :func:`sel_forward_mode` for the default). ``block_rows``, ``seg_len``,
+    ``partial_dtype``: the block path's rows per dot, positions per program and partial
+    output dtype (tuning runs; defaults measured).
     """
     q, k, v = map(last_dim_contiguous, (q, k, v))
     B, T, HQ, d_k = q.shape
@@ -120,6 +144,13 @@ def sel_forward(
         o_branch = torch.empty(B, T, HQ, d_v, device=q.device, dtype=q.dtype)
     if write_out and out is None:
         out = torch.empty(B, T, HQ, d_v, device=q.device, dtype=q.dtype)
+    mode = sel_forward_mode(q, d_v, H, block_indices.shape[-1], mode)
+    if mode == "block":
+        _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel, o_cmp,
+                            g_cmp, o_win, g_win, lse, block_rows=block_rows, seg_len=seg_len,
+                            partial_dtype=partial_dtype, num_warps=num_warps,
+                            num_stages=num_stages, hoist_kv=hoist_kv)
+        return o_branch, out
     use_desc = resolve_desc("sel_forward", use_desc, k, v, DK, DV)
     bn, warps, stages = _sel_config(DK, DV, cfg.l_sel, q.device, use_desc)
     if PP == 1 and max(DK, DV) <= 128 and q.device.type == "cuda":
@@ -127,33 +158,153 @@ def sel_forward(
         # less traffic than 4 (H200, paper shape, 64k: 17.1 ms against 17.6 ms)
         warps = 2
     warps, stages = num_warps or warps, num_stages or stages
-    dummy = q.new_empty(1, 1, 1, 1)
-    lse_arg = lse if lse is not None else q.new_empty(1, 1, 1, dtype=torch.float32)
-
-    def t3(x):
-        return (x.stride(0), x.stride(1), x.stride(2)) if x is not None else (0, 0, 0)
+    ptrs, strides, flags = _epilogue_args(q, out, o_branch, o_cmp, o_win, g_sel, g_cmp, g_win,
+                                          lse)
 
     def launch(_bm, stages_):
         kd, vd = ((kv_desc(k, T, bn, DK), kv_desc(v, T, bn, DV)) if use_desc else (k, v))
         _sel_fwd_kernel[(triton.cdiv(T, PP), H, B)](
-            q, kd, vd, block_indices,
-            out if out is not None else dummy, o_branch if o_branch is not None else dummy,
-            o_cmp if o_cmp is not None else dummy, o_win if o_win is not None else dummy,
-            g_sel if g_sel is not None else dummy, g_cmp if g_cmp is not None else dummy,
-            g_win if g_win is not None else dummy, lse_arg,
-            *t3(q), *t3(k), *t3(v), *t3(block_indices), *t3(out), *t3(o_branch),
-            *t3(o_cmp), *t3(o_win), *t3(g_sel), *t3(g_cmp), *t3(g_win),
-            lse_arg.stride(0), lse_arg.stride(1),
+            q, kd, vd, block_indices, *ptrs,
+            *_t3(q), *_t3(k), *_t3(v), *_t3(block_indices), *strides,
             T, scale * LOG2E,
             G=G, GP2=GP2, PP=PP, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=block_indices.shape[-1],
-            NP=next_pow2(block_indices.shape[-1]),
-            WRITE_OUT=write_out, WRITE_BRANCH=o_branch is not None,
-            HAS_CMP=write_out and o_cmp is not None and g_cmp is not None,
-            HAS_WIN=write_out and o_win is not None and g_win is not None,
-            STORE_LSE=lse is not None, DOT_PREC=dot_precision(q.dtype, q.device),
-            USE_DESC=use_desc, num_warps=warps, num_stages=stages_,
+            NP=next_pow2(block_indices.shape[-1]), DOT_PREC=dot_precision(q.dtype, q.device),
+            USE_DESC=use_desc, num_warps=warps, num_stages=stages_, **flags,
         )
 
     shrink_on_oor(launch, 16, stages, 16)
     return o_branch, out
+
+
+def _partial_bytes(q: Tensor, d_v: int, H: int, n: int, dtype: torch.dtype) -> int:
+    B, T, HQ, _ = q.shape
+    return B * T * H * n * (HQ // H) * (d_v * dtype.itemsize + 4)
+
+
+def auto_sel_mode(G: int, on_gpu: bool, partial_bytes: int) -> str:
+    """The measured default path: "block" on the GPU for G <= SEL_BLOCK_MAX_G while its
+    partials fit SEL_BLOCK_MAX_PARTIAL_BYTES (:mod:`nsa.policy`), else "group" (the CPU
+    interpreter keeps the group path unless asked; the group path needs no scratch).
+    H200, paper shape but G, selected forward + combine at 64k: group 10.0 / 10.9 / 12.1 /
+    12.7 / 14.1 ms against block 1.9 / 3.5 / 6.1 / 10.8 / 17.8 ms for G = 1 / 2 / 4 / 8 /
+    16 (docs/perf-notes.md)."""
+    if on_gpu and G <= SEL_BLOCK_MAX_G and partial_bytes <= SEL_BLOCK_MAX_PARTIAL_BYTES:
+        return "block"
+    return "group"
+
+
+def sel_forward_mode(q: Tensor, d_v: int, H: int, n: int, mode: str | None = None) -> str:
+    """The selected-attention path for this call: ``mode`` if given, else SEL_MODE if set,
+    else NSA_SEL_MODE if set, else :func:`auto_sel_mode`. The group-centric kernel streams
+    the same n*l' keys per position whatever G, so small groups pay nearly what G = 16
+    pays; the block-centric path reads each block once and moves G rows of queries and
+    partials per position."""
+    mode = mode or SEL_MODE or sel_mode_env()
+    if mode is not None:
+        if mode not in SEL_MODES:
+            raise ValueError(f"sel_forward: mode must be one of {SEL_MODES}, got {mode!r}")
+        return mode
+    on_gpu = q.device.type == "cuda" and not interpreting()
+    return auto_sel_mode(q.shape[2] // H, on_gpu, _partial_bytes(q, d_v, H, n, q.dtype))
+
+
+def entries_by_block(idx: Tensor, nb: int) -> tuple[Tensor, Tensor]:
+    """The selection's (position, slot) entries sorted by block, on the device, no host sync.
+
+    idx int [B, T, H, n] (blocks < nb, -1 unused). Returns keys [B, H, T*n] (int32, or
+    int64 where (nb + 1) * T * n >= 2^31) sorted ascending, key = block * E + t * n + j with
+    E = T * n (unused slots count as block nb, so they sort last), and off int32
+    [B, H, nb + 1]: block c's entries are keys[off[c]:off[c + 1]]; off[nb] is the number
+    of used entries.
+    """
+    B, T, H, n = idx.shape
+    E = T * n
+    kdt = torch.int32 if (nb + 1) * E < 2**31 else torch.int64
+    blk = idx.permute(0, 2, 1, 3).reshape(B, H, E).to(kdt)
+    blk = torch.where(blk >= 0, blk, nb)
+    keys = torch.sort(blk * E + torch.arange(E, device=idx.device, dtype=kdt), dim=-1)[0]
+    starts = (torch.arange(nb + 1, device=idx.device, dtype=kdt) * E).expand(B, H, nb + 1)
+    off = torch.searchsorted(keys, starts.contiguous(), out_int32=True)
+    return keys, off
+
+
+def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel, o_cmp,
+                        g_cmp, o_win, g_win, lse, *, block_rows, seg_len, partial_dtype,
+                        num_warps, num_stages, hoist_kv):
+    """Block-centric selected attention: inverted index, per-block partials, merge."""
+    B, T, HQ, d_k = q.shape
+    H, d_v = k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP2 = rows_per_position(G)
+    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    n = block_indices.shape[-1]
+    nb = cfg.num_sel_blocks(T)
+    if T * q.stride(1) + HQ * q.stride(2) >= 2**31:
+        raise ValueError(f"sel_forward: q of {tuple(q.shape)} is too large for the 32-bit row "
+                         f"offsets of the block-centric kernel (T * stride(1) >= 2^31); "
+                         f"use mode='group'")
+    on_gpu = q.device.type == "cuda" and not interpreting()
+    seg = seg_len or (512 if on_gpu else 16)
+    keys, off = entries_by_block(block_indices, nb)
+    pdt = partial_dtype or q.dtype
+    po = torch.empty(B, T, H, n, G, d_v, device=q.device, dtype=pdt)
+    pl = torch.empty(B, T, H, n, G, device=q.device, dtype=torch.float32)
+    if PARTIAL_FILL is not None:
+        po.fill_(PARTIAL_FILL)
+        pl.fill_(PARTIAL_FILL)
+    # H200, 64k, G = 1 / 2 / 4 / 8, two runs: 64 rows on 3 stages 1.90 / 3.50 / 6.26 /
+    # 10.8 ms (1.90 / 3.49 / 6.25 / 10.8); on 2 stages 2.04 / 3.78 / 6.86 / 11.9; 128 rows
+    # on 2 stages 1.95 / 3.46 / 6.10 / 12.1, on 3 stages 2.39 / 4.23 / 7.70 / 14.8 (spills)
+    bm = block_rows or (64 if on_gpu else 16)
+    bn = min(max(16, next_pow2(cfg.l_sel)), 64)
+    warps = num_warps or 4
+    stages = num_stages or (3 if on_gpu else 1)
+    prec = dot_precision(q.dtype, q.device)
+
+    def launch(bm_, st):
+        _sel_fwd_blocks_kernel[(triton.cdiv(T * n, seg), H, B)](
+            q, k, v, keys, off, po, pl,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            keys.stride(0), keys.stride(1),
+            off.stride(0), off.stride(1),
+            *po.stride()[:5], *pl.stride()[:4],
+            T, nb, T * n, scale * LOG2E,
+            G=G, GP2=GP2, PP=max(1, bm_ // GP2), SEG=seg, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
+            L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=n, DOT_PREC=prec,
+            HOIST_KV=True if hoist_kv is None else hoist_kv, num_warps=warps, num_stages=st,
+        )
+
+    shrink_on_oor(launch, max(bm, GP2), stages, max(16, GP2))
+
+    ptrs, strides, flags = _epilogue_args(q, out, o_branch, o_cmp, o_win, g_sel, g_cmp, g_win,
+                                          lse)
+    pp = max(1, (64 if on_gpu else 16) // GP2)
+    _sel_merge_kernel[(triton.cdiv(T, pp), H, B)](
+        po, pl, block_indices, *ptrs,
+        *po.stride()[:5], *pl.stride()[:4], *_t3(block_indices), *strides,
+        T, G=G, GP2=GP2, PP=pp, DV=DV, D_V=d_v, N_SEL=n, num_warps=4, num_stages=1, **flags,
+    )
+
+
+def _t3(x: Tensor | None) -> tuple[int, int, int]:
+    return (x.stride(0), x.stride(1), x.stride(2)) if x is not None else (0, 0, 0)
+
+
+def _epilogue_args(q, out, o_branch, o_cmp, o_win, g_sel, g_cmp, g_win, lse):
+    """Pointers, strides and flags of the selected kernels' shared epilogue
+    (:func:`nsa.ops.selection.kernels._sel_epilogue`): absent tensors become a dummy."""
+    dummy = q.new_empty(1, 1, 1, 1)
+    lse_arg = lse if lse is not None else q.new_empty(1, 1, 1, dtype=torch.float32)
+    tensors = (out, o_branch, o_cmp, o_win, g_sel, g_cmp, g_win)
+    ptrs = tuple(x if x is not None else dummy for x in tensors) + (lse_arg,)
+    strides = tuple(st for x in tensors for st in _t3(x)) + (lse_arg.stride(0),
+                                                             lse_arg.stride(1))
+    write_out = g_sel is not None
+    flags = dict(WRITE_OUT=write_out, WRITE_BRANCH=o_branch is not None,
+                 HAS_CMP=write_out and o_cmp is not None and g_cmp is not None,
+                 HAS_WIN=write_out and o_win is not None and g_win is not None,
+                 STORE_LSE=lse is not None)
+    return ptrs, strides, flags
