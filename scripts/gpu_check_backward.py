@@ -41,7 +41,7 @@ def compile_only() -> None:
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     ptr = {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "GATE")},
-           **{n: "*fp32" for n in ("LSE", "DELTA", "DKP", "DVP", "DQ", "DKO", "DVO")},
+           **{n: "*fp32" for n in ("LSE", "DELTA", "DKP", "DVP", "DQ", "DKO", "DVO", "DQX")},
            **{n: "*i32" for n in ("IDX", "KEYS", "SEG_BLK", "SEG_LO", "SEG_HI", "SEG_FIRST",
                                   "SEG_COUNT")}}
 
@@ -106,10 +106,14 @@ def compile_only() -> None:
             print(f"sel dq desc={desc:d} G={G:2d} d={d}: "
                   + one(_sel_bwd_dq_kernel, c, wq, stq, td),
                   flush=True)
-        for atomic in (True, False):
+        # dq_out: 0 dK/dV only, 1 also dQ by atomics, 2 also dQ partials (mode "block")
+        for atomic, dq_out in ((True, 0), (False, 0), (True, 1), (True, 2)):
+            if dq_out and G > 8:
+                continue
             c = dict(G=G, GP2=G2, PP=max(1, bmk // G2), DK=D, DV=D, D_K=d, D_V=d,
-                     L_SEL=64, BLOCK_N=bnk, NSUB=64 // bnk, ATOMIC=atomic, DOT_PREC="tf32")
-            print(f"sel dkdv atomic={atomic:d} G={G:2d} d={d}: "
+                     L_SEL=64, BLOCK_N=bnk, NSUB=64 // bnk, ATOMIC=atomic, DOT_PREC="tf32",
+                     N_SEL=16, DQ_OUT=dq_out)
+            print(f"sel dkdv atomic={atomic:d} dq_out={dq_out} G={G:2d} d={d}: "
                   + one(_sel_bwd_dkdv_kernel, c, wk, st), flush=True)
     c = dict(DKT=128, DVT=128, D_K=128, D_V=128, L_SEL=64, BLOCK_N=64, NSUB=1)
     print("sel reduce d=128: " + one(_sel_bwd_reduce_kernel, c, 4, 1,
@@ -241,7 +245,8 @@ def _one_length(T, cfg, B, H, G, D, HQ, dt, scale) -> None:
             fk["lse_sel"], ds, dq, cfg, scale, deterministic=True))
         nb = cfg.num_sel_blocks(T)
         t_inv = do_bench(lambda: inverted_index(fk["idx"], T, nb, 1024))
-        # the dK/dV column is (dQ + dK/dV) - dQ alone
+        # the dK/dV column is (dQ + dK/dV) - dQ alone (the group-centric dQ kernel; where
+        # G <= 8 runs the block path, dQ is formed inside dK/dV and the column is 0)
         t_dq = do_bench(lambda: sel_backward(
             q, det_leaves["k_sel"], det_leaves["v_sel"], fk["idx"], dout, gs,
             fk["lse_sel"], ds, dq, cfg, scale, dq_only=True))

@@ -164,7 +164,12 @@ def compile_only() -> None:
     from triton.compiler import ASTSource
 
     from nsa.ops.compression.kernels import _cmp_fwd_kernel
-    from nsa.ops.selection.kernels import _sel_fwd_kernel, _topn_kernel
+    from nsa.ops.selection.kernels import (
+        _sel_fwd_blocks_kernel,
+        _sel_fwd_kernel,
+        _sel_merge_kernel,
+        _topn_kernel,
+    )
     from nsa.ops.selection.launch import _sel_config
     from nsa.ops.window.kernels import _win_fwd_kernel
 
@@ -173,7 +178,9 @@ def compile_only() -> None:
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     not16 = {"stride_lh", "stride_st", "stride_it", "stride_ib", "stride_ih", "stride_sb",
-             "stride_sh", "stride_lb"} | {f"stride_g{a}{b}" for a in "scw" for b in "bth"}
+             "stride_sh", "stride_lb", "stride_eb", "stride_eh", "stride_fb", "stride_fh",
+             "stride_lt", "stride_lj", "stride_xb", "stride_xt", "stride_xh", "stride_xj"}
+    not16 |= {f"stride_g{a}{b}" for a in "scw" for b in "bth"}
 
     def one(fn, ptrs, consts, warps, stages):
         sig = {}
@@ -228,6 +235,18 @@ def compile_only() -> None:
             td = {n: f"tensordesc<bf16[1,{bn},1,{D}]>" for n in ("K", "V")} if desc else {}
             print(f"sel  desc={desc:d} G={G:2d} d={d} w{w} s{st}: " + one(
                 _sel_fwd_kernel, {**bf, "IDX": "*i32", "LSE": "*fp32", **td}, c, w, st))
+        if G <= 8:  # the block-centric path (launcher defaults on the GPU)
+            c = dict(G=G, GP2=G2, PP=max(1, 64 // G2), SEG=512, DK=D, DV=D, D_K=d, D_V=d,
+                     L_SEL=64, BLOCK_N=64, N_SEL=16, DOT_PREC="tf32", HOIST_KV=True)
+            print(f"sel blocks G={G:2d} d={d} w4 s3: " + one(
+                _sel_fwd_blocks_kernel, {**bf, "KEYS": "*i32", "OFF": "*i32", "PO": "*bf16",
+                                         "PL": "*fp32"}, c, 4, 3))
+            c = dict(G=G, GP2=G2, PP=max(1, 64 // G2), DV=D, D_V=d, N_SEL=16,
+                     WRITE_OUT=True, WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True,
+                     STORE_LSE=True)
+            print(f"sel merge  G={G:2d} d={d} w4: " + one(
+                _sel_merge_kernel, {**bf, "PO": "*bf16", "PL": "*fp32", "IDX": "*i32",
+                                    "LSE": "*fp32"}, c, 4, 1))
     c = dict(CMP_L=32, CMP_D=16, L_SEL=64, SEL_B=4, SEL_A=2, N_SEL=16, N_INIT=1, N_LOCAL=2,
              K_FREE=13, P=16, NOUT=16, ROWS=16, CH=128)
     print("topn n=16: " + one(_topn_kernel, {"SCORES": "*fp32", "IDX": "*i32"}, c, 4, 1))

@@ -251,9 +251,11 @@ def run(T: int, G: int, fwd_variants, dq_variants, whole: bool) -> None:
     fl = cf.floors(T, HQ, H, D, D, cfg.l, cfg.d, cfg.l_sel, cfg.n, cfg.w)
     l2 = fl["sel"]["l2_bytes"]
 
+    # the group-centric kernels (the ones with descriptor loads) at every G
     def fwd(**kw):
         return sel_forward(q, k, v, idx, cfg, scale, g_sel=inp["g_sel"], o_cmp=o_cmp,
-                           g_cmp=inp["g_cmp"], o_win=o_win, g_win=inp["g_win"], **kw)[1]
+                           g_cmp=inp["g_cmp"], o_win=o_win, g_win=inp["g_win"], mode="group",
+                           **kw)[1]
 
     base = fwd(use_desc=False).clone()
     for name, kw in fwd_variants(G):
@@ -269,13 +271,14 @@ def run(T: int, G: int, fwd_variants, dq_variants, whole: bool) -> None:
 
     dout = torch.randn_like(q)
     lse = torch.empty(1, HQ, T, device="cuda", dtype=torch.float32)
-    sel_forward(q, k, v, idx, cfg, scale, lse=lse)
+    sel_forward(q, k, v, idx, cfg, scale, lse=lse, mode="group")
     gate = inp["g_sel"].contiguous()
     delta = torch.randn(gate.shape, device="cuda", dtype=torch.float32)
 
     def dq_run(**kw):
         dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
-        sel_backward(q, k, v, idx, dout, gate, lse, delta, dq, cfg, scale, dq_only=True, **kw)
+        sel_backward(q, k, v, idx, dout, gate, lse, delta, dq, cfg, scale, dq_only=True,
+                     mode="group", **kw)
         return dq
 
     dq_base = dq_run(use_desc=False)
@@ -284,7 +287,8 @@ def run(T: int, G: int, fwd_variants, dq_variants, whole: bool) -> None:
         try:
             d = rel(dq_run(**kw), dq_base)
             ms = do_bench(lambda kw=kw: sel_backward(
-                q, k, v, idx, dout, gate, lse, delta, dq, cfg, scale, dq_only=True, **kw),
+                q, k, v, idx, dout, gate, lse, delta, dq, cfg, scale, dq_only=True,
+                mode="group", **kw),
                 warmup=25, rep=100, return_mode="median")
             print(f"{T:>6} {G:>3} dQ  {name:<16} {ms:8.3f} ms {l2 / ms / 1e9:6.2f} TB/s "
                   f"rel {d:.1e}", flush=True)

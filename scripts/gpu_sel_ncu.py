@@ -28,7 +28,7 @@ def main() -> None:
     _, scores = cmp_forward(q, kc, vc, cfg, D ** -0.5)
     idx = select_topn(scores, T, kc.shape[1], cfg)
     for desc in (False, True):
-        sel_forward(q, k, v, idx, cfg, D ** -0.5, use_desc=desc)
+        sel_forward(q, k, v, idx, cfg, D ** -0.5, use_desc=desc, mode="group")
     torch.cuda.synchronize()
 
 
