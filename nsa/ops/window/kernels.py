@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.ops.rows import _tile_rows
+from nsa.ops.rows import _softmax_step, _tile_rows
 
 
 @triton.jit
@@ -78,11 +78,7 @@ def _win_fwd_kernel(
         if (start < mid_lo) | (start >= mid_hi):
             ok = (kpos[None, :] <= t_row[:, None]) & (kpos[None, :] > t_row[:, None] - W)
             s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
         if USE_DESC:
             v = tl.reshape(V.load([b32, start, h, 0]), [BLOCK_N, DV])
         else:
