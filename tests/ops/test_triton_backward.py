@@ -172,6 +172,33 @@ def test_grads_of_the_block_centric_selected_path(case, dq_atomic, det, rng, mon
     check_grads(got, want, torch.float32, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("mode", ["block", "group"])
+def test_grads_with_64_bit_sort_keys(mode, rng, monkeypatch):
+    """The inverted indices' keys turn int64 where (blocks + 1) * T * n passes 2^31
+    (T ~ 370k at l' = 64): with the bound lowered, both selected paths run on int64 keys
+    and must give the same gradients."""
+    import nsa.ops.selection.bwd_launch as SB
+    import nsa.ops.selection.launch as SL
+
+    monkeypatch.setattr(SL, "SEL_MODE", mode)
+    monkeypatch.setattr(SL, "KEY32_LIMIT", 64)
+    keys, inv = [], []
+    real, real_inv = SL.entries_by_block, SB.inverted_index
+    monkeypatch.setattr(SL, "entries_by_block", lambda *a: keys.append(real(*a)) or keys[-1])
+    monkeypatch.setattr(SB, "inverted_index",
+                        lambda *a, **k: inv.append(real_inv(*a, **k)) or inv[-1])
+    blocks, (n, ni, nl, w), B, T, H, G, dk, dv = CASES[1]
+    cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
+    inp, dout = make(rng, cfg, B, T, H, G, dk, dv, torch.float32)
+    ref, raux, want = reference(inp, cfg, dout)
+    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices)
+    if mode == "block":
+        assert keys and keys[0][0].dtype == torch.int64
+    assert inv and inv[0][0].dtype == torch.int64
+    assert rel(out, ref) < TOL[torch.float32]
+    check_grads(got, want, torch.float32, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("blocks,sel,B,T,H,G,dk,dv", [
     (PAPER, (3, 1, 1, 64), 1, 130, 1, 4, 32, 16),
 ])

@@ -41,6 +41,8 @@ def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int, entries: bool = F
     segments are seg_first .. seg_first + seg_count - 1)). All on the device, no host sync:
     S_MAX = ceil(T*n / seg_len) + nb bounds the number of segments.
     """
+    import nsa.ops.selection.launch as SL
+
     B, _, H, n = idx.shape
     dev = idx.device
     BH, E = B * H, T * n
@@ -51,7 +53,7 @@ def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int, entries: bool = F
         span, t_of = E, torch.arange(E, device=dev).unsqueeze(0)
     else:
         span, t_of = T, torch.arange(T, device=dev).repeat_interleave(n).unsqueeze(0)
-    key_dtype = torch.int32 if (nb + 1) * span < 2**31 else torch.int64
+    key_dtype = torch.int32 if (nb + 1) * span < SL.KEY32_LIMIT else torch.int64
     keys = (blk_c * span + t_of).to(key_dtype)
     keys, _ = torch.sort(keys, dim=1)
     counts = torch.zeros(BH, nb + 1, device=dev, dtype=torch.int64)

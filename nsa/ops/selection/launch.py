@@ -31,6 +31,9 @@ from nsa.policy import SEL_BLOCK_MAX_G, SEL_BLOCK_MAX_PARTIAL_BYTES, SEL_MODES, 
 SEL_MODE: str | None = None
 # tests: fill the partial buffers with this value before the kernels run (None: no fill)
 PARTIAL_FILL: float | None = None
+# sort keys of the block-centric paths are int32 below this bound, int64 from it (tests
+# lower it to reach the int64 paths, which real inputs take from T ~ 370k at l' = 64)
+KEY32_LIMIT = 2**31
 
 
 def select_topn(
@@ -220,7 +223,7 @@ def entries_by_block(idx: Tensor, nb: int) -> tuple[Tensor, Tensor]:
     """
     B, T, H, n = idx.shape
     E = T * n
-    kdt = torch.int32 if (nb + 1) * E < 2**31 else torch.int64
+    kdt = torch.int32 if (nb + 1) * E < KEY32_LIMIT else torch.int64
     blk = idx.permute(0, 2, 1, 3).reshape(B, H, E).to(kdt)
     blk = torch.where(blk >= 0, blk, nb)
     keys = torch.sort(blk * E + torch.arange(E, device=idx.device, dtype=kdt), dim=-1)[0]
