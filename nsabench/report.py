@@ -47,6 +47,7 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
         Col("NSA fwd ms", "nsa_fwd_ms", optional=True),
         Col("dense fwd ms", "dense_fwd_ms", optional=True),
         Col("speedup fwd", "speedup_fwd", optional=True),
+        Col("NSA fwd us per query head", "nsa_fwd_us_per_head", optional=True),
         Col("NSA fwd+bwd ms", "nsa_fwd_bwd_ms", optional=True),
         Col("dense fwd+bwd ms", "dense_fwd_bwd_ms", optional=True),
         Col("speedup fwd+bwd", "speedup_fwd_bwd", optional=True),

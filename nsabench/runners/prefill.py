@@ -78,7 +78,10 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
             del out
             t = bench(lambda: nsa_attention(**nsa_args()), device, **tp)
             d = bench(dense_fwd, device, **tp)
+            # per query head (B * HQ of them): how small groups compare with G = 16 at
+            # the same T (PERF.md's G < 16 target)
             m.update(nsa_fwd_ms=t.ms, dense_fwd_ms=d.ms, speedup_fwd=speedup(d.ms, t.ms),
+                     nsa_fwd_us_per_head=1e3 * t.ms / (p["B"] * p["H"] * p["G"]),
                      timer_fwd=t.timer, samples_fwd=t.n)
             if fa_why is None:
                 from flash_attn import flash_attn_func

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from tests.cli.conftest import results_of, run_folder
 
 PREFILL = """\
@@ -30,6 +32,9 @@ def test_prefill_times_nsa_dense_and_each_branch(invoke, write_suite, tmp_path):
                     "cmp_fwd_ms", "sel_fwd_ms", "win_fwd_ms"):
             assert m[key] > 0, key
         assert m["speedup_fwd"] == m["dense_fwd_ms"] / m["nsa_fwd_ms"]
+        p = c["params"]
+        assert m["nsa_fwd_us_per_head"] == pytest.approx(
+            1e3 * m["nsa_fwd_ms"] / (p["B"] * p["H"] * p["G"]))
         assert m["speedup_fwd_bwd"] == m["dense_fwd_bwd_ms"] / m["nsa_fwd_bwd_ms"]
         assert m["timer_fwd"] == m["timer_fwd_bwd"] == "time.perf_counter"
         assert m["threads"] == 1
