@@ -92,9 +92,6 @@ def main() -> None:
             variants.update({
                 "block rows128": dict(mode="block", block_rows=128),
                 "block rows64": dict(mode="block", block_rows=64),
-                "block kv per chunk": dict(mode="block", hoist_kv=False),
-                "block rows128 kv per chunk": dict(mode="block", block_rows=128,
-                                                   hoist_kv=False),
                 "block 2 stages": dict(mode="block", num_stages=2),
                 "block seg256": dict(mode="block", seg_len=256),
                 "block seg1024": dict(mode="block", seg_len=1024),

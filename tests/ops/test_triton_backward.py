@@ -184,7 +184,8 @@ def test_grads_with_64_bit_sort_keys(mode, rng, monkeypatch):
     monkeypatch.setattr(SL, "KEY32_LIMIT", 64)
     keys, inv = [], []
     real, real_inv = SL.entries_by_block, SB.inverted_index
-    monkeypatch.setattr(SL, "entries_by_block", lambda *a: keys.append(real(*a)) or keys[-1])
+    monkeypatch.setattr(SL, "entries_by_block",
+                        lambda *a, **k: keys.append(real(*a, **k)) or keys[-1])
     monkeypatch.setattr(SB, "inverted_index",
                         lambda *a, **k: inv.append(real_inv(*a, **k)) or inv[-1])
     blocks, (n, ni, nl, w), B, T, H, G, dk, dv = CASES[1]

@@ -23,7 +23,7 @@ from nsa.ops.selection.bwd_kernels import (
     _sel_bwd_dq_reduce_kernel,
     _sel_bwd_reduce_kernel,
 )
-from nsa.policy import SEL_BLOCK_MAX_PARTIAL_BYTES, sel_mode_env
+from nsa.policy import SEL_BLOCK_MAX_PARTIAL_BYTES
 
 # key-centric dQ (mode "block", not deterministic): float32 atomics (True) or per-slot
 # partials and an ordered sum (False); measured in docs/perf-notes.md
@@ -35,31 +35,22 @@ def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int, entries: bool = F
 
     idx int32 [B, T, H, n] (canonical: each block at most once per row, -1 unused).
     Returns (keys [B, H, T*n] sorted ``block*T + t`` (unused slots sort last; with
-    ``entries``, ``block*T*n + t*n + j``, j the block's slot in row t),
+    ``entries``, ``block*T*n + t*n + j``, j the block's slot in row t; both from
+    :func:`nsa.ops.selection.launch.entries_by_block`),
     seg_blk, seg_lo, seg_hi [B, H, S_MAX] int32 (segment -> block, entry range; block
     ``nb`` marks an unused segment), seg_first, seg_count [B, H, nb] int32 (each block's
     segments are seg_first .. seg_first + seg_count - 1)). All on the device, no host sync:
     S_MAX = ceil(T*n / seg_len) + nb bounds the number of segments.
     """
-    import nsa.ops.selection.launch as SL
+    from nsa.ops.selection.launch import entries_by_block
 
     B, _, H, n = idx.shape
     dev = idx.device
     BH, E = B * H, T * n
-    blk = idx.permute(0, 2, 1, 3).reshape(BH, E).long()  # entries in position order
-    valid = blk >= 0
-    blk_c = torch.where(valid, blk, torch.full_like(blk, nb))
-    if entries:
-        span, t_of = E, torch.arange(E, device=dev).unsqueeze(0)
-    else:
-        span, t_of = T, torch.arange(T, device=dev).repeat_interleave(n).unsqueeze(0)
-    key_dtype = torch.int32 if (nb + 1) * span < SL.KEY32_LIMIT else torch.int64
-    keys = (blk_c * span + t_of).to(key_dtype)
-    keys, _ = torch.sort(keys, dim=1)
-    counts = torch.zeros(BH, nb + 1, device=dev, dtype=torch.int64)
-    counts.scatter_add_(1, blk_c, torch.ones_like(blk_c))
-    counts = counts[:, :nb]
-    off = torch.cumsum(counts, 1) - counts  # first entry of each block
+    keys, first = entries_by_block(idx, nb, by_position=not entries)
+    first = first.reshape(BH, nb + 1).long()
+    counts = first[:, 1:] - first[:, :-1]
+    off = first[:, :-1]  # first entry of each block
     nseg = (counts + seg_len - 1) // seg_len
     seg_end = torch.cumsum(nseg, 1)
     seg_first = seg_end - nseg
@@ -70,7 +61,7 @@ def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int, entries: bool = F
     sblk_c = sblk.clamp(max=nb - 1)
     kk = s - torch.gather(seg_first, 1, sblk_c)
     lo = torch.gather(off, 1, sblk_c) + kk * seg_len
-    end = torch.gather(off + counts, 1, sblk_c)
+    end = torch.gather(first[:, 1:], 1, sblk_c)
     hi = torch.minimum(lo + seg_len, end)
     zero = torch.zeros_like(lo)
     lo, hi = torch.where(used, lo, zero), torch.where(used, hi, zero)
@@ -78,7 +69,7 @@ def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int, entries: bool = F
     def i32(x, last):
         return x.to(torch.int32).reshape(B, H, last).contiguous()
 
-    return (keys.reshape(B, H, E), i32(sblk, s_max), i32(lo, s_max), i32(hi, s_max),
+    return (keys, i32(sblk, s_max), i32(lo, s_max), i32(hi, s_max),
             i32(seg_first, nb), i32(nseg, nb))
 
 
@@ -172,15 +163,14 @@ def sel_backward(
         lse.stride(0), lse.stride(1),
     )
 
-    import nsa.ops.selection.launch as SL
-    from nsa.ops.selection.launch import sel_forward_mode
+    from nsa.ops.selection.launch import forced_sel_mode, sel_forward_mode
 
-    n_sub = triton.cdiv(L, bn_kv)
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
     dq_partial = deterministic or not dq_atomic
-    part_bytes = B * T * H * n_sel * n_sub * G * d_k * 4
-    forced = mode or SL.SEL_MODE or sel_mode_env()
-    mode = sel_forward_mode(q, d_v, H, n_sel, mode)
+    forced = forced_sel_mode(mode)
+    mode = forced or sel_forward_mode(q, d_v, H, n_sel)
+    # the default also keeps deterministic dQ partials under the forward's memory cap
+    part_bytes = B * T * H * n_sel * triton.cdiv(L, bn_kv) * G * d_k * 4
     if (mode == "block" and dq_partial and forced is None
             and part_bytes > SEL_BLOCK_MAX_PARTIAL_BYTES):
         mode = "group"

@@ -314,7 +314,7 @@ def _sel_fwd_blocks_kernel(
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, SEG: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr,
-    DOT_PREC: tl.constexpr, HOIST_KV: tl.constexpr = True,
+    DOT_PREC: tl.constexpr,
 ):
     """Block-centric selected attention over the selection's entries sorted by block
     (``KEYS`` = block * E + t * n + j, ``OFF`` = each block's first entry; see
@@ -349,7 +349,7 @@ def _sel_fwd_blocks_kernel(
         end = tl.minimum(hi, tl.load(f_base + blk + 1))
         k_base = K + b * stride_kb + h * stride_kh + (blk * L_SEL).to(tl.int64) * stride_kt
         v_base = V + b * stride_vb + h * stride_vh + (blk * L_SEL).to(tl.int64) * stride_vt
-        if NSUB == 1 and HOIST_KV:  # the block's keys/values once per block
+        if NSUB == 1:  # the block's keys/values once per block
             key_ok = (blk * L_SEL + offs_n < T) & (offs_n < L_SEL)
             k = tl.load(k_base + (offs_n * stride_kt)[:, None] + offs_dk[None, :],
                         mask=key_ok[:, None] & dk_ok, other=0.0)
@@ -370,7 +370,7 @@ def _sel_fwd_blocks_kernel(
             acc = tl.zeros([BLOCK_M, DV], tl.float32)
             for c0 in tl.static_range(0, L_SEL, BLOCK_N):
                 kpos = blk * L_SEL + c0 + offs_n
-                if NSUB > 1 or not HOIST_KV:  # (re)loaded per chunk of positions
+                if NSUB > 1:  # sub-tiles (re)loaded per chunk of positions
                     key_ok = (kpos < T) & (c0 + offs_n < L_SEL)
                     k = tl.load(k_base + ((c0 + offs_n) * stride_kt)[:, None] + offs_dk[None, :],
                                 mask=key_ok[:, None] & dk_ok, other=0.0)

@@ -110,7 +110,6 @@ def sel_forward(
     block_rows: int | None = None,
     seg_len: int | None = None,
     partial_dtype: torch.dtype | None = None,
-    hoist_kv: bool | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Selected-block attention, optionally fused with the gate combine.
 
@@ -152,7 +151,7 @@ def sel_forward(
         _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel, o_cmp,
                             g_cmp, o_win, g_win, lse, block_rows=block_rows, seg_len=seg_len,
                             partial_dtype=partial_dtype, num_warps=num_warps,
-                            num_stages=num_stages, hoist_kv=hoist_kv)
+                            num_stages=num_stages)
         return o_branch, out
     use_desc = resolve_desc("sel_forward", use_desc, k, v, DK, DV)
     bn, warps, stages = _sel_config(DK, DV, cfg.l_sel, q.device, use_desc)
@@ -197,44 +196,51 @@ def auto_sel_mode(G: int, on_gpu: bool, partial_bytes: int) -> str:
     return "group"
 
 
-def sel_forward_mode(q: Tensor, d_v: int, H: int, n: int, mode: str | None = None) -> str:
-    """The selected-attention path for this call: ``mode`` if given, else SEL_MODE if set,
-    else NSA_SEL_MODE if set, else :func:`auto_sel_mode`. The group-centric kernel streams
-    the same n*l' keys per position whatever G, so small groups pay nearly what G = 16
-    pays; the block-centric path reads each block once and moves G rows of queries and
-    partials per position."""
+def forced_sel_mode(mode: str | None = None) -> str | None:
+    """The selected-attention path forced for this call, if any: ``mode`` if given, else
+    SEL_MODE if set, else NSA_SEL_MODE if set (None: the default decides)."""
     mode = mode or SEL_MODE or sel_mode_env()
-    if mode is not None:
-        if mode not in SEL_MODES:
-            raise ValueError(f"sel_forward: mode must be one of {SEL_MODES}, got {mode!r}")
-        return mode
+    if mode is not None and mode not in SEL_MODES:
+        raise ValueError(f"sel_forward: mode must be one of {SEL_MODES}, got {mode!r}")
+    return mode
+
+
+def sel_forward_mode(q: Tensor, d_v: int, H: int, n: int, mode: str | None = None) -> str:
+    """The selected-attention path for this call: :func:`forced_sel_mode`, else
+    :func:`auto_sel_mode`. The group-centric kernel streams the same n*l' keys per
+    position whatever G, so small groups pay nearly what G = 16 pays; the block-centric
+    path reads each block once and moves G rows of queries and partials per position."""
+    forced = forced_sel_mode(mode)
+    if forced is not None:
+        return forced
     on_gpu = q.device.type == "cuda" and not interpreting()
     return auto_sel_mode(q.shape[2] // H, on_gpu, _partial_bytes(q, d_v, H, n, q.dtype))
 
 
-def entries_by_block(idx: Tensor, nb: int) -> tuple[Tensor, Tensor]:
+def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[Tensor, Tensor]:
     """The selection's (position, slot) entries sorted by block, on the device, no host sync.
 
-    idx int [B, T, H, n] (blocks < nb, -1 unused). Returns keys [B, H, T*n] (int32, or
-    int64 where (nb + 1) * T * n >= 2^31) sorted ascending, key = block * E + t * n + j with
-    E = T * n (unused slots count as block nb, so they sort last), and off int32
-    [B, H, nb + 1]: block c's entries are keys[off[c]:off[c + 1]]; off[nb] is the number
-    of used entries.
+    idx int [B, T, H, n] (blocks < nb, -1 unused). Returns keys [B, H, T*n] sorted
+    ascending, key = block * E + t * n + j with E = T * n (``by_position``: block * T + t,
+    E = T), unused slots counting as block nb so they sort last; int32, or int64 where
+    (nb + 1) * E >= 2^31. And off int32 [B, H, nb + 1]: block c's entries are
+    keys[off[c]:off[c + 1]]; off[nb] is the number of used entries.
     """
     B, T, H, n = idx.shape
-    E = T * n
-    kdt = torch.int32 if (nb + 1) * E < KEY32_LIMIT else torch.int64
-    blk = idx.permute(0, 2, 1, 3).reshape(B, H, E).to(kdt)
+    span = T if by_position else T * n
+    kdt = torch.int32 if (nb + 1) * span < KEY32_LIMIT else torch.int64
+    blk = idx.permute(0, 2, 1, 3).reshape(B, H, T * n).to(kdt)
     blk = torch.where(blk >= 0, blk, nb)
-    keys = torch.sort(blk * E + torch.arange(E, device=idx.device, dtype=kdt), dim=-1)[0]
-    starts = (torch.arange(nb + 1, device=idx.device, dtype=kdt) * E).expand(B, H, nb + 1)
+    pos = torch.arange(T * n, device=idx.device, dtype=kdt)
+    keys = torch.sort(blk * span + (pos // n if by_position else pos), dim=-1)[0]
+    starts = (torch.arange(nb + 1, device=idx.device, dtype=kdt) * span).expand(B, H, nb + 1)
     off = torch.searchsorted(keys, starts.contiguous(), out_int32=True)
     return keys, off
 
 
 def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel, o_cmp,
                         g_cmp, o_win, g_win, lse, *, block_rows, seg_len, partial_dtype,
-                        num_warps, num_stages, hoist_kv):
+                        num_warps, num_stages):
     """Block-centric selected attention: inverted index, per-block partials, merge."""
     B, T, HQ, d_k = q.shape
     H, d_v = k.shape[2], v.shape[-1]
@@ -277,7 +283,7 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
             T, nb, T * n, scale * LOG2E,
             G=G, GP2=GP2, PP=max(1, bm_ // GP2), SEG=seg, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=n, DOT_PREC=prec,
-            HOIST_KV=True if hoist_kv is None else hoist_kv, num_warps=warps, num_stages=st,
+            num_warps=warps, num_stages=st,
         )
 
     shrink_on_oor(launch, max(bm, GP2), stages, max(16, GP2))
