@@ -160,7 +160,7 @@ def test_cmp_scores_only_skips_the_value_pass(rng):
     (dict(n=3, n_initial=1, n_local=2, **EQUAL), 333, 2),  # no free slot
     (dict(n=24, n_initial=2, n_local=3, **EQUAL), 250, 2),  # more slots than blocks
 ])
-def test_topn_equals_reference_select_blocks(cfg_kw, T, levels, rng):
+def test_topn_equals_reference_select_blocks(cfg_kw, T, levels, rng, tile=None):
     cfg = NSAConfig(w=32, **cfg_kw)
     B, H = 1, 2
     N = R.num_compressed(T, cfg.l, cfg.d)
@@ -175,8 +175,18 @@ def test_topn_equals_reference_select_blocks(cfg_kw, T, levels, rng):
     pos = torch.arange(T).unsqueeze(0).expand(B, -1)
     want = R.select_blocks(ref_scores.float().double(), pos, cfg).permute(0, 2, 1, 3)
     out = torch.full((B, T, H, cfg.n), -7, dtype=torch.int32)
-    select_topn(given, T, N, cfg, out=out)
+    select_topn(given, T, N, cfg, out=out, **(tile or {}))
     assert torch.equal(out.long(), want)
+
+
+@pytest.mark.parametrize("cfg_kw,T,levels", [
+    (dict(n=16, n_initial=1, n_local=2, l=8, d=8, l_sel=8), 300, 3),  # two chunks
+    (dict(n=4, n_initial=0, n_local=1, l=8, d=8, l_sel=8), 290, 0),
+])
+def test_topn_gpu_tile_equals_reference(cfg_kw, T, levels, rng):
+    """The GPU's tile (4 rows, chunks of 32 blocks): the interpreter's default is wider."""
+    test_topn_equals_reference_select_blocks(cfg_kw, T, levels, rng,
+                                             tile=dict(rows=4, chunk=32, warps=1))
 
 
 def test_topn_treats_negative_zero_as_zero():

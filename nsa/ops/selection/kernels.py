@@ -11,10 +11,11 @@ keys is kept: while the chunk's largest key beats the set's smallest, it replace
 after the first chunk only the few keys that enter the set cost a round). With C
 candidates and C > n, the forced blocks (n_initial first, n_local last) are distinct and
 all exist, so exactly n - n_initial - n_local free picks remain; with C <= n every
-candidate is taken and the free ones number at most that many too. The forced blocks
-are then joined to the picks; each block's output slot is the number of smaller chosen
-blocks, so they are written ascending with -1 last: the canonical order of
-``reference.select_blocks``. No host sync.
+candidate is taken and the free ones number at most that many too. Ascending order is
+initial < free < local (a free block lies in [n_initial, cur - n_local]), so only the
+picks are ranked among themselves; the blocks are written ascending with -1 last: the
+canonical order of ``reference.select_blocks``. No host sync. On the GPU a program is
+one warp over 4 rows in chunks of 32 blocks, so every round's reductions stay in the warp.
 
 Selected attention (:func:`_sel_fwd_kernel`), group-centric: one program per (tile of PP
 query positions, KV head, batch); the dot's M dimension packs PP positions x GP2 heads
@@ -39,7 +40,7 @@ from nsa.ops.rows import _softmax_step, _tile_rows
 
 _KEY_NONE = tl.constexpr(-9223372036854775808)  # int64 min: "no candidate"
 _KEY_FULL = tl.constexpr(9223372036854775807)  # int64 max: a slot that is not in use
-_IDX_NONE = tl.constexpr(2147483647)  # int32 max: an unused index slot while sorting
+_IDX_NONE = tl.constexpr(2147483647)  # int32 max: a free slot with no pick
 
 
 @triton.jit
@@ -98,24 +99,28 @@ def _topn_kernel(
     taken = (best != _KEY_NONE) & (slot[None, :] < K_FREE)
     picked = tl.where(taken, 0x7FFFFFFF - (best & 0xFFFFFFFF), _IDX_NONE)
     picked = picked.to(tl.int32)
+    i_rows = IDX + b * stride_ib + h * stride_ih + (t.to(tl.int64) * stride_it)[:, None]
+    # ascending order is initial < free < local: the initial blocks that exist
+    # (j <= cur), the free picks (N_INIT <= j <= cur - N_LOCAL) ranked among
+    # themselves, the local blocks cur - m >= N_INIT for m = n_l-1 .. 0, then -1
+    n_i = tl.minimum(cur + 1, N_INIT)[:, None]
+    n_l = tl.minimum(tl.maximum(cur + 1 - N_INIT, 0), N_LOCAL)[:, None]
+    smaller = (picked[:, None, :] < picked[:, :, None]) & taken[:, None, :]
+    rank = tl.sum(smaller.to(tl.int32), 2)
+    k = tl.sum(taken.to(tl.int32), 1)[:, None]
+    ok = row_ok[:, None]
+    tl.store(i_rows + n_i + rank, picked, mask=ok & taken)
     # forced blocks: slots 0..N_INIT-1 initial, N_INIT..N_INIT+N_LOCAL-1 local
     sl = slot[None, :]
-    cur2 = cur[:, None]
-    local = cur2 - (sl - N_INIT)
-    forced_j = tl.where(sl < N_INIT, sl, local)
-    forced_ok = tl.where(sl < N_INIT, sl <= cur2, (sl < N_INIT + N_LOCAL) & (local >= N_INIT))
-    forced_j = tl.where(forced_ok, forced_j, _IDX_NONE).to(tl.int32)
-    vals = tl.reshape(tl.join(forced_j, picked), [ROWS, 2 * P])
-    valid = vals != _IDX_NONE
-    # the selected blocks are distinct: a block's slot is the number of smaller ones
-    smaller = (vals[:, None, :] < vals[:, :, None]) & valid[:, None, :]
-    rank = tl.sum(smaller.to(tl.int32), 2)
-    count = tl.sum(valid.to(tl.int32), 1)
-    i_rows = IDX + b * stride_ib + h * stride_ih + (t.to(tl.int64) * stride_it)[:, None]
-    tl.store(i_rows + rank, vals, mask=row_ok[:, None] & valid)
+    m = sl - N_INIT
+    local = cur[:, None] - m
+    is_local = (m >= 0) & (m < n_l)
+    f_col = tl.where(sl < N_INIT, sl, n_i + k + n_l - 1 - m)
+    tl.store(i_rows + f_col, tl.where(sl < N_INIT, sl, local).to(tl.int32),
+             mask=ok & (((sl < N_INIT) & (sl < n_i)) | is_local))
     col = tl.arange(0, NOUT)[None, :]
     tl.store(i_rows + col, tl.full([ROWS, NOUT], -1, tl.int32),
-             mask=row_ok[:, None] & (col >= count[:, None]) & (col < N_SEL))
+             mask=ok & (col >= n_i + k + n_l) & (col < N_SEL))
 
 
 @triton.jit

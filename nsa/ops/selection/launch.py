@@ -38,7 +38,7 @@ KEY32_LIMIT = 2**31
 
 def select_topn(
     scores: Tensor, T: int, N: int, cfg: NSAConfig, *, out: Tensor | None = None,
-    rows: int | None = None, chunk: int | None = None,
+    rows: int | None = None, chunk: int | None = None, warps: int | None = None,
 ) -> Tensor:
     """Top-n blocks per (query, KV head) from group scores, canonical order, on the device.
 
@@ -55,10 +55,12 @@ def select_topn(
     if out is None:
         out = torch.empty(B, T, H, cfg.n, device=scores.device, dtype=torch.int32)
     on_gpu = scores.device.type == "cuda"
-    # H200, 64k: 8 rows 2.4 ms, 16 rows 3.5 ms, 32 rows 3.1 ms; the CPU interpreter pays
-    # per operation, so it takes wide tiles
-    rows = rows or (8 if on_gpu else 32)
-    chunk = chunk or (128 if on_gpu else 64)
+    # H200, 64k (16k): 4 rows in chunks of 32 on one warp 1.05 ms (0.14); 8 rows in
+    # chunks of 128 on 4 warps 2.53 (0.33); other tiles in docs/perf-notes.md. The CPU
+    # interpreter pays per operation, so it takes wide tiles
+    rows = rows or (4 if on_gpu else 32)
+    chunk = chunk or (32 if on_gpu else 64)
+    warps = warps or (1 if on_gpu else 4)
     grid = (triton.cdiv(T, rows), H, B)
     _topn_kernel[grid](
         scores, out,
@@ -69,7 +71,7 @@ def select_topn(
         SEL_B=cfg.l_sel // cfg.d, SEL_A=cfg.l // cfg.d,
         N_SEL=cfg.n, N_INIT=cfg.n_initial, N_LOCAL=cfg.n_local,
         K_FREE=n_free, P=P, NOUT=next_pow2(cfg.n), ROWS=rows, CH=chunk,
-        num_warps=4, num_stages=1,
+        num_warps=warps, num_stages=1,
     )
     return out
 

@@ -1,0 +1,96 @@
+"""Host (CPU) time of one NSA call: where the Python and the launches spend it.
+
+    python scripts/gpu_host_profile.py --T 16384 --G 1
+    python scripts/gpu_host_profile.py --T 65536 --G 4 --mode fwd+bwd
+
+Paper shape but for the group size (H=4, HQ=4G, d=128, bf16). Prints the median wall
+time of a call that only queues work (the GPU is synchronised before, not after), the
+GPU time of the same call, and torch.profiler's CPU-side table (self CPU time) of ten
+queued calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+
+def _check_forward():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check_forward", os.path.join(ROOT, "scripts", "gpu_check_forward.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--T", type=int, default=16384)
+    ap.add_argument("--G", type=int, default=1)
+    ap.add_argument("--mode", default="fwd", choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--cprofile", action="store_true",
+                    help="also cProfile's table (internal time) of 50 queued calls")
+    args = ap.parse_args()
+    cf = _check_forward()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from nsa import NSAConfig, nsa_attention
+
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
+    H, d = 4, 128
+    inp = cf.make(args.T, H * args.G, H, d, d, cfg, torch.bfloat16)
+    if args.mode == "fwd+bwd":
+        for k in ("q", "k_sel", "v_sel", "k_win", "v_win", "k_cmp", "v_cmp"):
+            inp[k].requires_grad_(True)
+        dout = torch.randn_like(inp["q"])
+
+    def call():
+        out = nsa_attention(**inp, config=cfg, backend="triton")
+        if args.mode == "fwd+bwd":
+            out.backward(dout)
+        return out
+
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        walls.append(1e3 * (time.perf_counter() - t0))
+    gpu = cf.bench(call)
+    print(f"GPU: {torch.cuda.get_device_name()}; T={args.T} G={args.G} {args.mode}: "
+          f"host per call {statistics.median(walls):.3f} ms (min {min(walls):.3f}), "
+          f"do_bench {gpu:.3f} ms", flush=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            call()
+    torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(50):
+            call()
+        pr.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(args.rows)
+        pstats.Stats(pr).sort_stats("cumulative").print_stats(args.rows)
+
+
+if __name__ == "__main__":
+    main()
