@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from nsa.config import NSAConfig
 
@@ -38,6 +39,12 @@ def _none(x: Tensor) -> Tensor | None:
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
+
+
+def _eager_real(x: Tensor) -> bool:
+    """True outside torch.compile tracing for a real (not fake or meta) tensor."""
+    return (not torch.compiler.is_compiling() and x.device.type != "meta"
+            and not is_fake(x))
 
 
 @torch.library.custom_op("nsa::triton_fwd", mutates_args=())
@@ -64,11 +71,15 @@ def triton_fwd(
 
     r = forward_kernels(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win,
                         block_indices, _cfg_from(cfg), scale, save, want_o_sel)
-    e = _empty(q)
-    idx = r["idx"] if r["idx"] is not None else e.to(torch.int32)
-    outs = [r[k] if r[k] is not None else e.clone()
-            for k in ("o_cmp", "o_sel", "o_win")]
-    lses = [r[k] if r[k] is not None else e.float().clone()
+    return _op_outputs(q, r)
+
+
+def _op_outputs(q: Tensor, r: dict) -> tuple[Tensor, ...]:
+    """forward_kernels' dict as the op's outputs: absent ones become fresh 0-element
+    tensors (one allocation each: the op may return no tensor twice)."""
+    idx = r["idx"] if r["idx"] is not None else q.new_empty(0, dtype=torch.int32)
+    outs = [r[k] if r[k] is not None else q.new_empty(0) for k in ("o_cmp", "o_sel", "o_win")]
+    lses = [r[k] if r[k] is not None else q.new_empty(0, dtype=torch.float32)
             for k in ("lse_cmp", "lse_sel", "lse_win")]
     return (r["out"], idx, *outs, *lses)
 
@@ -225,10 +236,21 @@ def nsa_triton_op(
     deterministic: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Run ``nsa::triton_fwd``; returns (out, idx, o_cmp, o_sel, o_win) with None for
-    branches that are off. ``save``: keep what the backward needs (autograd recording)."""
-    out, idx, o_cmp, o_sel, o_win, *_ = torch.ops.nsa.triton_fwd(
-        q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, block_indices,
-        _cfg_list(cfg), float(scale), save, want_o_sel, deterministic)
+    branches that are off. ``save``: keep what the backward needs (autograd recording).
+
+    Eager inference (nothing to save, not tracing, real tensors) calls the kernels
+    directly: the custom op exists for autograd and torch.compile, and its dispatch
+    (schema binding, alias checks of 16 arguments) costs host time on every call."""
+    if not save and _eager_real(q):
+        from nsa.ops.triton_backend import forward_kernels
+
+        r = forward_kernels(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel,
+                            g_win, block_indices, cfg, scale, False, want_o_sel)
+        return r["out"], r["idx"], r["o_cmp"], r["o_sel"], r["o_win"]
+    else:
+        out, idx, o_cmp, o_sel, o_win, *_ = torch.ops.nsa.triton_fwd(
+            q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, block_indices,
+            _cfg_list(cfg), float(scale), save, want_o_sel, deterministic)
     return (out, idx if g_sel is not None else None, o_cmp if g_cmp is not None else None,
             o_sel if g_sel is not None and o_sel.numel() else None,
             o_win if g_win is not None else None)

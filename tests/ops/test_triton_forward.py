@@ -263,26 +263,33 @@ def test_descriptor_loads_default_off_the_gpu_and_obey_the_override(rng, monkeyp
     assert "not a power of two" in " ".join(sl.desc_problems(odd, 32))
 
 
-# blocks, B, G, H, T, dk, dv, dtype, seg_len: the block-centric path (sorted entries,
-# per-block partials, merge), ranges of seg_len entries that span several blocks
+# blocks, B, G, H, T, dk, dv, dtype, seg_len, grouped: the block-centric path (entries
+# grouped by block by the counting sort, or sorted, per-block partials, merge), ranges of
+# seg_len entries that span several blocks
 BLOCK_CASES = [
-    (PAPER, 1, 1, 2, 211, 32, 16, torch.float32, 16),  # G = 1, d_v < d_k
-    (PAPER, 2, 3, 1, 190, 32, 32, torch.float32, 7),  # batch 2, padded heads, odd ranges
-    (dict(l=32, d=16, l_sel=128), 1, 2, 1, 300, 16, 16, torch.float32, 16),  # 2 sub-tiles
-    (EQUAL, 1, 16, 1, 70, 16, 16, torch.float16, 16),  # G = 16, l = l' = d
-    (PAPER, 1, 4, 2, 150, 32, 32, torch.float16, 64),
+    (PAPER, 1, 1, 2, 211, 32, 16, torch.float32, 16, False),  # G = 1, d_v < d_k
+    (PAPER, 2, 3, 1, 190, 32, 32, torch.float32, 7, True),  # batch 2, padded heads, odd ranges
+    (dict(l=32, d=16, l_sel=128), 1, 2, 1, 300, 16, 16, torch.float32, 16, True),  # 2 sub-tiles
+    (EQUAL, 1, 16, 1, 70, 16, 16, torch.float16, 16, False),  # G = 16, l = l' = d
+    (PAPER, 1, 4, 2, 150, 32, 32, torch.float16, 64, True),
 ]
 
 
-@pytest.mark.parametrize("blocks,B,G,H,T,dk,dv,dtype,seg", BLOCK_CASES)
-def test_sel_block_path_against_reference(blocks, B, G, H, T, dk, dv, dtype, seg, rng,
-                                          monkeypatch):
+@pytest.mark.parametrize("blocks,B,G,H,T,dk,dv,dtype,seg,grouped", BLOCK_CASES)
+def test_sel_block_path_against_reference(blocks, B, G, H, T, dk, dv, dtype, seg, grouped,
+                                          rng, monkeypatch):
     """Block-centric selected attention against float64, and its log-sum-exps against the
     group-centric kernel's; the partial buffers start as NaN, so a slot the merge reads
     without a kernel writing it (an unused -1 slot) shows."""
     import nsa.ops.selection.launch as SL
 
     monkeypatch.setattr(SL, "PARTIAL_FILL", float("nan"))
+    monkeypatch.setattr(SL, "GROUPED_INDEX_CPU", grouped)
+    calls = []
+    for name in ("entries_grouped_by_block", "entries_by_block"):
+        real = getattr(SL, name)
+        monkeypatch.setattr(SL, name, lambda *a, _r=real, _n=name, **k: calls.append(_n)
+                            or _r(*a, **k))
     cfg = NSAConfig(n=4, w=32, **blocks)
     HQ = G * H
     q, k, v = rand(rng, B, T, HQ, dk, dtype=dtype), rand(rng, B, T, H, dk, dtype=dtype), \
@@ -299,6 +306,8 @@ def test_sel_block_path_against_reference(blocks, B, G, H, T, dk, dv, dtype, seg
         o, lse = nan_like((B, T, HQ, dv), dtype), nan_like((B, HQ, T), torch.float32)
         sel_forward(q, k, v, idx32, cfg, scale, o_branch=o, lse=lse, mode=mode, seg_len=seg)
         assert rel(o, R._from_groups(want)) < TOL[dtype], mode
+        if mode == "block":
+            assert calls == ["entries_grouped_by_block" if grouped else "entries_by_block"]
         lses.append(lse)
     assert torch.isfinite(lses[0]).all()
     assert (lses[0] - lses[1]).abs().max() < 1e-4
@@ -324,6 +333,30 @@ def test_entries_by_block_lists_every_used_slot_once_by_block(rng):
                 t, j = ent // cfg.n, ent % cfg.n
                 assert torch.equal(idx[b, t, h, j], torch.full_like(t, c, dtype=torch.int32))
                 assert (idx[b, :, h] == c).sum() == ent.numel()
+
+
+@pytest.mark.parametrize("key32_limit", [2**31, 64])
+def test_entries_grouped_by_block_is_a_counting_sort_of_the_same_entries(rng, monkeypatch,
+                                                                         key32_limit):
+    """The forward's index (count, scan, atomic placement): the sorted index's offsets and
+    keys, grouped by block in any order inside a block; int64 keys with the bound lowered.
+    Block 0 and the unused slots (many per program) take the aggregated atomics."""
+    import nsa.ops.selection.launch as SL
+
+    monkeypatch.setattr(SL, "KEY32_LIMIT", key32_limit)
+    cfg = NSAConfig(n=5, w=32, **PAPER)
+    for B, H, T in ((2, 3, 333), (1, 2, 1500)):
+        nb = cfg.num_sel_blocks(T)
+        idx = ref_indices(rng, B, H, T, cfg).permute(0, 2, 1, 3).to(torch.int32).contiguous()
+        keys, off = SL.entries_grouped_by_block(idx, nb)
+        want_keys, want_off = SL.entries_by_block(idx, nb)
+        assert keys.dtype == want_keys.dtype == (torch.int32 if key32_limit > 64
+                                                 else torch.int64)
+        assert torch.equal(off, want_off)
+        assert torch.equal(keys.sort(dim=-1)[0], want_keys)
+        E = T * cfg.n
+        blocks = keys // E
+        assert (blocks[..., 1:] >= blocks[..., :-1]).all()
 
 
 def test_sel_mode_is_checked_and_chosen_by_group_size_and_memory(rng, monkeypatch):
@@ -505,6 +538,38 @@ def test_op_branch_subsets(gates, rng):
     out = nsa_attention(**inp, config=cfg, backend="triton",
                         block_indices=raux.block_indices if "sel" in gates else None)
     assert rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("gates", [("cmp", "sel", "win"), ("cmp", "win")])
+def test_inference_calls_the_kernels_directly_with_the_op_results(gates, rng, monkeypatch):
+    """Eager inference skips the custom op (host time); its outputs and aux equal the op
+    path's bit for bit, and a call that records autograd still goes through the op."""
+    import nsa.ops.triton_autograd as TA
+
+    cfg = NSAConfig(n=3, w=40, **PAPER)
+    inp = op_inputs(rng, cfg, 150, 1, 2, 16, 16, torch.float32, gates=gates)
+    ops = []
+    real_op = torch.ops.nsa.triton_fwd
+    monkeypatch.setattr(torch.ops.nsa, "triton_fwd",
+                        lambda *a: ops.append(1) or real_op(*a), raising=False)
+    direct, daux = nsa_attention(**inp, config=cfg, backend="triton", return_aux=True)
+    assert ops == []
+    monkeypatch.setattr(TA, "_eager_real", lambda x: False)
+    via_op, oaux = nsa_attention(**inp, config=cfg, backend="triton", return_aux=True)
+    assert ops == [1]
+    assert torch.equal(direct, via_op)
+    for f in ("block_indices", "o_cmp", "o_sel", "o_win"):
+        a, b = getattr(daux, f), getattr(oaux, f)
+        assert (a is None) == (b is None), f
+        assert a is None or torch.equal(a, b), f
+    monkeypatch.undo()
+    q = inp["q"].clone().requires_grad_(True)
+    ops.clear()
+    monkeypatch.setattr(torch.ops.nsa, "triton_fwd",
+                        lambda *a: ops.append(1) or real_op(*a), raising=False)
+    out = nsa_attention(**{**inp, "q": q}, config=cfg, backend="triton")
+    assert ops == [1] and out.requires_grad
+    assert torch.equal(out.detach(), direct)
 
 
 def test_op_shorter_than_one_compressed_block(rng):

@@ -220,12 +220,13 @@ def cmp_forward(
     qk_scale = scale * LOG2E
     dummy = q.new_empty(1)
     o_arg = o if o is not None else dummy
-    s_arg = scores if scores is not None else dummy.float()
+    dummy32 = q.new_empty(1, dtype=torch.float32)
+    s_arg = scores if scores is not None else dummy32
     s_strides = scores.stride()[:3] if scores is not None else (0, 0, 0)
     two = mode == "two_pass" and want_scores
     keep_lse = lse is not None
     if lse is None:
-        lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32) if two else dummy.float()
+        lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32) if two else dummy32
     lse_strides = (lse.stride(0), lse.stride(1)) if (two or keep_lse) else (0, 0)
 
     def launch(bm_, bn_, warps_, stages_, pass1, pass2, store_lse):

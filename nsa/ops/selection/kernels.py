@@ -124,6 +124,105 @@ def _topn_kernel(
 
 
 @triton.jit
+def _entry_keys_kernel(
+    IDX, KEYS, stride_ib, stride_it, stride_ih, stride_kb, stride_kh,
+    E, NB, SPAN, N_SEL: tl.constexpr, BY_POSITION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Sort keys of the selection's entries (see ``launch.entries_by_block``): entry
+    e = t * n + j of row (b, h) gets ``block * SPAN + (t if BY_POSITION else e)``, an
+    unused slot (-1) the block NB; keys in KEYS' integer type."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ok = e < E
+    t = e // N_SEL
+    j = e % N_SEL
+    blk = tl.load(IDX + b * stride_ib + h * stride_ih + t.to(tl.int64) * stride_it + j,
+                  mask=ok, other=0)
+    kdt = KEYS.dtype.element_ty
+    blk = tl.where(blk >= 0, blk, NB).to(kdt)
+    pos = (t if BY_POSITION else e).to(kdt)
+    tl.store(KEYS + b * stride_kb + h * stride_kh + e, blk * SPAN + pos, mask=ok)
+
+
+@triton.jit
+def _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """A program's BLOCK entries e = t * n + j of row (b, h): (e, in range, bin), the bin
+    being the entry's block or NB for an unused slot (-1)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ok = e < E
+    t = e // N_SEL
+    blk = tl.load(IDX + b * stride_ib + h * stride_ih + t.to(tl.int64) * stride_it
+                  + e % N_SEL, mask=ok, other=0)
+    return e, ok, tl.where(blk >= 0, blk, NB)
+
+
+@triton.jit
+def _entry_count_kernel(
+    IDX, CNT, stride_ib, stride_it, stride_ih, stride_cb, stride_ch,
+    E, NB, N_SEL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Entries per bin (block, or NB for unused slots) of each row (b, h), into zeroed CNT.
+    Block 0 (forced for every position) and the unused bin take one atomic per program."""
+    e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
+    c_base = CNT + tl.program_id(2).to(tl.int64) * stride_cb + tl.program_id(1) * stride_ch
+    first = ok & (bn == 0)
+    unused = ok & (bn == NB)
+    tl.atomic_add(c_base, tl.sum(first.to(tl.int32)), sem="relaxed")
+    tl.atomic_add(c_base + NB, tl.sum(unused.to(tl.int32)), sem="relaxed")
+    tl.atomic_add(c_base + bn, tl.full([BLOCK], 1, tl.int32),
+                  mask=ok & ~first & ~unused, sem="relaxed")
+
+
+@triton.jit
+def _entry_offsets_kernel(
+    CNT, OFF, stride_cb, stride_ch, stride_fb, stride_fh, NB, BLOCK: tl.constexpr,
+):
+    """OFF[c] = entries of the bins before c (exclusive scan of CNT over c = 0..NB); CNT
+    is overwritten with the same values, the cursors :func:`_entry_place_kernel` takes
+    slots from. One program per row (b, h)."""
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    c_base = CNT + b * stride_cb + h * stride_ch
+    f_base = OFF + b * stride_fb + h * stride_fh
+    carry = tl.zeros([], tl.int32)
+    for c0 in range(0, NB + 1, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        ok = c <= NB
+        x = tl.load(c_base + c, mask=ok, other=0)
+        first = carry + tl.cumsum(x, 0) - x
+        tl.store(f_base + c, first, mask=ok)
+        tl.store(c_base + c, first, mask=ok)
+        carry += tl.sum(x, 0)
+
+
+@triton.jit
+def _entry_place_kernel(
+    IDX, CUR, KEYS, stride_ib, stride_it, stride_ih, stride_cb, stride_ch,
+    stride_kb, stride_kh, E, NB, SPAN, N_SEL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Write each entry's key ``bin * SPAN + e`` at a slot taken from its bin's cursor:
+    entries grouped by bin, in no fixed order inside a bin."""
+    e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
+    b = tl.program_id(2).to(tl.int64)
+    c_base = CUR + b * stride_cb + tl.program_id(1) * stride_ch
+    first = ok & (bn == 0)
+    unused = ok & (bn == NB)
+    base0 = tl.atomic_add(c_base, tl.sum(first.to(tl.int32)), sem="relaxed")
+    base_n = tl.atomic_add(c_base + NB, tl.sum(unused.to(tl.int32)), sem="relaxed")
+    slot = tl.atomic_add(c_base + bn, tl.full([BLOCK], 1, tl.int32),
+                         mask=ok & ~first & ~unused, sem="relaxed")
+    slot = tl.where(first, base0 + tl.cumsum(first.to(tl.int32), 0) - 1, slot)
+    slot = tl.where(unused, base_n + tl.cumsum(unused.to(tl.int32), 0) - 1, slot)
+    kdt = KEYS.dtype.element_ty
+    tl.store(KEYS + b * stride_kb + tl.program_id(1) * stride_kh + slot,
+             bn.to(kdt) * SPAN + e.to(kdt), mask=ok)
+
+
+@triton.jit
 def _block_list(IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih,
                 PP: tl.constexpr, NP: tl.constexpr, N_SEL: tl.constexpr):
     """The blocks a tile of PP positions streams: (i_base, flat, order, row_idx, n_blocks).
