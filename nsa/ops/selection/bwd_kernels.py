@@ -293,3 +293,51 @@ def _sel_bwd_dq_reduce_kernel(
                           mask=live[:, None] & dk_ok, other=0.0)
     _dq_store(DQ, dq, b, t0.to(tl.int64), p_loc, hq, row_ok, stride_db, stride_dt, stride_dh,
               DK, D_K, ACCUMULATE)
+
+
+@triton.jit
+def _segment_table_kernel(
+    FIRST, SEG_BLK, SEG_LO, SEG_HI, SEG_FIRST, SEG_CNT,
+    stride_fb, stride_fh, stride_sb, stride_sh, stride_cb, stride_ch,
+    NB, S_MAX, SEG_LEN, STEP0, BLOCK: tl.constexpr,
+):
+    """The segment tables of ``bwd_launch.inverted_index`` for one row (b, h): block c's
+    entries FIRST[c] .. FIRST[c + 1] cut into SEG_CNT[c] = ceil(count / SEG_LEN) segments
+    numbered from SEG_FIRST[c] (exclusive scan), then for every segment s < S_MAX its
+    block (binary search over the segment ends; NB past the last one) and entry range
+    (0, 0 when unused). STEP0: the largest power of two <= NB."""
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    f_base = FIRST + b * stride_fb + h * stride_fh
+    c_first = SEG_FIRST + b * stride_cb + h * stride_ch
+    c_cnt = SEG_CNT + b * stride_cb + h * stride_ch
+    carry = tl.zeros([], tl.int32)
+    for c0 in range(0, NB, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        ok = c < NB
+        cnt = tl.load(f_base + c + 1, mask=ok, other=0) - tl.load(f_base + c, mask=ok, other=0)
+        nseg = (cnt + SEG_LEN - 1) // SEG_LEN
+        tl.store(c_first + c, carry + tl.cumsum(nseg, 0) - nseg, mask=ok)
+        tl.store(c_cnt + c, nseg, mask=ok)
+        carry += tl.sum(nseg, 0)
+    tl.debug_barrier()  # the scan's stores are read back by other threads below
+    s_base = b * stride_sb + h * stride_sh
+    for s0 in range(0, S_MAX, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        ok = s < S_MAX
+        # blk = number of blocks whose segments end at or before s
+        blk = tl.zeros([BLOCK], tl.int32)
+        step = STEP0
+        while step > 0:
+            cand = blk + step
+            probe = tl.minimum(cand, NB) - 1
+            end = tl.load(c_first + probe) + tl.load(c_cnt + probe)
+            blk = tl.where((cand <= NB) & (end <= s), cand, blk)
+            step = step // 2
+        used = blk < NB
+        bc = tl.minimum(blk, NB - 1)
+        lo = tl.load(f_base + bc) + (s - tl.load(c_first + bc)) * SEG_LEN
+        hi = tl.minimum(lo + SEG_LEN, tl.load(f_base + bc + 1))
+        tl.store(SEG_BLK + s_base + s, blk, mask=ok)
+        tl.store(SEG_LO + s_base + s, tl.where(used, lo, 0), mask=ok)
+        tl.store(SEG_HI + s_base + s, tl.where(used, hi, 0), mask=ok)

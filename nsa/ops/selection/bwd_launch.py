@@ -18,6 +18,7 @@ from nsa.ops.compression.launch import (
 )
 from nsa.ops.descriptors import kv_desc, resolve_desc
 from nsa.ops.selection.bwd_kernels import (
+    _segment_table_kernel,
     _sel_bwd_dkdv_kernel,
     _sel_bwd_dq_kernel,
     _sel_bwd_dq_reduce_kernel,
@@ -45,32 +46,17 @@ def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int, entries: bool = F
     from nsa.ops.selection.launch import entries_by_block
 
     B, _, H, n = idx.shape
-    dev = idx.device
-    BH, E = B * H, T * n
     keys, first = entries_by_block(idx, nb, by_position=not entries)
-    first = first.reshape(BH, nb + 1).long()
-    counts = first[:, 1:] - first[:, :-1]
-    off = first[:, :-1]  # first entry of each block
-    nseg = (counts + seg_len - 1) // seg_len
-    seg_end = torch.cumsum(nseg, 1)
-    seg_first = seg_end - nseg
-    s_max = -(-E // seg_len) + nb
-    s = torch.arange(s_max, device=dev).unsqueeze(0).expand(BH, -1).contiguous()
-    sblk = torch.searchsorted(seg_end, s, right=True)  # nb past the last segment
-    used = sblk < nb
-    sblk_c = sblk.clamp(max=nb - 1)
-    kk = s - torch.gather(seg_first, 1, sblk_c)
-    lo = torch.gather(off, 1, sblk_c) + kk * seg_len
-    end = torch.gather(first[:, 1:], 1, sblk_c)
-    hi = torch.minimum(lo + seg_len, end)
-    zero = torch.zeros_like(lo)
-    lo, hi = torch.where(used, lo, zero), torch.where(used, hi, zero)
-
-    def i32(x, last):
-        return x.to(torch.int32).reshape(B, H, last).contiguous()
-
-    return (keys, i32(sblk, s_max), i32(lo, s_max), i32(hi, s_max),
-            i32(seg_first, nb), i32(nseg, nb))
+    s_max = -(-(T * n) // seg_len) + nb
+    seg = torch.empty(3, B, H, s_max, device=idx.device, dtype=torch.int32)
+    per_block = torch.empty(2, B, H, nb, device=idx.device, dtype=torch.int32)
+    _segment_table_kernel[(H, B)](
+        first, seg[0], seg[1], seg[2], per_block[0], per_block[1],
+        first.stride(0), first.stride(1), seg.stride(1), seg.stride(2),
+        per_block.stride(1), per_block.stride(2),
+        nb, s_max, seg_len, 1 << (nb.bit_length() - 1), BLOCK=1024, num_warps=4,
+    )
+    return keys, seg[0], seg[1], seg[2], per_block[0], per_block[1]
 
 
 def _sel_bwd_config(DK: int, DV: int, GP2: int, L_SEL: int, device: torch.device,
