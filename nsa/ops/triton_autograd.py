@@ -2,7 +2,9 @@
 
 The forward and backward are registered with :func:`torch.library.custom_op`, so
 ``torch.compile`` sees each as one opaque node (no graph break inside the op) and
-:func:`torch.library.register_autograd` connects them. NSAConfig travels as the int list
+:func:`torch.library.register_autograd` connects them. Eager calls skip the dispatcher:
+inference launches the kernels directly and training uses an equivalent
+``torch.autograd.Function`` (see :func:`nsa_triton_op`). NSAConfig travels as the int list
 ``[l, d, l_sel, n, n_initial, n_local, w]``. Branches that are off travel as None
 inputs and come back as 0-element outputs (custom ops return tensors only).
 
@@ -42,9 +44,10 @@ def _empty(like: Tensor) -> Tensor:
 
 
 def _eager_real(x: Tensor) -> bool:
-    """True outside torch.compile tracing for a real (not fake or meta) tensor."""
+    """True outside torch.compile tracing for a real tensor (not fake, meta or wrapped by
+    a torch.func transform)."""
     return (not torch.compiler.is_compiling() and x.device.type != "meta"
-            and not is_fake(x))
+            and not is_fake(x) and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 @torch.library.custom_op("nsa::triton_fwd", mutates_args=())
@@ -106,8 +109,7 @@ def _triton_fwd_fake(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, 
             lse(g_cmp is not None), lse(g_sel is not None), lse(g_win is not None))
 
 
-@torch.library.custom_op("nsa::triton_bwd", mutates_args=())
-def triton_bwd(
+def _bwd_impl(
     dout: Tensor,
     q: Tensor,
     k_sel: Tensor | None,
@@ -130,7 +132,8 @@ def triton_bwd(
     scale: float,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk_sel, dv_sel, dk_win, dv_win, dk_cmp, dv_cmp, dg_cmp, dg_sel, dg_win)."""
+    """The backward kernels (no autograd): (dq, dk_sel, dv_sel, dk_win, dv_win, dk_cmp,
+    dv_cmp, dg_cmp, dg_sel, dg_win); absent ones 0-element."""
     from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, branch_rowdots, flash_backward
     from nsa.ops.selection.bwd_launch import sel_backward
 
@@ -172,6 +175,36 @@ def triton_bwd(
             res["dk_cmp"], res["dv_cmp"], res["dg_cmp"], res["dg_sel"], res["dg_win"])
 
 
+@torch.library.custom_op("nsa::triton_bwd", mutates_args=())
+def triton_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k_sel: Tensor | None,
+    v_sel: Tensor | None,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    k_cmp: Tensor | None,
+    v_cmp: Tensor | None,
+    g_cmp: Tensor | None,
+    g_sel: Tensor | None,
+    g_win: Tensor | None,
+    idx: Tensor,
+    o_cmp: Tensor,
+    o_sel: Tensor,
+    o_win: Tensor,
+    lse_cmp: Tensor,
+    lse_sel: Tensor,
+    lse_win: Tensor,
+    cfg: list[int],
+    scale: float,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk_sel, dv_sel, dk_win, dv_win, dk_cmp, dv_cmp, dg_cmp, dg_sel, dg_win)."""
+    return _bwd_impl(dout, q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win,
+                     idx, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, cfg, scale,
+                     deterministic)
+
+
 @triton_bwd.register_fake
 def _triton_bwd_fake(dout, q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win,
                      idx, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, cfg, scale,
@@ -199,14 +232,15 @@ def _setup_context(ctx, inputs, output):
         idx, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win)
 
 
-def _backward(ctx, dout, *_unused):
+def _backward(ctx, dout, *_unused, bwd=None):
     q, *rest = ctx.saved_tensors
     opt = [x if on else None for x, on in zip(rest[:9], ctx.present, strict=True)]
     idx, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win = rest[9:]
     if dout is None:  # only the aux outputs were used
         dout = q.new_zeros(ctx.out_shape)
-    grads = torch.ops.nsa.triton_bwd(dout, q, *opt, idx, o_cmp, o_sel, o_win, lse_cmp,
-                                     lse_sel, lse_win, ctx.cfg, ctx.scale, ctx.deterministic)
+    grads = (bwd or torch.ops.nsa.triton_bwd)(dout, q, *opt, idx, o_cmp, o_sel, o_win, lse_cmp,
+                                               lse_sel, lse_win, ctx.cfg, ctx.scale,
+                                               ctx.deterministic)
     dq, *g = grads
     # inputs that were None, or k_cmp/v_cmp used only for selection scores, get no gradient
     g = [_none(x) if on else None for x, on in zip(g, ctx.present, strict=True)]
@@ -214,6 +248,30 @@ def _backward(ctx, dout, *_unused):
 
 
 torch.library.register_autograd("nsa::triton_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerTritonNSA(torch.autograd.Function):
+    """Eager training without the custom ops: the same kernels, context and backward as
+    ``nsa::triton_fwd`` with :func:`_backward`, but no dispatcher round trip (schema
+    binding and alias checks of 16 and 21 arguments cost ~0.8 ms of CPU per
+    forward+backward). torch.compile and other tracing take the custom ops."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        from nsa.ops.triton_backend import forward_kernels
+
+        (q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, block_indices,
+         cfg, scale, save, want_o_sel, _deterministic) = inputs
+        ctx.set_materialize_grads(False)  # the aux outputs' gradients are never formed
+        r = forward_kernels(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win,
+                            block_indices, _cfg_from(cfg), scale, save, want_o_sel)
+        outs = _op_outputs(q, r)
+        _setup_context(ctx, inputs, outs)
+        return outs
+
+    @staticmethod
+    def backward(ctx, dout, *_unused):
+        return _backward(ctx, dout, bwd=_bwd_impl)
 
 
 def nsa_triton_op(
@@ -238,19 +296,22 @@ def nsa_triton_op(
     """Run ``nsa::triton_fwd``; returns (out, idx, o_cmp, o_sel, o_win) with None for
     branches that are off. ``save``: keep what the backward needs (autograd recording).
 
-    Eager inference (nothing to save, not tracing, real tensors) calls the kernels
-    directly: the custom op exists for autograd and torch.compile, and its dispatch
-    (schema binding, alias checks of 16 arguments) costs host time on every call."""
+    Eager calls (not tracing, real tensors) skip the custom ops, which exist for
+    torch.compile and whose dispatch (schema binding, alias checks) costs host time on
+    every call: inference calls the kernels directly, training goes through
+    :class:`_EagerTritonNSA` (same kernels, same backward)."""
     if not save and _eager_real(q):
         from nsa.ops.triton_backend import forward_kernels
 
         r = forward_kernels(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel,
                             g_win, block_indices, cfg, scale, False, want_o_sel)
         return r["out"], r["idx"], r["o_cmp"], r["o_sel"], r["o_win"]
-    else:
-        out, idx, o_cmp, o_sel, o_win, *_ = torch.ops.nsa.triton_fwd(
-            q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, block_indices,
+    args = (q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, block_indices,
             _cfg_list(cfg), float(scale), save, want_o_sel, deterministic)
+    if _eager_real(q):
+        out, idx, o_cmp, o_sel, o_win, *_ = _EagerTritonNSA.apply(*args)
+    else:
+        out, idx, o_cmp, o_sel, o_win, *_ = torch.ops.nsa.triton_fwd(*args)
     return (out, idx if g_sel is not None else None, o_cmp if g_cmp is not None else None,
             o_sel if g_sel is not None and o_sel.numel() else None,
             o_win if g_win is not None else None)

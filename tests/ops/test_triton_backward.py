@@ -391,6 +391,32 @@ def test_deterministic_grads_are_bitwise_reproducible(rng):
     check_grads(g1, g0, torch.float32, 1e-4)
 
 
+@pytest.mark.parametrize("aux", [False, True])
+def test_eager_training_skips_the_custom_ops_with_the_same_grads(aux, rng, monkeypatch):
+    """Eager training runs the kernels through an autograd.Function (host time): its
+    output and every gradient equal the custom ops' bit for bit, and neither op is
+    called; with the aux outputs requested too (their gradients are never formed)."""
+    import nsa.ops.triton_autograd as TA
+
+    cfg = NSAConfig(n=3, n_initial=1, n_local=1, w=40, **PAPER)
+    inp, dout = make(rng, cfg, 1, 130, 1, 4, 32, 16, torch.float32, peaked=True)
+    calls = []
+    for name in ("triton_fwd", "triton_bwd"):
+        real = getattr(torch.ops.nsa, name)
+        monkeypatch.setattr(torch.ops.nsa, name,
+                            lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a),
+                            raising=False)
+    out, _, grads = forward_backward(inp, cfg, dout, "triton", return_aux=aux)
+    assert calls == []
+    monkeypatch.setattr(TA, "_eager_real", lambda x: False)
+    out_op, _, grads_op = forward_backward(inp, cfg, dout, "triton", return_aux=aux)
+    assert calls == ["triton_fwd", "triton_bwd"]
+    assert torch.equal(out, out_op)
+    for name in ARGS:
+        assert (grads[name] is None) == (grads_op[name] is None), name
+        assert grads[name] is None or torch.equal(grads[name], grads_op[name]), name
+
+
 # ----------------------------------------------------------------------------- module
 
 
