@@ -395,7 +395,8 @@ def test_deterministic_grads_are_bitwise_reproducible(rng):
 def test_eager_training_skips_the_custom_ops_with_the_same_grads(aux, rng, monkeypatch):
     """Eager training runs the kernels through an autograd.Function (host time): its
     output and every gradient equal the custom ops' bit for bit, and neither op is
-    called; with the aux outputs requested too (their gradients are never formed)."""
+    called; with the aux outputs requested too (their gradients are never formed, not
+    even as zeros)."""
     import nsa.ops.triton_autograd as TA
 
     cfg = NSAConfig(n=3, n_initial=1, n_local=1, w=40, **PAPER)
@@ -406,8 +407,14 @@ def test_eager_training_skips_the_custom_ops_with_the_same_grads(aux, rng, monke
         monkeypatch.setattr(torch.ops.nsa, name,
                             lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a),
                             raising=False)
+    unused = []
+    real_backward = TA._EagerTritonNSA.backward
+    monkeypatch.setattr(TA._EagerTritonNSA, "backward", staticmethod(
+        lambda ctx, d, *rest: unused.extend(rest) or real_backward(ctx, d, *rest)))
     out, _, grads = forward_backward(inp, cfg, dout, "triton", return_aux=aux)
     assert calls == []
+    # the auxiliary outputs' gradients are not materialised as zeros
+    assert len(unused) == 7 and all(x is None for x in unused)
     monkeypatch.setattr(TA, "_eager_real", lambda x: False)
     out_op, _, grads_op = forward_backward(inp, cfg, dout, "triton", return_aux=aux)
     assert calls == ["triton_fwd", "triton_bwd"]
