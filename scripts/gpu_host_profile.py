@@ -12,7 +12,6 @@ queued calls.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -20,14 +19,6 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-
-
-def _check_forward():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check_forward", os.path.join(ROOT, "scripts", "gpu_check_forward.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> None:
@@ -39,7 +30,7 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true",
                     help="also cProfile's table (internal time) of 50 queued calls")
     args = ap.parse_args()
-    cf = _check_forward()
+    import gpu_check_forward as cf  # scripts/ is sys.path[0] when run as a script
     import torch
     from torch.profiler import ProfilerActivity, profile
 

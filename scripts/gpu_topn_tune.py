@@ -13,20 +13,11 @@ kernel on random inputs. Every variant's indices must equal the default's bit fo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-
-
-def _check_forward():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check_forward", os.path.join(ROOT, "scripts", "gpu_check_forward.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # name -> select_topn keyword arguments (rows per program, blocks per chunk, warps)
@@ -47,7 +38,7 @@ def main() -> None:
     ap.add_argument("--groups", default="16")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
-    cf = _check_forward()
+    import gpu_check_forward as cf  # scripts/ is sys.path[0] when run as a script
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         cf.DEVICE = "cpu"

@@ -175,34 +175,8 @@ def _bwd_impl(
             res["dk_cmp"], res["dv_cmp"], res["dg_cmp"], res["dg_sel"], res["dg_win"])
 
 
-@torch.library.custom_op("nsa::triton_bwd", mutates_args=())
-def triton_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k_sel: Tensor | None,
-    v_sel: Tensor | None,
-    k_win: Tensor | None,
-    v_win: Tensor | None,
-    k_cmp: Tensor | None,
-    v_cmp: Tensor | None,
-    g_cmp: Tensor | None,
-    g_sel: Tensor | None,
-    g_win: Tensor | None,
-    idx: Tensor,
-    o_cmp: Tensor,
-    o_sel: Tensor,
-    o_win: Tensor,
-    lse_cmp: Tensor,
-    lse_sel: Tensor,
-    lse_win: Tensor,
-    cfg: list[int],
-    scale: float,
-    deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk_sel, dv_sel, dk_win, dv_win, dk_cmp, dv_cmp, dg_cmp, dg_sel, dg_win)."""
-    return _bwd_impl(dout, q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win,
-                     idx, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win, cfg, scale,
-                     deterministic)
+# the backward kernels as one opaque op for torch.compile (eager training calls _bwd_impl)
+triton_bwd = torch.library.custom_op("nsa::triton_bwd", mutates_args=())(_bwd_impl)
 
 
 @triton_bwd.register_fake
