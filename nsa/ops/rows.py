@@ -12,14 +12,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_rows(t0, h, T, G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr):
-    """(position offset in the tile, position, row is real, query head) per row."""
+def _group_rows(h, G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr):
+    """(position offset in the tile, head offset in the group, query head) per row of a
+    tile of PP positions x GP2 heads of KV head h."""
     offs_m = tl.arange(0, PP * GP2)
     p_loc = offs_m // GP2
     g_loc = offs_m % GP2
+    return p_loc, g_loc, h * G + g_loc
+
+
+@triton.jit
+def _tile_rows(t0, h, T, G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr):
+    """(position offset in the tile, position, row is real, query head) per row."""
+    p_loc, g_loc, hq = _group_rows(h, G, GP2, PP)
     t_row = t0 + p_loc
     row_ok = (g_loc < G) & (t_row < T)
-    return p_loc, t_row, row_ok, h * G + g_loc
+    return p_loc, t_row, row_ok, hq
 
 
 @triton.jit

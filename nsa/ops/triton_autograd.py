@@ -276,7 +276,8 @@ def nsa_triton_op(
     torch.compile and whose dispatch (schema binding, alias checks) costs host time on
     every call: inference calls the kernels directly, training goes through
     :class:`_EagerTritonNSA` (same kernels, same backward)."""
-    if not save and _eager_real(q):
+    eager = _eager_real(q)
+    if not save and eager:
         from nsa.ops.triton_backend import forward_kernels
 
         r = forward_kernels(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel,
@@ -284,7 +285,7 @@ def nsa_triton_op(
         return r["out"], r["idx"], r["o_cmp"], r["o_sel"], r["o_win"]
     args = (q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, block_indices,
             _cfg_list(cfg), float(scale), save, want_o_sel, deterministic)
-    if _eager_real(q):
+    if eager:
         out, idx, o_cmp, o_sel, o_win, *_ = _EagerTritonNSA.apply(*args)
     else:
         out, idx, o_cmp, o_sel, o_win, *_ = torch.ops.nsa.triton_fwd(*args)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.ops.rows import _tile_rows
+from nsa.ops.rows import _group_rows, _tile_rows
 
 
 @triton.jit
@@ -71,12 +71,9 @@ def _bwd_dkdv_kernel(
     n0 = kt_i * BLOCK_N
 
     offs_n = tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, DK)
     offs_dv = tl.arange(0, DV)
-    p_loc = offs_m // GP2
-    g_loc = offs_m % GP2
-    hq = h * G + g_loc
+    p_loc, g_loc, hq = _group_rows(h, G, GP2, PP)
     kpos = n0 + offs_n
     key_ok = kpos < NK
     dk_ok = offs_dk[None, :] < D_K

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from nsa.ops.flashbwd.kernels import _dq_rows, _dq_store
-from nsa.ops.rows import _tile_rows
+from nsa.ops.rows import _group_rows, _tile_rows
 from nsa.ops.selection.kernels import _block_at, _block_list
 
 
@@ -119,7 +119,6 @@ def _sel_bwd_dkdv_kernel(
     DQX=None, stride_x0=0, stride_x1=0, stride_x2=0, stride_x3=0, stride_x4=0, SPAN=0,
     N_SEL: tl.constexpr = 1, DQ_OUT: tl.constexpr = 0,
 ):
-    BLOCK_M: tl.constexpr = PP * GP2
     pid = tl.program_id(0)
     seg = pid // NSUB
     c0 = (pid % NSUB) * BLOCK_N
@@ -131,12 +130,9 @@ def _sel_bwd_dkdv_kernel(
         lo = tl.load(SEG_LO + s_off)
         hi = tl.load(SEG_HI + s_off)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
         offs_dk = tl.arange(0, DK)
         offs_dv = tl.arange(0, DV)
-        p_loc = offs_m // GP2
-        g_loc = offs_m % GP2
-        hq = h * G + g_loc
+        p_loc, g_loc, hq = _group_rows(h, G, GP2, PP)
         dk_ok = offs_dk[None, :] < D_K
         dv_ok = offs_dv[None, :] < D_V
         s0 = blk * L_SEL + c0  # first key of this sub-tile

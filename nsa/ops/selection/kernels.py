@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.ops.rows import _softmax_step, _tile_rows
+from nsa.ops.rows import _group_rows, _softmax_step, _tile_rows
 
 _KEY_NONE = tl.constexpr(-9223372036854775808)  # int64 min: "no candidate"
 _KEY_FULL = tl.constexpr(9223372036854775807)  # int64 max: a slot that is not in use
@@ -124,28 +124,6 @@ def _topn_kernel(
 
 
 @triton.jit
-def _entry_keys_kernel(
-    IDX, KEYS, stride_ib, stride_it, stride_ih, stride_kb, stride_kh,
-    E, NB, SPAN, N_SEL: tl.constexpr, BY_POSITION: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Sort keys of the selection's entries (see ``launch.entries_by_block``): entry
-    e = t * n + j of row (b, h) gets ``block * SPAN + (t if BY_POSITION else e)``, an
-    unused slot (-1) the block NB; keys in KEYS' integer type."""
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    ok = e < E
-    t = e // N_SEL
-    j = e % N_SEL
-    blk = tl.load(IDX + b * stride_ib + h * stride_ih + t.to(tl.int64) * stride_it + j,
-                  mask=ok, other=0)
-    kdt = KEYS.dtype.element_ty
-    blk = tl.where(blk >= 0, blk, NB).to(kdt)
-    pos = (t if BY_POSITION else e).to(kdt)
-    tl.store(KEYS + b * stride_kb + h * stride_kh + e, blk * SPAN + pos, mask=ok)
-
-
-@triton.jit
 def _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL: tl.constexpr,
                 BLOCK: tl.constexpr):
     """A program's BLOCK entries e = t * n + j of row (b, h): (e, in range, bin), the bin
@@ -158,6 +136,21 @@ def _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL: tl.constexpr
     blk = tl.load(IDX + b * stride_ib + h * stride_ih + t.to(tl.int64) * stride_it
                   + e % N_SEL, mask=ok, other=0)
     return e, ok, tl.where(blk >= 0, blk, NB)
+
+
+@triton.jit
+def _entry_keys_kernel(
+    IDX, KEYS, stride_ib, stride_it, stride_ih, stride_kb, stride_kh,
+    E, NB, SPAN, N_SEL: tl.constexpr, BY_POSITION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Sort keys of the selection's entries (see ``launch.entries_by_block``): entry
+    e = t * n + j of row (b, h) gets ``bin * SPAN + (t if BY_POSITION else e)``, the bin
+    being its block (NB for an unused slot); keys in KEYS' integer type."""
+    e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
+    kdt = KEYS.dtype.element_ty
+    pos = (e // N_SEL if BY_POSITION else e).to(kdt)
+    tl.store(KEYS + tl.program_id(2).to(tl.int64) * stride_kb + tl.program_id(1) * stride_kh
+             + e, bn.to(kdt) * SPAN + pos, mask=ok)
 
 
 @triton.jit
@@ -436,12 +429,9 @@ def _sel_fwd_blocks_kernel(
     lo = tl.program_id(0) * SEG
     hi = tl.minimum(lo + SEG, tl.load(f_base + NB))  # entries past OFF[NB] are unused slots
     offs_n = tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, DK)
     offs_dv = tl.arange(0, DV)
-    p_loc = offs_m // GP2
-    g_loc = offs_m % GP2
-    hq = h * G + g_loc
+    p_loc, g_loc, hq = _group_rows(h, G, GP2, PP)
     dk_ok = offs_dk[None, :] < D_K
     dv_ok = offs_dv[None, :] < D_V
     e_base = KEYS + b * stride_eb + h * stride_eh
