@@ -60,15 +60,33 @@ def main() -> None:
         call()
         walls.append(1e3 * (time.perf_counter() - t0))
     gpu = cf.bench(call)
+    graph = float("nan")
+    if args.mode == "fwd":  # GPU work alone: the same call replayed from a CUDA graph
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            call()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            call()
+        graph = cf.bench(g.replay)
     print(f"GPU: {torch.cuda.get_device_name()}; T={args.T} G={args.G} {args.mode}: "
           f"host per call {statistics.median(walls):.3f} ms (min {min(walls):.3f}), "
-          f"do_bench {gpu:.3f} ms", flush=True)
+          f"do_bench {gpu:.3f} ms, graph replay {graph:.3f} ms", flush=True)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10):
             call()
     torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            call()
+        torch.cuda.synchronize()
+    print("GPU kernels of ten calls:")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows,
+                                    max_name_column_width=60))
     if args.cprofile:
         import cProfile
         import pstats

@@ -249,3 +249,24 @@ def test_compressed_window_and_flash_dq_pointer_and_descriptor_loads_agree(G):
         res.append((oc, ow, dq))
     for a, b in zip(*res, strict=True):
         assert rel(b, a) < 1e-4
+
+
+@pytest.mark.parametrize("T,by_position", [(16384, False), (32768, True), (3000, False)])
+def test_entries_by_block_counting_sort_equals_torch_sort_on_gpu(T, by_position,
+                                                                 monkeypatch):
+    """The block index's counting sort (tiles ranked by tl.sort on the GPU) against
+    torch.sort, on top-n indices of real block scores at the benchmark's sizes."""
+    import nsa.ops.selection.launch as SL
+    from nsa.ops.compression import cmp_forward
+    from nsa.ops.selection import select_topn
+
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
+    inp = inputs(T, 2, 1, 64, 64, torch.bfloat16, cfg=cfg)
+    _, scores = cmp_forward(inp["q"], inp["k_cmp"], inp["v_cmp"], cfg, 64 ** -0.5)
+    idx = select_topn(scores, T, inp["k_cmp"].shape[1], cfg)
+    nb = cfg.num_sel_blocks(T)
+    keys, off = SL.entries_by_block(idx, nb, by_position=by_position)
+    monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 0)
+    want_keys, want_off = SL.entries_by_block(idx, nb, by_position=by_position)
+    assert torch.equal(off, want_off)
+    assert torch.equal(keys, want_keys)

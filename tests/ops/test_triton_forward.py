@@ -275,21 +275,20 @@ BLOCK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("blocks,B,G,H,T,dk,dv,dtype,seg,grouped", BLOCK_CASES)
-def test_sel_block_path_against_reference(blocks, B, G, H, T, dk, dv, dtype, seg, grouped,
+@pytest.mark.parametrize("blocks,B,G,H,T,dk,dv,dtype,seg,counting", BLOCK_CASES)
+def test_sel_block_path_against_reference(blocks, B, G, H, T, dk, dv, dtype, seg, counting,
                                           rng, monkeypatch):
     """Block-centric selected attention against float64, and its log-sum-exps against the
     group-centric kernel's; the partial buffers start as NaN, so a slot the merge reads
-    without a kernel writing it (an unused -1 slot) shows."""
+    without a kernel writing it (an unused -1 slot) shows. The index comes from the
+    counting sort or from torch.sort (``counting``)."""
     import nsa.ops.selection.launch as SL
 
     monkeypatch.setattr(SL, "PARTIAL_FILL", float("nan"))
-    monkeypatch.setattr(SL, "GROUPED_INDEX_CPU", grouped)
-    calls = []
-    for name in ("entries_grouped_by_block", "entries_by_block"):
-        real = getattr(SL, name)
-        monkeypatch.setattr(SL, name, lambda *a, _r=real, _n=name, **k: calls.append(_n)
-                            or _r(*a, **k))
+    monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 1 << 28 if counting else 0)
+    sorts = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
     cfg = NSAConfig(n=4, w=32, **blocks)
     HQ = G * H
     q, k, v = rand(rng, B, T, HQ, dk, dtype=dtype), rand(rng, B, T, H, dk, dtype=dtype), \
@@ -307,23 +306,25 @@ def test_sel_block_path_against_reference(blocks, B, G, H, T, dk, dv, dtype, seg
         sel_forward(q, k, v, idx32, cfg, scale, o_branch=o, lse=lse, mode=mode, seg_len=seg)
         assert rel(o, R._from_groups(want)) < TOL[dtype], mode
         if mode == "block":
-            assert calls == ["entries_grouped_by_block" if grouped else "entries_by_block"]
+            assert len(sorts) == (0 if counting else 1)
         lses.append(lse)
     assert torch.isfinite(lses[0]).all()
     assert (lses[0] - lses[1]).abs().max() < 1e-4
 
 
-def test_entries_by_block_lists_every_used_slot_once_by_block(rng):
-    from nsa.ops.selection.launch import entries_by_block
+@pytest.mark.parametrize("counting", [True, False])
+def test_entries_by_block_lists_every_used_slot_once_by_block(rng, monkeypatch, counting):
+    import nsa.ops.selection.launch as SL
 
+    monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 1 << 28 if counting else 0)
     cfg = NSAConfig(n=5, w=32, **PAPER)
     B, H, T = 2, 3, 333
     nb = cfg.num_sel_blocks(T)
     idx = ref_indices(rng, B, H, T, cfg).permute(0, 2, 1, 3).to(torch.int32).contiguous()
-    keys, off = entries_by_block(idx, nb)
+    keys, off = SL.entries_by_block(idx, nb)
     E = T * cfg.n
     assert keys.shape == (B, H, E) and off.shape == (B, H, nb + 1)
-    assert off.dtype == torch.int32 and (keys[..., 1:] >= keys[..., :-1]).all()
+    assert off.dtype == torch.int32 and (keys[..., 1:] > keys[..., :-1]).all()
     for b in range(B):
         for h in range(H):
             used = idx[b, :, h] >= 0
@@ -336,27 +337,51 @@ def test_entries_by_block_lists_every_used_slot_once_by_block(rng):
 
 
 @pytest.mark.parametrize("key32_limit", [2**31, 64])
-def test_entries_grouped_by_block_is_a_counting_sort_of_the_same_entries(rng, monkeypatch,
-                                                                         key32_limit):
-    """The forward's index (count, scan, atomic placement): the sorted index's offsets and
-    keys, grouped by block in any order inside a block; int64 keys with the bound lowered.
-    Block 0 and the unused slots (many per program) take the aggregated atomics."""
+@pytest.mark.parametrize("by_position", [False, True])
+def test_entries_by_block_counting_sort_equals_torch_sort(rng, monkeypatch, key32_limit,
+                                                          by_position):
+    """The counting sort (per-tile histograms, cumulative sum, rank inside the tile) gives
+    exactly torch.sort's keys and offsets: int32 and int64 keys (bound lowered), entry
+    and position keys, tiles cut inside a position's slots (n = 5) and a last tile cut
+    short, and a tile where one block takes many entries (block 0, the unused slots)."""
     import nsa.ops.selection.launch as SL
 
     monkeypatch.setattr(SL, "KEY32_LIMIT", key32_limit)
-    cfg = NSAConfig(n=5, w=32, **PAPER)
-    for B, H, T in ((2, 3, 333), (1, 2, 1500)):
+    for n, B, H, T, idx_src in ((5, 2, 3, 333, "ref"), (5, 1, 2, 1500, "ref"),
+                                (16, 1, 1, 40, "ref"), (3, 1, 2, 200, "dup")):
+        cfg = NSAConfig(n=n, w=32, **PAPER)
         nb = cfg.num_sel_blocks(T)
-        idx = ref_indices(rng, B, H, T, cfg).permute(0, 2, 1, 3).to(torch.int32).contiguous()
-        keys, off = SL.entries_grouped_by_block(idx, nb)
-        want_keys, want_off = SL.entries_by_block(idx, nb)
+        if idx_src == "ref":
+            idx = ref_indices(rng, B, H, T, cfg)
+        else:  # every row the same blocks: long runs of one bin inside each tile
+            row = torch.tensor([0, nb // 2, -1])
+            idx = row.expand(B, H, T, n).clone()
+        idx = idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+        monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 1 << 28)
+        keys, off = SL.entries_by_block(idx, nb, by_position=by_position)
+        monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 0)
+        want_keys, want_off = SL.entries_by_block(idx, nb, by_position=by_position)
         assert keys.dtype == want_keys.dtype == (torch.int32 if key32_limit > 64
                                                  else torch.int64)
-        assert torch.equal(off, want_off)
-        assert torch.equal(keys.sort(dim=-1)[0], want_keys)
-        E = T * cfg.n
-        blocks = keys // E
-        assert (blocks[..., 1:] >= blocks[..., :-1]).all()
+        assert torch.equal(off, want_off), (n, T)
+        assert torch.equal(keys, want_keys), (n, T)
+
+
+def test_entries_by_block_counting_sort_ranks_by_sort_too(rng, monkeypatch):
+    """The GPU's rank inside a tile (tl.sort of the tile's (bin, entry) keys) gives the
+    same keys as torch.sort; tiny, as the interpreter sorts element by element."""
+    import nsa.ops.selection.launch as SL
+
+    cfg = NSAConfig(n=5, w=32, **PAPER)
+    T, nb = 90, cfg.num_sel_blocks(90)
+    idx = ref_indices(rng, 1, 1, T, cfg).permute(0, 2, 1, 3).to(torch.int32).contiguous()
+    monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 0)
+    want_keys, want_off = SL.entries_by_block(idx, nb)
+    monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 1 << 28)
+    monkeypatch.setattr(SL, "COUNT_INDEX_TILE", 256)  # 2 tiles, the last one cut short
+    monkeypatch.setattr(SL, "COUNT_INDEX_SORT", True)
+    keys, off = SL.entries_by_block(idx, nb)
+    assert torch.equal(off, want_off) and torch.equal(keys, want_keys)
 
 
 def test_sel_mode_is_checked_and_chosen_by_group_size_and_memory(rng, monkeypatch):

@@ -124,18 +124,25 @@ def _topn_kernel(
 
 
 @triton.jit
-def _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """A program's BLOCK entries e = t * n + j of row (b, h): (e, in range, bin), the bin
-    being the entry's block or NB for an unused slot (-1)."""
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+def _entry_bins_at(IDX, e, b, h, stride_ib, stride_it, stride_ih, E, NB,
+                   N_SEL: tl.constexpr):
+    """Entries e = t * n + j of row (b, h): (in range, bin), the bin being the entry's
+    block or NB for an unused slot (-1); entries past E count as bin 0."""
     ok = e < E
     t = e // N_SEL
     blk = tl.load(IDX + b * stride_ib + h * stride_ih + t.to(tl.int64) * stride_it
                   + e % N_SEL, mask=ok, other=0)
-    return e, ok, tl.where(blk >= 0, blk, NB)
+    return ok, tl.where(blk >= 0, blk, NB)
+
+
+@triton.jit
+def _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """A program's BLOCK entries of row (b, h) = (program 1, program 2): (e, ok, bin)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok, bn = _entry_bins_at(IDX, e, tl.program_id(2).to(tl.int64), tl.program_id(1),
+                            stride_ib, stride_it, stride_ih, E, NB, N_SEL)
+    return e, ok, bn
 
 
 @triton.jit
@@ -154,20 +161,21 @@ def _entry_keys_kernel(
 
 
 @triton.jit
-def _entry_count_kernel(
-    IDX, CNT, stride_ib, stride_it, stride_ih, stride_cb, stride_ch,
-    E, NB, N_SEL: tl.constexpr, BLOCK: tl.constexpr,
+def _entry_hist_kernel(
+    IDX, HIST, stride_ib, stride_it, stride_ih, stride_hb, stride_hh, stride_hp,
+    E, NB, N_SEL: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr,
 ):
-    """Entries per bin (block, or NB for unused slots) of each row (b, h), into zeroed CNT.
-    Block 0 (forced for every position) and the unused bin take one atomic per program."""
+    """Counting sort, step 1: row p + 1 of HIST[b, h] = how many of tile p's BLOCK
+    entries fall in each bin 0..NB (NBP = next power of two above NB); tile 0 also zeroes
+    row 0, so that a cumulative sum over the rows gives every tile the entries of each
+    bin in the tiles before it (and row P the bins' totals)."""
     e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
-    c_base = CNT + tl.program_id(2).to(tl.int64) * stride_cb + tl.program_id(1) * stride_ch
-    first = ok & (bn == 0)
-    unused = ok & (bn == NB)
-    tl.atomic_add(c_base, tl.sum(first.to(tl.int32)), sem="relaxed")
-    tl.atomic_add(c_base + NB, tl.sum(unused.to(tl.int32)), sem="relaxed")
-    tl.atomic_add(c_base + bn, tl.full([BLOCK], 1, tl.int32),
-                  mask=ok & ~first & ~unused, sem="relaxed")
+    cnt = tl.histogram(bn, NBP, mask=ok)
+    c = tl.arange(0, NBP)
+    p = tl.program_id(0)
+    base = HIST + tl.program_id(2).to(tl.int64) * stride_hb + tl.program_id(1) * stride_hh
+    tl.store(base + (p + 1) * stride_hp + c, cnt, mask=c <= NB)
+    tl.store(base + c, tl.zeros_like(cnt), mask=(c <= NB) & (p == 0))
 
 
 @triton.jit
@@ -175,8 +183,7 @@ def _entry_offsets_kernel(
     CNT, OFF, stride_cb, stride_ch, stride_fb, stride_fh, NB, BLOCK: tl.constexpr,
 ):
     """OFF[c] = entries of the bins before c (exclusive scan of CNT over c = 0..NB); CNT
-    is overwritten with the same values, the cursors :func:`_entry_place_kernel` takes
-    slots from. One program per row (b, h)."""
+    is overwritten with the same values. One program per row (b, h)."""
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     c_base = CNT + b * stride_cb + h * stride_ch
@@ -193,26 +200,65 @@ def _entry_offsets_kernel(
 
 
 @triton.jit
+def _entry_scan_kernel(HIST, stride_hb, stride_hh, stride_hp, P, NB, PB: tl.constexpr,
+                       CB: tl.constexpr):
+    """Counting sort, step 2, in place: HIST[b, h, p, c] becomes the sum of its rows
+    0..p (a cumulative sum over p = 0..P), for CB bins per program."""
+    c = tl.program_id(0) * CB + tl.arange(0, CB)
+    base = HIST + tl.program_id(2).to(tl.int64) * stride_hb + tl.program_id(1) * stride_hh
+    carry = tl.zeros([CB], tl.int32)
+    for p0 in range(0, P + 1, PB):
+        p = p0 + tl.arange(0, PB)
+        m = (p[:, None] <= P) & (c[None, :] <= NB)
+        ptrs = base + p[:, None] * stride_hp + c[None, :]
+        x = tl.load(ptrs, mask=m, other=0)
+        tl.store(ptrs, tl.cumsum(x, 0) + carry[None, :], mask=m)
+        carry += tl.sum(x, 0)
+
+
+@triton.jit
 def _entry_place_kernel(
-    IDX, CUR, KEYS, stride_ib, stride_it, stride_ih, stride_cb, stride_ch,
-    stride_kb, stride_kh, E, NB, SPAN, N_SEL: tl.constexpr, BLOCK: tl.constexpr,
+    IDX, CSUM, KEYS, stride_ib, stride_it, stride_ih, stride_cb, stride_ch, stride_cp,
+    stride_kb, stride_kh, E, NB, P, SPAN, N_SEL: tl.constexpr, BLOCK: tl.constexpr,
+    NBP: tl.constexpr, RC: tl.constexpr, BY_SORT: tl.constexpr, BY_POSITION: tl.constexpr,
 ):
-    """Write each entry's key ``bin * SPAN + e`` at a slot taken from its bin's cursor:
-    entries grouped by bin, in no fixed order inside a bin."""
-    e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
+    """Counting sort, step 3: entry e of tile p goes to slot first(bin) + (entries of its
+    bin in the tiles before p: CSUM[p, bin]) + (entries of its bin before it in tile p),
+    so the keys come out sorted by (bin, e), as a stable sort leaves them. CSUM[P] holds
+    each bin's first slot (exclusive scan of the totals).
+
+    The rank inside the tile: BY_SORT sorts the tile's (bin, e) and subtracts the
+    entries of smaller bins (GPU); otherwise every entry is compared with the tile's
+    others, RC at a time (the CPU interpreter, where a sort runs element by element)."""
     b = tl.program_id(2).to(tl.int64)
-    c_base = CUR + b * stride_cb + tl.program_id(1) * stride_ch
-    first = ok & (bn == 0)
-    unused = ok & (bn == NB)
-    base0 = tl.atomic_add(c_base, tl.sum(first.to(tl.int32)), sem="relaxed")
-    base_n = tl.atomic_add(c_base + NB, tl.sum(unused.to(tl.int32)), sem="relaxed")
-    slot = tl.atomic_add(c_base + bn, tl.full([BLOCK], 1, tl.int32),
-                         mask=ok & ~first & ~unused, sem="relaxed")
-    slot = tl.where(first, base0 + tl.cumsum(first.to(tl.int32), 0) - 1, slot)
-    slot = tl.where(unused, base_n + tl.cumsum(unused.to(tl.int32), 0) - 1, slot)
+    h = tl.program_id(1)
+    p = tl.program_id(0)
+    cs = CSUM + b * stride_cb + h * stride_ch
+    if BY_SORT:
+        e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
+        hist = tl.histogram(bn, NBP, mask=ok)
+        below = tl.cumsum(hist, 0) - hist
+        i = tl.arange(0, BLOCK)
+        sk = tl.sort(tl.where(ok, bn, NB + 1) * BLOCK + i, 0)
+        bn = sk // BLOCK
+        ok = bn <= NB
+        bn = tl.where(ok, bn, 0)
+        e = p * BLOCK + sk % BLOCK
+        rank = i - tl.gather(below, bn, 0)
+    else:
+        e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
+        rank = tl.zeros([BLOCK], tl.int32)
+        for c0 in tl.static_range(0, BLOCK, RC):
+            e2 = p * BLOCK + c0 + tl.arange(0, RC)
+            ok2, bn2 = _entry_bins_at(IDX, e2, b, h, stride_ib, stride_it, stride_ih, E, NB,
+                                      N_SEL)
+            same = (bn[:, None] == bn2[None, :]) & (e2[None, :] < e[:, None]) & ok2[None, :]
+            rank += tl.sum(same.to(tl.int32), 1)
+    slot = (tl.load(cs + P * stride_cp + bn, mask=ok) + tl.load(cs + p * stride_cp + bn,
+                                                                 mask=ok) + rank)
     kdt = KEYS.dtype.element_ty
-    tl.store(KEYS + b * stride_kb + tl.program_id(1) * stride_kh + slot,
-             bn.to(kdt) * SPAN + e.to(kdt), mask=ok)
+    pos = (e // N_SEL if BY_POSITION else e).to(kdt)
+    tl.store(KEYS + b * stride_kb + h * stride_kh + slot, bn.to(kdt) * SPAN + pos, mask=ok)
 
 
 @triton.jit

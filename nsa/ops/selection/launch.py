@@ -21,10 +21,11 @@ from nsa.ops.compression.launch import (
 )
 from nsa.ops.descriptors import kv_desc, resolve_desc
 from nsa.ops.selection.kernels import (
-    _entry_count_kernel,
+    _entry_hist_kernel,
     _entry_keys_kernel,
     _entry_offsets_kernel,
     _entry_place_kernel,
+    _entry_scan_kernel,
     _sel_fwd_blocks_kernel,
     _sel_fwd_kernel,
     _sel_merge_kernel,
@@ -35,13 +36,23 @@ from nsa.policy import SEL_BLOCK_MAX_G, SEL_BLOCK_MAX_PARTIAL_BYTES, SEL_MODES, 
 # Programmatic override of sel_forward's mode (tests, tuning scripts): "group" or "block"
 # forces it; None defers to NSA_SEL_MODE, then to auto_sel_mode. Read at every launch.
 SEL_MODE: str | None = None
+# the block path's merge tile, (rows, pipeline stages); None: the defaults (tuning)
+MERGE_TILE: tuple[int, int] | None = None
 # tests: fill the partial buffers with this value before the kernels run (None: no fill)
 PARTIAL_FILL: float | None = None
-# the block-centric forward indexes its entries by a counting sort (grouped by block, in
-# no fixed order inside one) up to this many entries B*H*T*n, by torch.sort above; the
-# CPU interpreter takes GROUPED_INDEX_CPU (tests switch it to reach both)
-GROUPED_INDEX_MAX_ENTRIES = 1 << 21
-GROUPED_INDEX_CPU = True
+# entries_by_block sorts by counting while its table of per-tile bin counts, B * H *
+# (tiles + 1) * (blocks + 1) int32, takes at most this many bytes and the blocks + 1 bins
+# fit COUNT_INDEX_MAX_BINS (a tile's histogram costs time in proportion to the bins),
+# by torch.sort otherwise (tests lower the bytes to reach both)
+COUNT_INDEX_MAX_BYTES = 1 << 28
+COUNT_INDEX_MAX_BINS = 1024
+# entries per tile of the counting sort (the count table has one row per tile), and the
+# scan's (rows, bins) per step
+COUNT_INDEX_TILE = 1024
+COUNT_INDEX_SCAN = (64, 32)
+# rank inside a tile by tl.sort (None: on the GPU; the CPU interpreter runs a sort element
+# by element, so it compares pairs instead; tests force the sort on tiny inputs)
+COUNT_INDEX_SORT: bool | None = None
 # sort keys of the block-centric paths are int32 below this bound, int64 from it (tests
 # lower it to reach the int64 paths, which real inputs take from T ~ 370k at l' = 64)
 KEY32_LIMIT = 2**31
@@ -238,52 +249,51 @@ def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[T
     E = T), unused slots counting as block nb so they sort last; int32, or int64 where
     (nb + 1) * E >= 2^31. And off int32 [B, H, nb + 1]: block c's entries are
     keys[off[c]:off[c + 1]]; off[nb] is the number of used entries.
+
+    A counting sort (per-tile histograms, one cumulative sum over the tiles, placement by
+    rank inside the tile: three small launches and no atomics) while its count table
+    fits COUNT_INDEX_MAX_BYTES, else keys and ``torch.sort``. Both give the same keys.
     """
     B, T, H, n = idx.shape
     span = T if by_position else T * n
     kdt = torch.int32 if (nb + 1) * span < KEY32_LIMIT else torch.int64
     if idx.stride(-1) != 1:
         idx = idx.contiguous()
-    keys = torch.empty(B, H, T * n, device=idx.device, dtype=kdt)
+    E = T * n
+    keys = torch.empty(B, H, E, device=idx.device, dtype=kdt)
+    st = (idx.stride(0), idx.stride(1), idx.stride(2))
+    tile = COUNT_INDEX_TILE
+    P = triton.cdiv(E, tile)
+    nbp = next_pow2(nb + 1)
+    if B * H * (P + 1) * (nb + 1) * 4 <= COUNT_INDEX_MAX_BYTES and nbp <= COUNT_INDEX_MAX_BINS:
+        by_sort = not interpreting() if COUNT_INDEX_SORT is None else COUNT_INDEX_SORT
+        hist = torch.empty(B, H, P + 1, nb + 1, device=idx.device, dtype=torch.int32)
+        hs = hist.stride()[:3]
+        grid = (P, H, B)
+        _entry_hist_kernel[grid](idx, hist, *st, *hs, E, nb, N_SEL=n, BLOCK=tile, NBP=nbp,
+                                 num_warps=4)
+        pb, cb = COUNT_INDEX_SCAN
+        _entry_scan_kernel[(triton.cdiv(nb + 1, cb), H, B)](hist, *hs, P, nb, PB=pb, CB=cb,
+                                                           num_warps=4)
+        off = torch.empty(B, H, nb + 1, device=idx.device, dtype=torch.int32)
+        tot = hist[:, :, P]
+        _entry_offsets_kernel[(H, B)](tot, off, tot.stride(0), tot.stride(1), off.stride(0),
+                                      off.stride(1), nb, BLOCK=1024, num_warps=4)
+        rc = min(tile, 256) if interpreting() else 64  # columns per step without the sort
+        _entry_place_kernel[grid](idx, hist, keys, *st, *hs, keys.stride(0), keys.stride(1),
+                                  E, nb, P, span, N_SEL=n, BLOCK=tile, NBP=nbp, RC=rc,
+                                  BY_SORT=by_sort, BY_POSITION=by_position, num_warps=4)
+        return keys, off
     blk = 1024
-    _entry_keys_kernel[(triton.cdiv(T * n, blk), H, B)](
-        idx, keys, idx.stride(0), idx.stride(1), idx.stride(2), keys.stride(0),
-        keys.stride(1), T * n, nb, span, N_SEL=n, BY_POSITION=by_position, BLOCK=blk,
-        num_warps=4,
+    _entry_keys_kernel[(triton.cdiv(E, blk), H, B)](
+        idx, keys, *st, keys.stride(0), keys.stride(1), E, nb, span, N_SEL=n,
+        BY_POSITION=by_position, BLOCK=blk, num_warps=4,
     )
     keys = torch.sort(keys, dim=-1)[0]
     capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
     starts = (_block_starts.__wrapped__ if capturing else _block_starts)(B, H, nb, span, kdt,
                                                                         idx.device)
     off = torch.searchsorted(keys, starts, out_int32=True)
-    return keys, off
-
-
-def entries_grouped_by_block(idx: Tensor, nb: int) -> tuple[Tensor, Tensor]:
-    """The selection's (position, slot) entries grouped by block, on the device, no host
-    sync: :func:`entries_by_block`'s keys and offsets (keys block * E + t * n + j,
-    E = T * n; int32 or int64 likewise), but in no fixed order inside a block. A counting
-    sort (count, scan, place by atomic cursors: three small launches) instead of a full
-    sort, for the forward, whose outputs do not depend on that order.
-    """
-    B, T, H, n = idx.shape
-    E = T * n
-    kdt = torch.int32 if (nb + 1) * E < KEY32_LIMIT else torch.int64
-    if idx.stride(-1) != 1:
-        idx = idx.contiguous()
-    cnt = torch.zeros(B, H, nb + 1, device=idx.device, dtype=torch.int32)
-    off = torch.empty_like(cnt)
-    keys = torch.empty(B, H, E, device=idx.device, dtype=kdt)
-    blk = 1024
-    grid = (triton.cdiv(E, blk), H, B)
-    st = (idx.stride(0), idx.stride(1), idx.stride(2))
-    _entry_count_kernel[grid](idx, cnt, *st, cnt.stride(0), cnt.stride(1), E, nb, N_SEL=n,
-                              BLOCK=blk, num_warps=4)
-    _entry_offsets_kernel[(H, B)](cnt, off, cnt.stride(0), cnt.stride(1), off.stride(0),
-                                  off.stride(1), nb, BLOCK=1024, num_warps=4)
-    _entry_place_kernel[grid](idx, cnt, keys, *st, cnt.stride(0), cnt.stride(1),
-                              keys.stride(0), keys.stride(1), E, nb, E, N_SEL=n,
-                              BLOCK=blk, num_warps=4)
     return keys, off
 
 
@@ -313,12 +323,10 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
                          f"use mode='group'")
     on_gpu = q.device.type == "cuda" and not interpreting()
     seg = seg_len or (512 if on_gpu else 16)
-    # small problems are host-bound (torch.sort alone costs ~0.25 ms of CPU per call);
-    # large ones run faster on sorted entries (inside a block in position order, the
-    # forced blocks' rows are contiguous): H200, 64k, G = 1, selected forward 1.90 ms
-    # sorted against 2.32 ms grouped; 16k 0.56 against 0.58 ms, with 0.4 ms less host
-    grouped = B * H * T * n <= GROUPED_INDEX_MAX_ENTRIES if on_gpu else GROUPED_INDEX_CPU
-    keys, off = (entries_grouped_by_block if grouped else entries_by_block)(block_indices, nb)
+    # sorted entries: inside a block in position order, the forced blocks' rows are
+    # contiguous (H200, 64k, G = 1, selected forward 1.90 ms sorted against 2.32 ms on
+    # entries grouped by block in arbitrary order)
+    keys, off = entries_by_block(block_indices, nb)
     pdt = partial_dtype or q.dtype
     po = torch.empty(B, T, H, n, G, d_v, device=q.device, dtype=pdt)
     pl = torch.empty(B, T, H, n, G, device=q.device, dtype=torch.float32)
@@ -353,11 +361,16 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
 
     ptrs, strides, flags = _epilogue_args(q, out, o_branch, o_cmp, o_win, g_sel, g_cmp, g_win,
                                           lse)
-    pp = max(1, (64 if on_gpu else 16) // GP2)
+    # H200, 16k, graph replays of the whole forward: G = 2 1.233 ms with 64 rows on 1
+    # stage, 1.096 with 128 rows on 2 (G = 1 0.706 / 0.699; 64k G = 1 4.108 / 4.075)
+    rows, m_stages = MERGE_TILE or (((128, 2) if GP2 <= 2 else (64, 1)) if on_gpu
+                                    else (16, 1))
+    pp = max(1, rows // GP2)
     _sel_merge_kernel[(triton.cdiv(T, pp), H, B)](
         po, pl, block_indices, *ptrs,
         *po.stride()[:5], *pl.stride()[:4], *_t3(block_indices), *strides,
-        T, G=G, GP2=GP2, PP=pp, DV=DV, D_V=d_v, N_SEL=n, num_warps=4, num_stages=1, **flags,
+        T, G=G, GP2=GP2, PP=pp, DV=DV, D_V=d_v, N_SEL=n, num_warps=4, num_stages=m_stages,
+        **flags,
     )
 
 
