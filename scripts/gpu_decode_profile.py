@@ -13,7 +13,6 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from nsa import NSAConfig  # noqa: E402
@@ -21,6 +20,7 @@ from nsa.cache import NSACache  # noqa: E402
 from nsa.ops.decode import launch, nsa_decode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check_forward import graph_bench  # noqa: E402
 from gpu_decode_bench import KNOBS, set_variant  # noqa: E402
 
 
@@ -45,15 +45,7 @@ def one(S: int, B: int, gates: str = "cmp,sel,win") -> str:
         us = ev.device_time
         if ev.key.startswith("_dec"):
             parts.append(f"{ev.key[5:]}={us:.1f}")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        run()
-    t = triton.testing.do_bench(gr.replay, return_mode="median") * 1e3
+    t = graph_bench(run) * 1e3
     return f"graph {t:6.1f} us  " + " ".join(sorted(parts))
 
 

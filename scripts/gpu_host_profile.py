@@ -60,17 +60,8 @@ def main() -> None:
         call()
         walls.append(1e3 * (time.perf_counter() - t0))
     gpu = cf.bench(call)
-    graph = float("nan")
-    if args.mode == "fwd":  # GPU work alone: the same call replayed from a CUDA graph
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            call()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            call()
-        graph = cf.bench(g.replay)
+    # GPU work alone: the same call replayed from a CUDA graph
+    graph = cf.graph_bench(call) if args.mode == "fwd" else float("nan")
     print(f"GPU: {torch.cuda.get_device_name()}; T={args.T} G={args.G} {args.mode}: "
           f"host per call {statistics.median(walls):.3f} ms (min {min(walls):.3f}), "
           f"do_bench {gpu:.3f} ms, graph replay {graph:.3f} ms", flush=True)

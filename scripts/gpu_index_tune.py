@@ -198,13 +198,10 @@ def main() -> None:
                 keys, off = entries_by_block(idx, nb)
                 if not (torch.equal(keys, want_keys) and torch.equal(off, want_off)):
                     raise SystemExit(f"counting sort, tile {tile}, differs at T={T}")
-                g = torch.cuda.CUDAGraph() if cf.DEVICE == "cuda" else None
-                if g is not None:  # GPU time alone, replayed from a graph
-                    with torch.cuda.graph(g):
-                        entries_by_block(idx, nb)
+                fn = lambda i=idx, c=nb: entries_by_block(i, c)  # noqa: E731
                 rows.append((T, G, f"counting, tile {tile} scan {scan[0]}x{scan[1]}",
-                             cf.bench(lambda i=idx, c=nb: entries_by_block(i, c)),
-                             cf.bench(g.replay) if g is not None else "", "", ""))
+                             cf.bench(fn), cf.graph_bench(fn) if cf.DEVICE == "cuda" else "",
+                             "", ""))
             SL.COUNT_INDEX_TILE, SL.COUNT_INDEX_SCAN = tile0, scan0
             SL.COUNT_INDEX_MAX_BYTES, SL.COUNT_INDEX_MAX_BINS = cap, bins0
             for cm, pm in ((0, 0), (1, 1), (2, 1), (2, 0)):
