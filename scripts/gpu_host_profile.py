@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--G", type=int, default=1)
     ap.add_argument("--mode", default="fwd", choices=["fwd", "fwd+bwd"])
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--split", action="store_true",
+                    help="also the host per call with Triton's launches skipped, and with "
+                         "Triton not called at all (kernels stubbed: outputs not computed)")
     ap.add_argument("--cprofile", action="store_true",
                     help="also cProfile's table (internal time) of 50 queued calls")
     args = ap.parse_args()
@@ -65,6 +68,31 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}; T={args.T} G={args.G} {args.mode}: "
           f"host per call {statistics.median(walls):.3f} ms (min {min(walls):.3f}), "
           f"do_bench {gpu:.3f} ms, graph replay {graph:.3f} ms", flush=True)
+    if args.split:
+        from triton.runtime.jit import JITFunction
+
+        def host_ms():
+            ws = []
+            for _ in range(30):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                call()
+                ws.append(1e3 * (time.perf_counter() - t0))
+            return statistics.median(ws)
+
+        real_run = JITFunction.run
+        # warmup=True: binding, specialisation and the cache lookup, but no launch
+        JITFunction.run = lambda self, *a, grid, warmup, **k: real_run(self, *a, grid=grid,
+                                                                       warmup=True, **k)
+        no_launch = host_ms()
+        JITFunction.run = lambda self, *a, grid, warmup, **k: None
+        no_triton = host_ms()
+        JITFunction.run = real_run
+        full = host_ms()
+        print(f"host per call: {full:.3f} ms; Triton's launches skipped {no_launch:.3f} ms; "
+              f"Triton not called {no_triton:.3f} ms (launches {full - no_launch:.3f}, "
+              f"Triton's Python {no_launch - no_triton:.3f}, the rest {no_triton:.3f})",
+              flush=True)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10):

@@ -191,8 +191,8 @@ def main() -> None:
             SL.COUNT_INDEX_MAX_BYTES = 1 << 40
             tile0, scan0, bins0 = SL.COUNT_INDEX_TILE, SL.COUNT_INDEX_SCAN, SL.COUNT_INDEX_MAX_BINS
             SL.COUNT_INDEX_MAX_BINS = 1 << 20
-            for tile, scan in ((tile0, scan0), (256, (64, 32)), (256, (256, 16)),
-                               (512, (64, 32)), (512, (256, 16)), (1024, (256, 16)),
+            for tile, scan in ((tile0, scan0), (256, (64, 32)), (256, (256, 16)), (512, (64, 32)),
+                               (1024, (64, 32)), (1024, (256, 16)),
                                (2048, (64, 32))):
                 SL.COUNT_INDEX_TILE, SL.COUNT_INDEX_SCAN = tile, scan
                 keys, off = entries_by_block(idx, nb)

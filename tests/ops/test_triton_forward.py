@@ -368,20 +368,25 @@ def test_entries_by_block_counting_sort_equals_torch_sort(rng, monkeypatch, key3
 
 
 def test_entries_by_block_counting_sort_ranks_by_sort_too(rng, monkeypatch):
-    """The GPU's rank inside a tile (tl.sort of the tile's (bin, entry) keys) gives the
-    same keys as torch.sort; tiny, as the interpreter sorts element by element."""
+    """The GPU's counts and ranks inside a tile (run lengths of the tile's sorted bins, and
+    of its sorted (bin, entry) keys) give the same keys as torch.sort; tiny, as the
+    interpreter sorts element by element."""
     import nsa.ops.selection.launch as SL
 
     cfg = NSAConfig(n=5, w=32, **PAPER)
     T, nb = 90, cfg.num_sel_blocks(90)
-    idx = ref_indices(rng, 1, 1, T, cfg).permute(0, 2, 1, 3).to(torch.int32).contiguous()
-    monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 0)
-    want_keys, want_off = SL.entries_by_block(idx, nb)
-    monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 1 << 28)
+    ref = ref_indices(rng, 1, 1, T, cfg)
+    dup = torch.tensor([0, 1, -1, -1, -1]).expand(1, 1, T, 5)  # long runs of two bins
     monkeypatch.setattr(SL, "COUNT_INDEX_TILE", 256)  # 2 tiles, the last one cut short
-    monkeypatch.setattr(SL, "COUNT_INDEX_SORT", True)
-    keys, off = SL.entries_by_block(idx, nb)
-    assert torch.equal(off, want_off) and torch.equal(keys, want_keys)
+    for idx in (ref, dup):
+        idx = idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+        monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 0)
+        want_keys, want_off = SL.entries_by_block(idx, nb)
+        monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 1 << 28)
+        monkeypatch.setattr(SL, "COUNT_INDEX_SORT", True)
+        keys, off = SL.entries_by_block(idx, nb)
+        monkeypatch.setattr(SL, "COUNT_INDEX_SORT", None)
+        assert torch.equal(off, want_off) and torch.equal(keys, want_keys)
 
 
 def test_sel_mode_is_checked_and_chosen_by_group_size_and_memory(rng, monkeypatch):

@@ -161,21 +161,45 @@ def _entry_keys_kernel(
 
 
 @triton.jit
+def _max_i32(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _runs(sb, BLOCK: tl.constexpr):
+    """For sorted values sb [BLOCK]: each element's rank in its run of equal values, and
+    whether it ends its run."""
+    i = tl.arange(0, BLOCK)
+    prev = tl.gather(sb, tl.maximum(i - 1, 0), 0)
+    nxt = tl.gather(sb, tl.minimum(i + 1, BLOCK - 1), 0)
+    first = tl.associative_scan(tl.where((i == 0) | (sb != prev), i, 0), 0, _max_i32)
+    return i - first, (i == BLOCK - 1) | (sb != nxt)
+
+
+@triton.jit
 def _entry_hist_kernel(
     IDX, HIST, stride_ib, stride_it, stride_ih, stride_hb, stride_hh, stride_hp,
     E, NB, N_SEL: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr,
+    BY_SORT: tl.constexpr,
 ):
     """Counting sort, step 1: row p + 1 of HIST[b, h] = how many of tile p's BLOCK
-    entries fall in each bin 0..NB (NBP = next power of two above NB); tile 0 also zeroes
-    row 0, so that a cumulative sum over the rows gives every tile the entries of each
-    bin in the tiles before it (and row P the bins' totals)."""
+    entries fall in each bin 0..NB; tile 0 also zeroes row 0, so that a cumulative sum
+    over the rows gives every tile the entries of each bin in the tiles before it (and
+    row P the bins' totals). BY_SORT (GPU; HIST zeroed beforehand): the run lengths of
+    the tile's sorted bins, whose cost does not grow with the bins as ``tl.histogram``'s
+    does (NBP = next power of two above NB, for the histogram)."""
     e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
-    cnt = tl.histogram(bn, NBP, mask=ok)
-    c = tl.arange(0, NBP)
     p = tl.program_id(0)
     base = HIST + tl.program_id(2).to(tl.int64) * stride_hb + tl.program_id(1) * stride_hh
-    tl.store(base + (p + 1) * stride_hp + c, cnt, mask=c <= NB)
-    tl.store(base + c, tl.zeros_like(cnt), mask=(c <= NB) & (p == 0))
+    if BY_SORT:
+        sb = tl.sort(tl.where(ok, bn, NB + 1), 0)  # entries past E last, as NB + 1
+        rank, last = _runs(sb, BLOCK)
+        tl.store(base + (p + 1) * stride_hp + sb, rank + 1, mask=last & (sb <= NB))
+    else:
+        cnt = tl.histogram(bn, NBP, mask=ok)
+        c = tl.arange(0, NBP)
+        tl.store(base + (p + 1) * stride_hp + c, cnt, mask=c <= NB)
+        tl.store(base + c, tl.zeros_like(cnt), mask=(c <= NB) & (p == 0))
 
 
 @triton.jit
@@ -220,33 +244,30 @@ def _entry_scan_kernel(HIST, stride_hb, stride_hh, stride_hp, P, NB, PB: tl.cons
 def _entry_place_kernel(
     IDX, CSUM, KEYS, stride_ib, stride_it, stride_ih, stride_cb, stride_ch, stride_cp,
     stride_kb, stride_kh, E, NB, P, SPAN, N_SEL: tl.constexpr, BLOCK: tl.constexpr,
-    NBP: tl.constexpr, RC: tl.constexpr, BY_SORT: tl.constexpr, BY_POSITION: tl.constexpr,
+    RC: tl.constexpr, BY_SORT: tl.constexpr, BY_POSITION: tl.constexpr,
 ):
     """Counting sort, step 3: entry e of tile p goes to slot first(bin) + (entries of its
     bin in the tiles before p: CSUM[p, bin]) + (entries of its bin before it in tile p),
     so the keys come out sorted by (bin, e), as a stable sort leaves them. CSUM[P] holds
     each bin's first slot (exclusive scan of the totals).
 
-    The rank inside the tile: BY_SORT sorts the tile's (bin, e) and subtracts the
-    entries of smaller bins (GPU); otherwise every entry is compared with the tile's
+    The rank inside the tile: BY_SORT sorts the tile's (bin, entry) keys and counts along
+    each run of equal bins (GPU); otherwise every entry is compared with the tile's
     others, RC at a time (the CPU interpreter, where a sort runs element by element)."""
     b = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1)
     p = tl.program_id(0)
     cs = CSUM + b * stride_cb + h * stride_ch
+    e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
     if BY_SORT:
-        e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
-        hist = tl.histogram(bn, NBP, mask=ok)
-        below = tl.cumsum(hist, 0) - hist
-        i = tl.arange(0, BLOCK)
-        sk = tl.sort(tl.where(ok, bn, NB + 1) * BLOCK + i, 0)
+        # (bin, entry) keys: sorting them sorts the bins and keeps entry order in a run
+        sk = tl.sort(tl.where(ok, bn, NB + 1) * BLOCK + tl.arange(0, BLOCK), 0)
         bn = sk // BLOCK
+        rank, _ = _runs(bn, BLOCK)
         ok = bn <= NB
         bn = tl.where(ok, bn, 0)
         e = p * BLOCK + sk % BLOCK
-        rank = i - tl.gather(below, bn, 0)
     else:
-        e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
         rank = tl.zeros([BLOCK], tl.int32)
         for c0 in tl.static_range(0, BLOCK, RC):
             e2 = p * BLOCK + c0 + tl.arange(0, RC)

@@ -41,17 +41,20 @@ MERGE_TILE: tuple[int, int] | None = None
 # tests: fill the partial buffers with this value before the kernels run (None: no fill)
 PARTIAL_FILL: float | None = None
 # entries_by_block sorts by counting while its table of per-tile bin counts, B * H *
-# (tiles + 1) * (blocks + 1) int32, takes at most this many bytes and the blocks + 1 bins
-# fit COUNT_INDEX_MAX_BINS (a tile's histogram costs time in proportion to the bins),
-# by torch.sort otherwise (tests lower the bytes to reach both)
+# (tiles + 1) * (blocks + 1) int32, takes at most this many bytes, by torch.sort above
+# (tests lower it to reach both); in the CPU interpreter also only while the blocks + 1
+# bins fit COUNT_INDEX_MAX_BINS (its tile histograms cost time in proportion to the bins)
 COUNT_INDEX_MAX_BYTES = 1 << 28
 COUNT_INDEX_MAX_BINS = 1024
 # entries per tile of the counting sort (the count table has one row per tile), and the
-# scan's (rows, bins) per step
-COUNT_INDEX_TILE = 1024
-COUNT_INDEX_SCAN = (64, 32)
-# rank inside a tile by tl.sort (None: on the GPU; the CPU interpreter runs a sort element
-# by element, so it compares pairs instead; tests force the sort on tiny inputs)
+# scan's (rows, bins) per step. H200, G = 1, graph replays at 16k / 32k / 64k: tiles of
+# 512 with 256 x 16 steps 0.052 / 0.090 / 0.184 ms, of 1024 0.084 / 0.153 / 0.295, of 256
+# 0.053 / 0.094 / 0.223 (torch.sort, wall: 0.154 / 0.250 / 0.448)
+COUNT_INDEX_TILE = 512
+COUNT_INDEX_SCAN = (256, 16)
+# count and rank inside a tile by tl.sort (None: on the GPU; the CPU interpreter runs a
+# sort element by element, so it takes tl.histogram and pairwise compares instead; tests
+# force the sort on tiny inputs)
 COUNT_INDEX_SORT: bool | None = None
 # sort keys of the block-centric paths are int32 below this bound, int64 from it (tests
 # lower it to reach the int64 paths, which real inputs take from T ~ 370k at l' = 64)
@@ -265,13 +268,16 @@ def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[T
     tile = COUNT_INDEX_TILE
     P = triton.cdiv(E, tile)
     nbp = next_pow2(nb + 1)
-    if B * H * (P + 1) * (nb + 1) * 4 <= COUNT_INDEX_MAX_BYTES and nbp <= COUNT_INDEX_MAX_BINS:
-        by_sort = not interpreting() if COUNT_INDEX_SORT is None else COUNT_INDEX_SORT
-        hist = torch.empty(B, H, P + 1, nb + 1, device=idx.device, dtype=torch.int32)
+    by_sort = not interpreting() if COUNT_INDEX_SORT is None else COUNT_INDEX_SORT
+    if (B * H * (P + 1) * (nb + 1) * 4 <= COUNT_INDEX_MAX_BYTES and (nb + 2) * tile < 2**31
+            and (by_sort or nbp <= COUNT_INDEX_MAX_BINS)):
+        # the sorted tiles write only the bins they hold: the table starts at zero
+        hist = (torch.zeros if by_sort else torch.empty)(B, H, P + 1, nb + 1,
+                                                         device=idx.device, dtype=torch.int32)
         hs = hist.stride()[:3]
         grid = (P, H, B)
         _entry_hist_kernel[grid](idx, hist, *st, *hs, E, nb, N_SEL=n, BLOCK=tile, NBP=nbp,
-                                 num_warps=4)
+                                 BY_SORT=by_sort, num_warps=4)
         pb, cb = COUNT_INDEX_SCAN
         _entry_scan_kernel[(triton.cdiv(nb + 1, cb), H, B)](hist, *hs, P, nb, PB=pb, CB=cb,
                                                            num_warps=4)
@@ -281,7 +287,7 @@ def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[T
                                       off.stride(1), nb, BLOCK=1024, num_warps=4)
         rc = min(tile, 256) if interpreting() else 64  # columns per step without the sort
         _entry_place_kernel[grid](idx, hist, keys, *st, *hs, keys.stride(0), keys.stride(1),
-                                  E, nb, P, span, N_SEL=n, BLOCK=tile, NBP=nbp, RC=rc,
+                                  E, nb, P, span, N_SEL=n, BLOCK=tile, RC=rc,
                                   BY_SORT=by_sort, BY_POSITION=by_position, num_warps=4)
         return keys, off
     blk = 1024
