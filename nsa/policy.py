@@ -66,12 +66,18 @@ def _env_on(name: str) -> bool:
     return os.environ.get(name, ENV_VARS[name][0]).strip().lower() in _TRUE
 
 
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET=1 (Triton's flag: kernels run on the CPU interpreter), read now;
+    one variable, for the launchers that ask on every call."""
+    return _env_on("TRITON_INTERPRET")
+
+
 def read_flags() -> Flags:
     """The routing switches, read from the environment now (not at import)."""
     return Flags(
         triton_sel_force=_env_on("NSA_TRITON_SEL_FORCE"),
         use_fa2=_env_on("NSA_USE_FA2"),
-        triton_interpret=_env_on("TRITON_INTERPRET"),
+        triton_interpret=triton_interpret(),
     )
 
 

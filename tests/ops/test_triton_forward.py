@@ -358,7 +358,9 @@ def test_entries_by_block_counting_sort_equals_torch_sort(rng, monkeypatch, key3
             idx = row.expand(B, H, T, n).clone()
         idx = idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
         monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 1 << 28)
+        monkeypatch.setattr(SL, "INDEX_TABLE_FILL", -5)
         keys, off = SL.entries_by_block(idx, nb, by_position=by_position)
+        monkeypatch.setattr(SL, "INDEX_TABLE_FILL", None)
         monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 0)
         want_keys, want_off = SL.entries_by_block(idx, nb, by_position=by_position)
         assert keys.dtype == want_keys.dtype == (torch.int32 if key32_limit > 64
@@ -370,7 +372,8 @@ def test_entries_by_block_counting_sort_equals_torch_sort(rng, monkeypatch, key3
 def test_entries_by_block_counting_sort_ranks_by_sort_too(rng, monkeypatch):
     """The GPU's counts and ranks inside a tile (run lengths of the tile's sorted bins, and
     of its sorted (bin, entry) keys) give the same keys as torch.sort; tiny, as the
-    interpreter sorts element by element."""
+    interpreter sorts element by element. The count table starts as garbage, so a bin
+    left unwritten shows."""
     import nsa.ops.selection.launch as SL
 
     cfg = NSAConfig(n=5, w=32, **PAPER)
@@ -378,6 +381,7 @@ def test_entries_by_block_counting_sort_ranks_by_sort_too(rng, monkeypatch):
     ref = ref_indices(rng, 1, 1, T, cfg)
     dup = torch.tensor([0, 1, -1, -1, -1]).expand(1, 1, T, 5)  # long runs of two bins
     monkeypatch.setattr(SL, "COUNT_INDEX_TILE", 256)  # 2 tiles, the last one cut short
+    monkeypatch.setattr(SL, "INDEX_TABLE_FILL", 777)  # every count must be written
     for idx in (ref, dup):
         idx = idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
         monkeypatch.setattr(SL, "COUNT_INDEX_MAX_BYTES", 0)

@@ -53,9 +53,9 @@ _interpreter_numpy_shim()
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1, Triton's flag;
     read by nsa.policy, the one place environment variables are read)."""
-    from nsa.policy import read_flags
+    from nsa.policy import triton_interpret
 
-    return read_flags().triton_interpret
+    return triton_interpret()
 
 
 def next_pow2(x: int) -> int:

@@ -60,9 +60,9 @@ def decode_not_supported_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
 
 
 def _interpreting() -> bool:
-    from nsa.policy import read_flags
+    from nsa.policy import triton_interpret
 
-    return read_flags().triton_interpret
+    return triton_interpret()
 
 
 def _allocator(poison: bool):

@@ -185,16 +185,23 @@ def _entry_hist_kernel(
     """Counting sort, step 1: row p + 1 of HIST[b, h] = how many of tile p's BLOCK
     entries fall in each bin 0..NB; tile 0 also zeroes row 0, so that a cumulative sum
     over the rows gives every tile the entries of each bin in the tiles before it (and
-    row P the bins' totals). BY_SORT (GPU; HIST zeroed beforehand): the run lengths of
-    the tile's sorted bins, whose cost does not grow with the bins as ``tl.histogram``'s
-    does (NBP = next power of two above NB, for the histogram)."""
+    row P the bins' totals). BY_SORT (GPU): the row is zeroed, then the run lengths of
+    the tile's sorted bins stored, whose cost does not grow with the bins as
+    ``tl.histogram``'s does (NBP = next power of two above NB, for the histogram)."""
     e, ok, bn = _entry_bins(IDX, stride_ib, stride_it, stride_ih, E, NB, N_SEL, BLOCK)
     p = tl.program_id(0)
     base = HIST + tl.program_id(2).to(tl.int64) * stride_hb + tl.program_id(1) * stride_hh
     if BY_SORT:
+        row = base + (p + 1) * stride_hp
+        for c0 in range(0, NB + 1, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            zero = tl.zeros([BLOCK], tl.int32)
+            tl.store(row + c, zero, mask=c <= NB)
+            tl.store(base + c, zero, mask=(c <= NB) & (p == 0))
+        tl.debug_barrier()  # the zeros land before the counts (same program, same row)
         sb = tl.sort(tl.where(ok, bn, NB + 1), 0)  # entries past E last, as NB + 1
         rank, last = _runs(sb, BLOCK)
-        tl.store(base + (p + 1) * stride_hp + sb, rank + 1, mask=last & (sb <= NB))
+        tl.store(row + sb, rank + 1, mask=last & (sb <= NB))
     else:
         cnt = tl.histogram(bn, NBP, mask=ok)
         c = tl.arange(0, NBP)

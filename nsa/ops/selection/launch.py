@@ -38,6 +38,8 @@ from nsa.policy import SEL_BLOCK_MAX_G, SEL_BLOCK_MAX_PARTIAL_BYTES, SEL_MODES, 
 SEL_MODE: str | None = None
 # the block path's merge tile, (rows, pipeline stages); None: the defaults (tuning)
 MERGE_TILE: tuple[int, int] | None = None
+# tests: fill the counting sort's table with this value before its kernels run
+INDEX_TABLE_FILL: int | None = None
 # tests: fill the partial buffers with this value before the kernels run (None: no fill)
 PARTIAL_FILL: float | None = None
 # entries_by_block sorts by counting while its table of per-tile bin counts, B * H *
@@ -271,9 +273,9 @@ def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[T
     by_sort = not interpreting() if COUNT_INDEX_SORT is None else COUNT_INDEX_SORT
     if (B * H * (P + 1) * (nb + 1) * 4 <= COUNT_INDEX_MAX_BYTES and (nb + 2) * tile < 2**31
             and (by_sort or nbp <= COUNT_INDEX_MAX_BINS)):
-        # the sorted tiles write only the bins they hold: the table starts at zero
-        hist = (torch.zeros if by_sort else torch.empty)(B, H, P + 1, nb + 1,
-                                                         device=idx.device, dtype=torch.int32)
+        hist = torch.empty(B, H, P + 1, nb + 1, device=idx.device, dtype=torch.int32)
+        if INDEX_TABLE_FILL is not None:
+            hist.fill_(INDEX_TABLE_FILL)
         hs = hist.stride()[:3]
         grid = (P, H, B)
         _entry_hist_kernel[grid](idx, hist, *st, *hs, E, nb, N_SEL=n, BLOCK=tile, NBP=nbp,
