@@ -53,15 +53,19 @@ def main() -> None:
             out.backward(dout)
         return out
 
+    def host_walls(n):
+        """CPU time to queue one call, n times, each after the GPU went idle (ms)."""
+        ws = []
+        for _ in range(n):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            call()
+            ws.append(1e3 * (time.perf_counter() - t0))
+        return ws
+
     for _ in range(3):
         call()
-    torch.cuda.synchronize()
-    walls = []
-    for _ in range(20):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        call()
-        walls.append(1e3 * (time.perf_counter() - t0))
+    walls = host_walls(20)
     gpu = cf.bench(call)
     # GPU work alone: the same call replayed from a CUDA graph
     graph = cf.graph_bench(call) if args.mode == "fwd" else float("nan")
@@ -72,13 +76,7 @@ def main() -> None:
         from triton.runtime.jit import JITFunction
 
         def host_ms():
-            ws = []
-            for _ in range(30):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                call()
-                ws.append(1e3 * (time.perf_counter() - t0))
-            return statistics.median(ws)
+            return statistics.median(host_walls(30))
 
         real_run = JITFunction.run
         # warmup=True: binding, specialisation and the cache lookup, but no launch
