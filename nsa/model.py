@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
 from nsa.graph import GraphedDecode
-from nsa.module import NSAAttention, rope
+from nsa.module import NSAAttention, apply_rope, rope_tables
 
 
 @dataclass
@@ -67,8 +67,9 @@ class DenseAttention(nn.Module):
         q = self.q_proj(x).view(B, T, c.n_heads, c.d_k)
         k = self.k_proj(x).view(B, T, c.n_kv_heads, c.d_k)
         v = self.v_proj(x).view(B, T, c.n_kv_heads, c.d_v)
-        if c.rope:
-            q, k = rope(q, pos, c.rope_base), rope(k, pos, c.rope_base)
+        if c.rope:  # one table for q and k
+            tables = rope_tables(pos, c.d_k, c.rope_base, q.dtype, q.device)
+            q, k = apply_rope(q, *tables), apply_rope(k, *tables)
         return q, k, v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:

@@ -24,17 +24,28 @@ from nsa.ops.decode import nsa_decode
 from nsa.ops.reference import compress_blocks, compress_mean
 
 
-def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotary position embedding (rotate-half form). x [B, T, heads, D], pos [T] or [B, T]."""
-    D = x.shape[-1]
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=ct) / D)
+def rope_tables(pos: Tensor, D: int, base: float, dtype: torch.dtype,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles for head dim D at positions pos ([T] or [B, T]),
+    [1 or B, T, 1, D/2], in float64 for float64 heads, else float32."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    inv = base ** (-torch.arange(0, D, 2, device=device, dtype=ct) / D)
     ang = pos.to(ct)[..., None] * inv  # [T, D/2] or [B, T, D/2]
     if ang.dim() == 2:
         ang = ang.unsqueeze(0)
-    cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+    return ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE of x [B, T, heads, D] with :func:`rope_tables`' cos and sin."""
+    D, ct = x.shape[-1], cos.dtype
     x1, x2 = x[..., : D // 2].to(ct), x[..., D // 2:].to(ct)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
+    """Rotary position embedding (rotate-half form). x [B, T, heads, D], pos [T] or [B, T]."""
+    return apply_rope(x, *rope_tables(pos, x.shape[-1], base, x.dtype, x.device))
 
 
 class Compressor(nn.Module):
@@ -90,9 +101,17 @@ class NSAAttention(nn.Module):
         """q, per-branch k/v (RoPE applied) and gates for tokens x at positions pos."""
         c = self.config
         B, T, _ = x.shape
-        rot = (lambda t: rope(t, pos, c.rope_base)) if c.rope else (lambda t: t)
-        out = {"q": rot(self.q_proj(x).view(B, T, c.n_heads, c.d_k))}
+        q = self.q_proj(x).view(B, T, c.n_heads, c.d_k)
+        if c.rope:  # one table for q and every key (same positions and head dim)
+            tables = rope_tables(pos, c.d_k, c.rope_base, q.dtype, q.device)
+            rot = lambda t: apply_rope(t, *tables)  # noqa: E731
+        else:
+            rot = lambda t: t  # noqa: E731
+        out = {"q": rot(q)}
         for b in ("cmp", "sel", "win"):
+            if c.share_kv and b != "cmp":  # one projection serves the three branches
+                out[f"k_{b}"], out[f"v_{b}"] = out["k_cmp"], out["v_cmp"]
+                continue
             key = "shared" if c.share_kv else b
             out[f"k_{b}"] = rot(self.k_proj[key](x).view(B, T, c.n_kv_heads, c.d_k))
             out[f"v_{b}"] = self.v_proj[key](x).view(B, T, c.n_kv_heads, c.d_v)

@@ -35,6 +35,31 @@ def decode_all(m: NSAAttention, x: torch.Tensor, P: int, **cache_kw):
     return y0, torch.cat(steps, dim=1), cache, reads
 
 
+@pytest.mark.parametrize("share_kv", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_projections_share_one_rope_table_and_match_rope_per_tensor(share_kv, dtype):
+    """_project computes the rotary table once for q and every key (and, with share_kv,
+    one key/value projection for the three branches): bit-identical to rope() applied to
+    each projection on its own, for prefill positions [T] and decode positions [B, 1]."""
+    from nsa.module import rope
+
+    m = make_module(3, share_kv=share_kv).to(dtype)
+    c = m.config
+    B, T = 2, 11
+    x = torch.randn(B, T, c.hidden_size, dtype=dtype)
+    for pos, xs in ((torch.arange(T), x), (torch.tensor([[5], [9]]), x[:, :1])):
+        got = m._project(xs, pos)
+        n = xs.shape[1]
+        want_q = rope(m.q_proj(xs).view(B, n, c.n_heads, c.d_k), pos, c.rope_base)
+        assert torch.equal(got["q"], want_q)
+        for b in ("cmp", "sel", "win"):
+            key = "shared" if share_kv else b
+            k = rope(m.k_proj[key](xs).view(B, n, c.n_kv_heads, c.d_k), pos, c.rope_base)
+            assert torch.equal(got[f"k_{b}"], k), b
+            assert torch.equal(got[f"v_{b}"], m.v_proj[key](xs).view(B, n, c.n_kv_heads,
+                                                                     c.d_v)), b
+
+
 # ---------------------------------------------------------------- decode parity (trap 4)
 
 CONFIGS = [
