@@ -98,6 +98,20 @@ def graph_bench(fn) -> float:
     return bench(g.replay)
 
 
+def block_scores(T, G, H, d, cfg):
+    """Group block scores of random paper-shape inputs (H KV heads, G query heads each,
+    d_k = d_v = d; bf16 on the GPU, float32 in the interpreter) from the compressed
+    kernel, and the number of compressed tokens: the top-n's input."""
+    import torch
+
+    from nsa.ops.compression import cmp_forward
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    inp = make(T, H * G, H, d, d, cfg, dtype)
+    _, scores = cmp_forward(inp["q"], inp["k_cmp"], inp["v_cmp"], cfg, d ** -0.5)
+    return scores, inp["k_cmp"].shape[1]
+
+
 def make(T, HQ, H, dk, dv, cfg, dtype, seed=0):
     import torch
 

@@ -162,7 +162,6 @@ def main() -> None:
 
     import nsa.ops.selection.launch as SL
     from nsa import NSAConfig
-    from nsa.ops.compression import cmp_forward
     from nsa.ops.selection import select_topn
     from nsa.ops.selection.launch import entries_by_block
 
@@ -177,10 +176,7 @@ def main() -> None:
     rows = []
     for T in Ts:
         for G in groups:
-            inp = cf.make(T, H * G, H, d, d, cfg, torch.bfloat16 if not args.smoke
-                          else torch.float32)
-            N = inp["k_cmp"].shape[1]
-            _, scores = cmp_forward(inp["q"], inp["k_cmp"], inp["v_cmp"], cfg, d ** -0.5)
+            scores, N = cf.block_scores(T, G, H, d, cfg)
             idx = select_topn(scores, T, N, cfg)
             nb = triton.cdiv(T, cfg.l_sel)
             cap = SL.COUNT_INDEX_MAX_BYTES

@@ -45,7 +45,6 @@ def main() -> None:
     import torch
 
     from nsa import NSAConfig
-    from nsa.ops.compression import cmp_forward
     from nsa.ops.selection import select_topn
 
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
@@ -60,10 +59,7 @@ def main() -> None:
     print(f"GPU: {gpu}; torch {torch.__version__}", flush=True)
     for T in Ts:
         for G in groups:
-            dtype = torch.bfloat16 if cf.DEVICE == "cuda" else torch.float32
-            inp = cf.make(T, H * G, H, d, d, cfg, dtype)
-            _, scores = cmp_forward(inp["q"], inp["k_cmp"], inp["v_cmp"], cfg, d ** -0.5)
-            N = inp["k_cmp"].shape[1]
+            scores, N = cf.block_scores(T, G, H, d, cfg)
             want = select_topn(scores, T, N, cfg)
             print(f"\nT={T} G={G}: scores {tuple(scores.shape)}", flush=True)
             print("| variant | ms | indices equal |\n|---|---|---|")

@@ -50,8 +50,7 @@ def _eager_real(x: Tensor) -> bool:
             and not is_fake(x) and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
-@torch.library.custom_op("nsa::triton_fwd", mutates_args=())
-def triton_fwd(
+def _fwd_impl(
     q: Tensor,
     k_sel: Tensor | None,
     v_sel: Tensor | None,
@@ -69,12 +68,17 @@ def triton_fwd(
     want_o_sel: bool,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, idx, o_cmp, o_sel, o_win, lse_cmp, lse_sel, lse_win); absent ones 0-element."""
+    """The forward kernels (no autograd): (out, idx, o_cmp, o_sel, o_win, lse_cmp,
+    lse_sel, lse_win); absent ones 0-element."""
     from nsa.ops.triton_backend import forward_kernels
 
     r = forward_kernels(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win,
                         block_indices, _cfg_from(cfg), scale, save, want_o_sel)
     return _op_outputs(q, r)
+
+
+# the forward kernels as one opaque op for torch.compile (eager training calls _fwd_impl)
+triton_fwd = torch.library.custom_op("nsa::triton_fwd", mutates_args=())(_fwd_impl)
 
 
 def _op_outputs(q: Tensor, r: dict) -> tuple[Tensor, ...]:
@@ -235,13 +239,7 @@ class _EagerTritonNSA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        from nsa.ops.triton_backend import forward_kernels
-
-        (q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win, block_indices,
-         cfg, scale, save, want_o_sel, _deterministic) = inputs
-        r = forward_kernels(q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win,
-                            block_indices, _cfg_from(cfg), scale, save, want_o_sel)
-        outs = _op_outputs(q, r)
+        outs = _fwd_impl(*inputs)
         _setup_context(ctx, inputs, outs)
         return outs
 

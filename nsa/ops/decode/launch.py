@@ -12,7 +12,7 @@ from torch import Tensor
 from nsa.backends import device_info
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
-from nsa.ops.compression.launch import dot_precision
+from nsa.ops.compression.launch import dot_precision, interpreting
 from nsa.ops.decode.kernels import _dec_p1, _dec_p2, _dec_p3, _dec_p4
 from nsa.ops.descriptors import kv_desc, resolve_desc
 from nsa.ops.reference import num_compressed
@@ -41,7 +41,7 @@ def _p2(x: int, lo: int = 16) -> int:
 def decode_not_supported_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
     """Why the Triton decode kernels cannot run this step (empty list: they can)."""
     reasons = []
-    if not (q_t.is_cuda or q_t.device.type == "cpu" and _interpreting()):
+    if not (q_t.is_cuda or q_t.device.type == "cpu" and interpreting()):
         reasons.append(f"device {q_t.device} is not CUDA (CPU needs TRITON_INTERPRET=1)")
     if q_t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"dtype {q_t.dtype} not in float16/bfloat16/float32")
@@ -57,12 +57,6 @@ def decode_not_supported_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
         reasons.append(f"{nb} selection blocks exceed the in-register top-n limit "
                        f"{MAX_BLOCKS}")
     return reasons
-
-
-def _interpreting() -> bool:
-    from nsa.policy import triton_interpret
-
-    return triton_interpret()
 
 
 def _allocator(poison: bool):

@@ -255,9 +255,10 @@ def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[T
     (nb + 1) * E >= 2^31. And off int32 [B, H, nb + 1]: block c's entries are
     keys[off[c]:off[c + 1]]; off[nb] is the number of used entries.
 
-    A counting sort (per-tile histograms, one cumulative sum over the tiles, placement by
-    rank inside the tile: three small launches and no atomics) while its count table
-    fits COUNT_INDEX_MAX_BYTES, else keys and ``torch.sort``. Both give the same keys.
+    A counting sort (per-tile counts, a cumulative sum over the tiles, the bins' first
+    slots, placement by rank inside the tile: four small launches and no atomics) while
+    its count table fits COUNT_INDEX_MAX_BYTES, else keys and ``torch.sort``. Both give
+    the same keys.
     """
     B, T, H, n = idx.shape
     span = T if by_position else T * n
@@ -270,7 +271,8 @@ def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[T
     tile = COUNT_INDEX_TILE
     P = triton.cdiv(E, tile)
     nbp = next_pow2(nb + 1)
-    by_sort = not interpreting() if COUNT_INDEX_SORT is None else COUNT_INDEX_SORT
+    interp = interpreting()
+    by_sort = not interp if COUNT_INDEX_SORT is None else COUNT_INDEX_SORT
     if (B * H * (P + 1) * (nb + 1) * 4 <= COUNT_INDEX_MAX_BYTES and (nb + 2) * tile < 2**31
             and (by_sort or nbp <= COUNT_INDEX_MAX_BINS)):
         hist = torch.empty(B, H, P + 1, nb + 1, device=idx.device, dtype=torch.int32)
@@ -287,7 +289,7 @@ def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[T
         tot = hist[:, :, P]
         _entry_offsets_kernel[(H, B)](tot, off, tot.stride(0), tot.stride(1), off.stride(0),
                                       off.stride(1), nb, BLOCK=1024, num_warps=4)
-        rc = min(tile, 256) if interpreting() else 64  # columns per step without the sort
+        rc = min(tile, 256) if interp else 64  # columns per step without the sort
         _entry_place_kernel[grid](idx, hist, keys, *st, *hs, keys.stride(0), keys.stride(1),
                                   E, nb, P, span, N_SEL=n, BLOCK=tile, RC=rc,
                                   BY_SORT=by_sort, BY_POSITION=by_position, num_warps=4)
