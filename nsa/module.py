@@ -20,17 +20,23 @@ from nsa.cache import NSACache
 from nsa.config import NSAConfig
 from nsa.graph import GraphedDecode
 from nsa.ops import nsa_attention
-from nsa.ops.decode import nsa_decode
+from nsa.ops.decode import decode_append, nsa_decode
 from nsa.ops.reference import compress_blocks, compress_mean
+
+
+def rope_inv_freq(D: int, base: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[D/2] rotary inverse frequencies base^(-2i/D), in float64 for float64 heads, else
+    float32 (the angles of every RoPE in the library, prefill and decode, come from it)."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    return base ** (-torch.arange(0, D, 2, device=device, dtype=ct) / D)
 
 
 def rope_tables(pos: Tensor, D: int, base: float, dtype: torch.dtype,
                 device: torch.device) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotary angles for head dim D at positions pos ([T] or [B, T]),
     [1 or B, T, 1, D/2], in float64 for float64 heads, else float32."""
-    ct = torch.float64 if dtype == torch.float64 else torch.float32
-    inv = base ** (-torch.arange(0, D, 2, device=device, dtype=ct) / D)
-    ang = pos.to(ct)[..., None] * inv  # [T, D/2] or [B, T, D/2]
+    inv = rope_inv_freq(D, base, dtype, device)
+    ang = pos.to(inv.dtype)[..., None] * inv  # [T, D/2] or [B, T, D/2]
     if ang.dim() == 2:
         ang = ang.unsqueeze(0)
     return ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
@@ -89,6 +95,11 @@ class NSAAttention(nn.Module):
         nn.init.zeros_(self.gate[-1].weight)
         nn.init.zeros_(self.gate[-1].bias)
         self.o_proj = nn.Linear(HQ * dv, hid, bias=False)
+        # decode's fused projection (see _decode_projection); False keeps eight GEMMs and
+        # torch ops per step (no copy of the projection weights)
+        self.fused_decode = True
+        self._fused: tuple | None = None
+        self._inv_freq: Tensor | None = None
 
     # ------------------------------------------------------------------ pieces
     def _check_x(self, x: Tensor, what: str) -> None:
@@ -170,6 +181,54 @@ class NSAAttention(nn.Module):
         ``decode``; the returned tensor is reused by the next call."""
         return GraphedDecode(lambda x: self.decode(x, cache), [cache])
 
+    def _decode_projection(self) -> tuple[Tensor, Tensor, dict[str, int], int]:
+        """(weight, bias, columns, gate column) of one GEMM that gives a decode step every
+        projection it needs: q, each branch's key and value (DECODE_COLUMNS order; shared
+        keys/values appear once) and the gate's first layer. One launch instead of eight,
+        which at batch 1 is most of a step (a graph-captured step of the tiny LM was
+        ~450 small kernels). The concatenated copy is rebuilt when a parameter changes
+        (in-place update, move, cast); it costs one copy of these weights."""
+        c = self.config
+        share = c.share_kv
+        mats, cols, off = [self.q_proj.weight], {"q": 0}, c.n_heads * c.d_k
+        for b in (("shared",) if share else ("cmp", "sel", "win")):
+            for kv, proj, D in (("k", self.k_proj, c.d_k), ("v", self.v_proj, c.d_v)):
+                mats.append(proj[b].weight)
+                for br in (("cmp", "sel", "win") if share else (b,)):
+                    cols[f"{kv}_{br}"] = off
+                off += c.n_kv_heads * D
+        g0 = self.gate[0]
+        mats.append(g0.weight)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in (*mats, g0.bias))
+        if self._fused is None or self._fused[0] != key:
+            w = torch.cat([m.detach() for m in mats])
+            bias = torch.cat([w.new_zeros(off), g0.bias.detach()])
+            self._fused = (key, w, bias, cols, off)
+        return self._fused[1:]
+
+    def _rope_freqs(self, ref: Tensor) -> Tensor | None:
+        c = self.config
+        if not c.rope:
+            return None
+        f = self._inv_freq
+        if f is None or f.device != ref.device or f.dtype != (
+                torch.float64 if ref.dtype == torch.float64 else torch.float32):
+            f = self._inv_freq = rope_inv_freq(c.d_k, c.rope_base, ref.dtype, ref.device)
+        return f
+
+    def _decode_fused(self, x: Tensor, cache: NSACache) -> Tensor:
+        """decode() as one projection GEMM, the gate MLP, one append launch (RoPE and every
+        cache write: nsa.ops.decode.decode_append) and the decode kernels."""
+        c = self.config
+        B, HQ = x.shape[0], c.n_heads
+        w, bias, cols, g_col = self._decode_projection()
+        z = F.linear(x[:, 0], w, bias)  # [B, F]
+        g = torch.sigmoid(self.gate[2](self.gate[1](z[:, g_col:])))  # [B, 3 HQ]
+        q = decode_append(z, cols, cache, self._rope_freqs(z), backend=self.backend)
+        o = nsa_decode(q, cache, g[:, :HQ], g[:, HQ:2 * HQ], g[:, 2 * HQ:], c,
+                       backend=self.backend)
+        return self.o_proj(o.reshape(B, 1, HQ * c.d_v))
+
     @torch.no_grad()
     def decode(self, x_t: Tensor, cache: NSACache) -> Tensor:
         """One new token per sequence: x_t [B, 1, hidden] (or [B, hidden]) at position
@@ -183,6 +242,11 @@ class NSAAttention(nn.Module):
             raise ValueError(f"NSAAttention.decode: x_t batch {x.shape[0]} != cache batch "
                              f"{cache.B}")
         c = self.config
+        if (self.fused_decode and self.backend != "reference" and x.dtype == cache.dtype
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                and (x.is_cuda or self.backend == "triton")):
+            y = self._decode_fused(x, cache)
+            return y[:, 0] if squeeze else y
         p = self._project(x, cache.lengths[:, None])
         cache.append(*(p[n][:, 0] for n in ("k_sel", "v_sel", "k_win", "v_win", "k_cmp",
                                              "v_cmp")))

@@ -40,7 +40,7 @@ def graphed(fn):
     return g
 
 
-KNOBS = ("TILES_PER_SM", "SPLIT_TILES", "SEL_PER_SM", "P1_STAGES", "SPLIT_SCORES")
+KNOBS = ("TILES_PER_SM", "SPLIT_TILES", "SEL_PER_SM", "P1_STAGES", "SPLIT_SCORES", "PDL")
 
 
 def set_variant(v: str, default) -> None:
@@ -48,7 +48,8 @@ def set_variant(v: str, default) -> None:
     splits of one tile, "tN" splits of N tiles, "s1" one selected block per program,
     "p3w2" two warps for kernel p3, "st2" two pipeline stages in p1, "x3" block scores
     through one 3xTF32 dot instead of three bf16 dots, "ptr" / "desc" key/value tiles by
-    pointer loads / tensor descriptors (the default: descriptors on SM 9.0+)."""
+    pointer loads / tensor descriptors (the default: descriptors on SM 9.0+), "nopdl"
+    the kernels launched without programmatic dependent launch."""
     from nsa.ops import descriptors
 
     for k, val in zip(KNOBS, default[0], strict=True):
@@ -69,6 +70,8 @@ def set_variant(v: str, default) -> None:
             launch.SEL_PER_SM = 10**9
         elif o == "x3":
             launch.SPLIT_SCORES = False
+        elif o == "nopdl":
+            launch.PDL = False
         elif o.startswith("st"):
             launch.P1_STAGES = int(o[2:])
         else:

@@ -26,7 +26,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cprofile", action="store_true",
                     help="also cProfile's table (internal time) of the same steps")
+    ap.add_argument("--graph", action="store_true",
+                    help="NSA only: profile CUDA-graph replays of the step instead (the GPU "
+                         "kernels of one captured step and the replay time)")
     a = ap.parse_args()
+    if a.graph:
+        return graph_profile(a)
     cfg = NSAConfig(hidden_size=1024, n_heads=16, n_kv_heads=4, d_k=64, d_v=64)
     torch.manual_seed(0)
     m = TinyLM(cfg, n_layers=4, attention=a.attention).cuda().to(torch.bfloat16).eval()
@@ -64,6 +69,49 @@ def main() -> None:
             pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(30)
         pstats.Stats(pr).sort_stats("cumulative").print_stats(30)
+
+
+def graph_profile(a) -> None:
+    """Kernels of one graph-captured decode step of the NSA tiny LM, and its replay time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from nsa import NSAConfig
+    from nsa.graph import GraphedDecode
+    from nsa.model import TinyLM
+
+    cfg = NSAConfig(hidden_size=1024, n_heads=16, n_kv_heads=4, d_k=64, d_v=64)
+    torch.manual_seed(0)
+    m = TinyLM(cfg, n_layers=4, attention="nsa").cuda().to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 256, (1, a.context), device="cuda")
+    caches = m.new_caches(1, max_len=a.context + 4 * a.steps + 64, static=True)
+    with torch.no_grad():
+        tok = m(prompt, caches=caches)[:, -1].argmax(-1)
+        step = GraphedDecode(lambda x: m.decode(x, caches), caches)
+        for _ in range(4):
+            tok = step(tok).argmax(-1)
+        torch.cuda.synchronize()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        ev[0].record()
+        for _ in range(a.steps):
+            step.graph.replay()
+        ev[1].record()
+        torch.cuda.synchronize()
+        replay = ev[0].elapsed_time(ev[1]) / a.steps
+        import time
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            tok = step(tok).argmax(-1)
+        torch.cuda.synchronize()
+        loop = (time.perf_counter() - t0) / a.steps * 1e3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(a.steps):
+                step.graph.replay()
+            torch.cuda.synchronize()
+    print(f"{torch.cuda.get_device_name()}: NSA tiny LM, context {a.context}, graph replay "
+          f"{replay:.3f} ms per step (GPU, back to back), generation loop {loop:.3f} ms per "
+          f"token ({1e3 / loop:.0f} tokens/s)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
 
 
 if __name__ == "__main__":

@@ -75,3 +75,60 @@ def test_graph_captured_decode_equals_eager_for_1000_steps():
     assert graph_cache.max_length == P + K
     for k in eager_cache.total_reads:
         assert torch.equal(eager_cache.total_reads[k], graph_cache.total_reads[k])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_fused_module_decode_matches_unfused(dtype, tol, share_kv):
+    """The module's fused decode (one projection GEMM, the append kernel with libdevice
+    RoPE) against its eight-projection torch path, both on the Triton decode kernels, over
+    steps that emit compressed tokens, a ragged batch, outputs and every cache buffer."""
+    torch.manual_seed(4)
+    cfg = NSAConfig(hidden_size=256, n_heads=8, n_kv_heads=2, d_k=64, d_v=64,
+                    share_kv=share_kv)
+    m = NSAAttention(cfg, backend="triton").cuda().to(dtype)
+    torch.nn.init.normal_(m.gate[-1].weight, std=0.5)
+    B, P, K = 3, 2100, 40
+    lens = torch.tensor([2100, 1337, 64])
+    x = torch.randn(B, P + K, cfg.hidden_size, device="cuda", dtype=dtype)
+    outs, caches = [], []
+    for fused in (True, False):
+        m.fused_decode = fused
+        cache = m.new_cache(B, max_len=P + K)
+        with torch.no_grad():
+            m.prefill(x[:, :P], cache, lengths=lens)
+            outs.append(torch.cat([m.decode(torch.stack(
+                [x[b, int(lens[b]) + i] for b in range(B)])[:, None], cache)
+                for i in range(K)], 1).float())
+        caches.append(cache)
+    rel = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
+    assert rel < tol, rel
+    for name in ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw", "k_cmp", "v_cmp"):
+        a, b = getattr(caches[0], name).float(), getattr(caches[1], name).float()
+        assert ((a - b).norm() / b.norm()).item() < tol, name
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
+
+
+def test_programmatic_dependent_launch_changes_no_bit():
+    """The decode kernels launched with PDL (SM 9.0+) give the same bits as without."""
+    from nsa.backends import device_info
+    from nsa.ops.decode import launch
+
+    if (device_info("cuda").capability or (0, 0)) < (9, 0):
+        pytest.skip("programmatic dependent launch needs SM 9.0+")
+    torch.manual_seed(2)
+    cfg = NSAConfig(n_heads=64, n_kv_heads=4, d_k=128, d_v=128)
+    B, P = 2, 9000
+    cache = NSACache(cfg, B, device="cuda", dtype=torch.bfloat16, max_len=P + 1)
+    cache.prefill(*(torch.randn(B, P, 4, 128, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(6)), lengths=torch.tensor([9000, 4321]))
+    q = torch.randn(B, 64, 128, device="cuda", dtype=torch.bfloat16)
+    g = [torch.rand(B, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    outs = []
+    for pdl in (True, False):
+        launch.PDL = pdl
+        try:
+            outs.append(nsa_decode(q, cache, *g, backend="triton", return_indices=True))
+        finally:
+            launch.PDL = None
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

@@ -12,11 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nsa.cache import NSACache
+from nsa.cache import CacheError, NSACache
 from nsa.config import NSAConfig
 from nsa.ops.reference import compute_dtype, nsa_chunk
 
-__all__ = ["nsa_decode"]
+__all__ = ["DECODE_COLUMNS", "decode_append", "nsa_decode"]
+
+# the projections of a step's new token, as column blocks of one row per sequence
+DECODE_COLUMNS = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win")
 
 
 def _triton_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
@@ -113,3 +116,113 @@ def nsa_decode(
     if return_indices:
         return out, None if r.block_indices is None else r.block_indices[:, 0]
     return out
+
+
+def _append_triton_reasons(z: Tensor, cache: NSACache) -> list[str]:
+    try:
+        from nsa.ops.compression.launch import interpreting
+    except ImportError as e:  # triton not installed
+        return [f"triton is not importable ({e})"]
+    reasons = []
+    if not (z.is_cuda or z.device.type == "cpu" and interpreting()):
+        reasons.append(f"device {z.device} is not CUDA (CPU needs TRITON_INTERPRET=1)")
+    if z.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {z.dtype} not in float16/bfloat16/float32")
+    if z.stride(1) != 1:
+        reasons.append("z's columns are not contiguous")
+    bufs = ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw", "k_cmp", "v_cmp")
+    if not all(getattr(cache, n).is_contiguous() for n in bufs):
+        reasons.append("the cache's buffers are not contiguous")
+    return reasons
+
+
+def decode_append(
+    z: Tensor,
+    columns: dict[str, int],
+    cache: NSACache,
+    rope_inv_freq: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Append each sequence's new token to ``cache`` from its projections and return its
+    query, position-encoded: the prologue of a decode step, before :func:`nsa_decode`.
+
+    z: [B, F], one row of projections per sequence; ``columns`` gives the first column of
+    each block in DECODE_COLUMNS: q ([HQ * d_k]), then per branch the key ([H * d_k]) and
+    value ([H * d_v]); blocks may coincide (shared keys/values).
+    rope_inv_freq: [d_k / 2] inverse frequencies (float32; float64 for float64 z), as
+    :func:`nsa.module.rope_inv_freq` makes them; when given, q and every key are
+    rotated (rotate-half RoPE) at the sequence's position ``cache.lengths[b]``.
+    Returns q [B, HQ, d_k] in z's dtype. Equivalent to rotating the views of z and calling
+    ``cache.append(...)`` (the reference path, taken where the Triton kernel cannot run),
+    in one kernel launch (two and phi where a compressed token may be due), with no host
+    synchronisation. Everything is checked before the cache changes.
+    """
+    cfg = cache.config
+    HQ, H, dk, dv = cfg.n_heads, cache.H, cache.d_k, cache.d_v
+    if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != cache.B:
+        got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise ValueError(f"decode_append: z must be [B={cache.B}, F], got {got}")
+    if z.device != cache.device or z.dtype != cache.dtype:
+        raise ValueError(f"decode_append: z is {z.dtype} on {z.device}, the cache holds "
+                         f"{cache.dtype} on {cache.device}")
+    widths = {"q": HQ * dk, "k_cmp": H * dk, "k_sel": H * dk, "k_win": H * dk,
+              "v_cmp": H * dv, "v_sel": H * dv, "v_win": H * dv}
+    for name in DECODE_COLUMNS:
+        if name not in columns:
+            raise ValueError(f"decode_append: columns lacks {name!r} (needs {DECODE_COLUMNS})")
+        lo = columns[name]
+        if not isinstance(lo, int) or lo < 0 or lo + widths[name] > z.shape[1]:
+            raise ValueError(f"decode_append: columns[{name!r}] = {lo!r} puts its "
+                             f"{widths[name]} columns outside z's {z.shape[1]}")
+    ft = torch.float64 if z.dtype == torch.float64 else torch.float32
+    if rope_inv_freq is not None and (tuple(rope_inv_freq.shape) != (dk // 2,)
+                                      or rope_inv_freq.dtype != ft
+                                      or rope_inv_freq.device != z.device or dk % 2):
+        raise ValueError(f"decode_append: rope_inv_freq must be {ft} [{dk // 2}] on "
+                         f"{z.device} (d_k={dk} even), got {rope_inv_freq.dtype} "
+                         f"{tuple(rope_inv_freq.shape)} on {rope_inv_freq.device}")
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"decode_append: backend must be 'auto', 'reference' or 'triton', "
+                         f"got {backend!r}")
+    if backend == "triton" or (backend == "auto" and z.is_cuda):
+        reasons = _append_triton_reasons(z, cache)
+        if reasons and backend == "triton":
+            raise ValueError("decode_append: backend='triton' cannot run this step: "
+                             + "; ".join(reasons))
+        backend = "reference" if reasons else "triton"
+    B = z.shape[0]
+    if backend == "reference":
+        view = lambda n, heads, D: z[:, columns[n]:columns[n] + heads * D].view(B, heads, D)  # noqa: E731
+        q = view("q", HQ, dk)
+        keys = {n: view(n, H, dk) for n in ("k_sel", "k_win", "k_cmp")}
+        if rope_inv_freq is not None:
+            from nsa.module import apply_rope
+
+            ang = cache.lengths.to(ft)[:, None, None] * rope_inv_freq
+            cos, sin = ang.cos()[..., None, :], ang.sin()[..., None, :]  # [B, 1, 1, dk/2]
+            rot = lambda x: apply_rope(x[:, None], cos, sin)[:, 0]  # noqa: E731
+            q = rot(q)
+            keys = {n: rot(k) for n, k in keys.items()}
+        cache.append(keys["k_sel"], view("v_sel", H, dv), keys["k_win"], view("v_win", H, dv),
+                     keys["k_cmp"], view("v_cmp", H, dv))
+        return q
+
+    from nsa.ops.decode.launch import triton_decode_append
+
+    n = cache.max_length + 1
+    cache._ensure_capacity(n)
+    # a static (graph-captured) or ragged cache decides per sequence on the device
+    if not (cache.static or cache._ragged_host or n >= cfg.l and (n - cfg.l) % cfg.d == 0):
+        q, _, _ = triton_decode_append(z, columns, cache, rope_inv_freq, False, True)
+    else:  # phi's input first, the cache untouched until phi has run
+        _, kb, vb = triton_decode_append(z, columns, cache, rope_inv_freq, True, False)
+        with torch.no_grad():
+            kc, vc = cache.compress(kb, vb)
+        for name, x, D in (("k", kc, dk), ("v", vc, dv)):
+            if tuple(x.shape) != (B, 1, H, D) or x.dtype != cache.dtype:
+                raise CacheError(f"decode_append: phi returned {name} {x.dtype} "
+                                 f"{tuple(x.shape)}, expected {cache.dtype} {(B, 1, H, D)}")
+        q, _, _ = triton_decode_append(z, columns, cache, rope_inv_freq, False, True,
+                                       kc[:, 0].contiguous(), vc[:, 0].contiguous())
+    cache.max_length = n
+    return q

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 NEG_INF = tl.constexpr(float("-inf"))
 # order-preserving int32 of -inf (bits ^ 0x7FFFFFFF for negatives) times 2^32
@@ -374,6 +375,15 @@ def _merge_head(PM, PL, PO, CNT, GC, GS, GW, OUT, READS, TOTAL, bh, b, h, g, SPL
             tl.store(TOTAL + bh * 3 + 0, tl.load(TOTAL + bh * 3 + 0) + n_cmp)
 
 
+@triton.jit
+def _pdl_enter():
+    """Programmatic dependent launch (SM 9.0+, the kernel launched with launch_pdl): let
+    the next kernel of the step be scheduled now, so its launch overlaps this one, then
+    wait until the previous kernel has finished and its writes are visible. Every kernel of
+    the chain waits, so each also waits for all earlier ones."""
+    tl.extra.cuda.gdc_launch_dependents()
+    tl.extra.cuda.gdc_wait()
+
 # ----------------------------------------------------------------------------- kernels
 # The sizes that follow the context length (compressed tokens, splits, tiles, chunks,
 # capacity) are not specialised: otherwise a growing cache crosses their "== 1" and
@@ -393,7 +403,10 @@ def _dec_p1(
     BLOCK_C: tl.constexpr, TPS: tl.constexpr, JB: tl.constexpr, LP: tl.constexpr,
     W: tl.constexpr, SLOT_CMP: tl.constexpr, USE_SEL: tl.constexpr,
     SPLIT_SCORES: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:
+        _pdl_enter()
     bh = tl.program_id(0)
     r = tl.program_id(1)
     b = bh // H
@@ -419,7 +432,10 @@ def _dec_p2(
     CMP_D: tl.constexpr, SEL_L: tl.constexpr, BLOCK_C: tl.constexpr,
     SLOT_CMP: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr, N_INIT: tl.constexpr,
     N_LOCAL: tl.constexpr, JT: tl.constexpr, KP: tl.constexpr, SPC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:
+        _pdl_enter()
     bh = tl.program_id(0)
     c = tl.program_id(1)
     t = tl.load(LENGTHS + bh // H) - 1
@@ -439,8 +455,10 @@ def _dec_p3(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     SEL_L: tl.constexpr, LP: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     KP: tl.constexpr, BPP: tl.constexpr, SLOT_SEL: tl.constexpr, DOT_PREC: tl.constexpr,
-    USE_DESC: tl.constexpr = False,
+    USE_DESC: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    if PDL:
+        _pdl_enter()
     bh = tl.program_id(0)
     u = tl.program_id(1)
     b = bh // H
@@ -460,11 +478,130 @@ def _dec_p4(
     H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, D_V: tl.constexpr,
     N_WT: tl.constexpr, SLOT_SEL: tl.constexpr, N_SEL: tl.constexpr,
     SLOT_CMP: tl.constexpr, PC: tl.constexpr, CP: tl.constexpr, USE_CMP: tl.constexpr,
-    USE_SEL: tl.constexpr, USE_WIN: tl.constexpr,
+    USE_SEL: tl.constexpr, USE_WIN: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:
+        _pdl_enter()
     pid = tl.program_id(0)
     bh = pid // G
     _merge_head(PM, PL, PO, CNT, GC, GS, GW, OUT, READS, TOTAL, bh, bh // H, bh % H,
                 pid % G, SPLITS, NPART, stride_ob, stride_oh, stride_gb, G, DV, D_V, N_WT,
                 SLOT_SEL, N_SEL, SLOT_CMP, PC, CP, USE_CMP, USE_SEL, USE_WIN,
                 USE_CMP or USE_SEL)
+
+
+# ---------------------------------------------------------------------------------------
+# The step's prologue: RoPE and every cache write of the new token in one launch.
+#
+# A decode step's projections arrive as one row per sequence, Z [B, F] (q, each branch's
+# key and value, at the column offsets OFF_*). ``_dec_append`` (grid (B,), one program per
+# sequence, so it may advance that sequence's length itself) rotates q and the keys at
+# position lengths[b] and then, per mode:
+# - BLOCKS: writes phi's input, the raw compressed-branch keys/values of positions
+#   [t - l + 1, t] in order ([B, l, H, D], the ring's l - 1 older tokens and the new one),
+#   and writes nothing to the cache, so phi may run before the cache changes;
+# - WRITE: stores the selection, window and raw-ring rows, with EMIT the compressed token
+#   phi produced (KC, VC [B, H, D]) where one is due for that sequence, and advances
+#   lengths[b].
+# Caches are contiguous: rows of the selection cache are CAP apart per sequence, of the
+# compressed cache NCAP.
+
+@triton.jit
+def _rotate(Z, col0, rows, ok, jd, c, s, partner, D_K: tl.constexpr, ROPE: tl.constexpr):
+    """Rows ``rows`` of D_K columns at Z + col0, rotate-half RoPE in float32 (x * cos +
+    x[partner] * sign * sin, sign folded into s)."""
+    ptr = Z + col0 + rows[:, None] * D_K
+    x = tl.load(ptr + jd[None, :], mask=ok, other=0.0).to(tl.float32)
+    if ROPE:
+        p = tl.load(ptr + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = x * c[None, :] + p * s[None, :]
+    return x
+
+
+@triton.jit
+def _ring_rows(RING, OUT, b, t, ROW: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+               CB: tl.constexpr):
+    """OUT[b, j] = RING[b, (t + 1 + j) % L] for j < L - 1 (rows of ROW elements)."""
+    j = tl.arange(0, LP)
+    slot = (t + 1 + j) % L
+    for c0 in range(0, ROW, CB):
+        col = c0 + tl.arange(0, CB)
+        ok = (j[:, None] < L - 1) & (col[None, :] < ROW)
+        x = tl.load(RING + (b * L + slot[:, None]) * ROW + col[None, :], mask=ok)
+        tl.store(OUT + (b * L + j[:, None]) * ROW + col[None, :], x, mask=ok)
+
+
+@triton.jit(do_not_specialize=["CAP", "NCAP"])
+def _dec_append(
+    Z, INV, QR, KB, VB, KC, VC, CKS, CVS, CKW, CVW, CKR, CVR, CKC, CVC, LENGTHS,
+    stride_zb, CAP, NCAP,
+    HQ: tl.constexpr, H: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    HQP: tl.constexpr, HP: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+    LP: tl.constexpr, CBK: tl.constexpr, CBV: tl.constexpr,
+    OFF_Q: tl.constexpr, OFF_KC: tl.constexpr, OFF_VC: tl.constexpr, OFF_KS: tl.constexpr,
+    OFF_VS: tl.constexpr, OFF_KW: tl.constexpr, OFF_VW: tl.constexpr,
+    L: tl.constexpr, CMP_D: tl.constexpr, W: tl.constexpr,
+    ROPE: tl.constexpr, PRECISE: tl.constexpr, BLOCKS: tl.constexpr, WRITE: tl.constexpr,
+    EMIT: tl.constexpr, PDL: tl.constexpr = False,
+):
+    if PDL:
+        _pdl_enter()
+    b = tl.program_id(0)
+    t = tl.load(LENGTHS + b)  # position of the new token
+    z = Z + b * stride_zb
+    jd = tl.arange(0, DKP)
+    jv = tl.arange(0, DVP)
+    half: tl.constexpr = D_K // 2
+    c = jd.to(tl.float32)
+    s = c
+    partner = jd
+    if ROPE:  # cos/sin of pos * inv_freq (the frequencies torch computed: same angles)
+        ang = t.to(tl.float32) * tl.load(INV + jd % half, mask=jd < D_K, other=0.0)
+        if PRECISE:
+            c = libdevice.cos(ang)
+            s = libdevice.sin(ang)
+        else:
+            c = tl.cos(ang)
+            s = tl.sin(ang)
+        s = tl.where(jd < half, -s, s)
+        partner = tl.where(jd < half, jd + half, jd - half)
+    rq = tl.arange(0, HQP)
+    okq = (rq[:, None] < HQ) & (jd[None, :] < D_K)
+    q = _rotate(z, OFF_Q, rq, okq, jd, c, s, partner, D_K, ROPE)
+    tl.store(QR + (b * HQ + rq[:, None]) * D_K + jd[None, :], q.to(QR.dtype.element_ty),
+             mask=okq)
+    rh = tl.arange(0, HP)
+    okk = (rh[:, None] < H) & (jd[None, :] < D_K)
+    okv = (rh[:, None] < H) & (jv[None, :] < D_V)
+    offk = rh[:, None] * D_K + jd[None, :]
+    offv = rh[:, None] * D_V + jv[None, :]
+    k_raw = _rotate(z, OFF_KC, rh, okk, jd, c, s, partner, D_K, ROPE).to(CKR.dtype.element_ty)
+    v_raw = tl.load(z + OFF_VC + offv, mask=okv, other=0.0)
+    if BLOCKS:
+        # position t - (L - 1) + j sits in ring slot (t + 1 + j) % L; rows j < L - 1 are
+        # copied as [LP, CB] tiles (independent loads: one latency, not one per row)
+        _ring_rows(CKR, KB, b, t, H * D_K, L, LP, CBK)
+        _ring_rows(CVR, VB, b, t, H * D_V, L, LP, CBV)
+        tl.store(KB + (b * L + L - 1) * H * D_K + offk, k_raw, mask=okk)
+        tl.store(VB + (b * L + L - 1) * H * D_V + offv, v_raw, mask=okv)
+    if WRITE:
+        k_sel = _rotate(z, OFF_KS, rh, okk, jd, c, s, partner, D_K, ROPE)
+        k_win = _rotate(z, OFF_KW, rh, okk, jd, c, s, partner, D_K, ROPE)
+        v_sel = tl.load(z + OFF_VS + offv, mask=okv, other=0.0)
+        v_win = tl.load(z + OFF_VW + offv, mask=okv, other=0.0)
+        tl.store(CKS + (b * CAP + t) * H * D_K + offk, k_sel.to(CKS.dtype.element_ty), mask=okk)
+        tl.store(CVS + (b * CAP + t) * H * D_V + offv, v_sel, mask=okv)
+        tl.store(CKW + (b * W + t % W) * H * D_K + offk, k_win.to(CKW.dtype.element_ty),
+                 mask=okk)
+        tl.store(CVW + (b * W + t % W) * H * D_V + offv, v_win, mask=okv)
+        tl.store(CKR + (b * L + t % L) * H * D_K + offk, k_raw, mask=okk)
+        tl.store(CVR + (b * L + t % L) * H * D_V + offv, v_raw, mask=okv)
+        if EMIT:  # compressed token (n - L) / CMP_D once n = t + 1 tokens reach L + m * CMP_D
+            n = t + 1
+            due = (n >= L) & ((n - L) % CMP_D == 0)
+            i = tl.maximum(n - L, 0) // CMP_D
+            kc = tl.load(KC + b * H * D_K + offk, mask=okk, other=0.0)
+            vc = tl.load(VC + b * H * D_V + offv, mask=okv, other=0.0)
+            tl.store(CKC + (b * NCAP + i) * H * D_K + offk, kc, mask=okk & due)
+            tl.store(CVC + (b * NCAP + i) * H * D_V + offv, vc, mask=okv & due)
+        tl.store(LENGTHS + b, t + 1)

@@ -13,7 +13,7 @@ from nsa.backends import device_info
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import dot_precision, interpreting
-from nsa.ops.decode.kernels import _dec_p1, _dec_p2, _dec_p3, _dec_p4
+from nsa.ops.decode.kernels import _dec_append, _dec_p1, _dec_p2, _dec_p3, _dec_p4
 from nsa.ops.descriptors import kv_desc, resolve_desc
 from nsa.ops.reference import num_compressed
 
@@ -32,6 +32,9 @@ SPLIT_TILES = 8
 SEL_PER_SM = 4  # above this many selected blocks per SM, a program takes 4 blocks
 SPLIT_SCORES = True  # p1's block scores as bf16 hi/mid/lo dots (else one 3xTF32 dot)
 MAX_BLOCKS = 8192  # selection blocks the in-register top-n handles
+# programmatic dependent launch of the step's kernels on SM 9.0+ (each may start while the
+# previous one drains; docs/perf-notes.md); None = where the device supports it
+PDL: bool | None = None
 
 
 def _p2(x: int, lo: int = 16) -> int:
@@ -105,6 +108,14 @@ def _workspace(cache: NSACache, G: int, poison: bool) -> dict[str, Tensor]:
     if not poison:
         cache._triton_ws = ws
     return ws
+
+
+def _chain(device: torch.device) -> dict:
+    """Launch options of a kernel that waits for its predecessor inside (gdc_wait) and so
+    may be launched early: programmatic dependent launch on SM 9.0+ (PDL)."""
+    on = device.type == "cuda" and (
+        PDL if PDL is not None else (device_info(device).capability or (0, 0)) >= (9, 0))
+    return {"PDL": True, "launch_pdl": True} if on else {}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -181,31 +192,36 @@ def triton_decode(
         kc, vc = kv_desc(kc, ncap, BLOCK_C, DK), kv_desc(vc, ncap, BLOCK_C, DV)
         kw, vw = kv_desc(kw, cfg.w, LP, DK), kv_desc(vw, cfg.w, LP, DV)
         ks, vs = kv_desc(ks, ks.shape[1], LP, DK), kv_desc(vs, vs.shape[1], LP, DV)
+    # PDL where the compressed splits are single tiles (one wave); with many tiles per SM
+    # the next kernel's early programs took slots from p1's last wave (64k, batch 16: 97.3
+    # against 95.2 us; batch 1: 30.0 against 32.4, H200)
+    chain = _chain(q.device) if tps == 1 else {}
     if r2:
         _dec_p1[(B * H, r2)](
             q, kc, vc, kw, vw, cache.lengths, *part, ws["tm"], ws["ps"], *qs, *kcs, *kws,
             ncap, splits, ntile, ws["nbcap"], npart, ws["ntcap"], scale, **common, **shape,
             **blocks, TPS=tps, JB=jb, LP=LP, W=cfg.w, SLOT_CMP=slots["SLOT_CMP"],
             USE_SEL=use_sel, SPLIT_SCORES=split_scores, DOT_PREC=prec, USE_DESC=desc,
-            num_warps=WARPS["p1"], num_stages=P1_STAGES,
+            num_warps=WARPS["p1"], num_stages=P1_STAGES, **chain,
         )
     if use_sel:
         _dec_p2[(B * H, nch)](
             cache.lengths, ws["pm"], ws["pl"], ws["tm"], ws["ps"], ws["cand"], ncap, splits,
             ntile, ws["nbcap"], npart, ws["ntcap"], **common, GP=GP, **blocks,
             SLOT_CMP=slots["SLOT_CMP"], N_SEL=cfg.n, **pick, SPC=SPC, num_warps=WARPS["p2"],
+            **chain,
         )
         _dec_p3[(B * H, n_sp)](
             q, ks, vs, cache.lengths, *part, ws["cand"], ws["idx"], *qs, *kss, nch, npart,
             scale, **common, **shape, SEL_L=cfg.l_sel, LP=LP, N_SEL=cfg.n, NP=NP,
             KP=ws["kp"], BPP=bpp, SLOT_SEL=n_wt_slots, DOT_PREC=prec, USE_DESC=desc,
-            num_warps=WARPS["p3"],
+            num_warps=WARPS["p3"], **chain,
         )
     _dec_p4[(B * HQ,)](
         *part, *gates, out, ws["reads"], cache.reads_total, out.stride(0), out.stride(1),
         stride_gb, splits, npart, **common, DV=DV, D_V=dv, **{**slots, "N_SEL": n_sp},
         **merge,
-        num_warps=WARPS["p4"],
+        num_warps=WARPS["p4"], **chain,
     )
     reads = {}
     for i, (name, on) in enumerate((("cmp", use_cmp or use_sel), ("sel", use_sel),
@@ -214,3 +230,45 @@ def triton_decode(
             reads[name] = ws["reads"][..., i]
     idx = ws["idx"].view(B, H, cfg.n) if use_sel else None
     return out, reads, idx
+
+
+def _ring_cols(l: int, row: int) -> int:
+    """Columns per tile of the append kernel's ring copy: [l, cols] tiles of at most 8192
+    elements (64 registers per thread on 4 warps)."""
+    return min(_p2(row, 1), max(16, 8192 // _p2(l, 1)))
+
+
+def triton_decode_append(
+    z: Tensor, cols: dict[str, int], cache: NSACache, inv_freq: Tensor | None,
+    blocks: bool, write: bool, kc: Tensor | None = None, vc: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One launch of ``_dec_append`` over the projections z [B, F] (columns ``cols``: q,
+    k_cmp, v_cmp, k_sel, v_sel, k_win, v_win offsets). Returns (q rotated [B, HQ, d_k],
+    phi's input blocks [B, l, H, d_k] and [B, l, H, d_v] when ``blocks``). With ``write``
+    the cache rows are stored (and kc/vc [B, H, *] where a compressed token is due) and
+    lengths advance by one. No validation: nsa.ops.decode.decode_append validates."""
+    cfg = cache.config
+    B, H, dk, dv = cache.B, cache.H, cache.d_k, cache.d_v
+    HQ = cfg.n_heads
+    q_rot = torch.empty(B, HQ, dk, device=z.device, dtype=z.dtype)
+    kb = vb = None
+    if blocks:
+        kb = torch.empty(B, cfg.l, H, dk, device=z.device, dtype=z.dtype)
+        vb = torch.empty(B, cfg.l, H, dv, device=z.device, dtype=z.dtype)
+    emit = kc is not None
+    _dec_append[(B,)](
+        z, inv_freq if inv_freq is not None else q_rot, q_rot,
+        kb if blocks else q_rot, vb if blocks else q_rot,
+        kc if emit else q_rot, vc if emit else q_rot,
+        cache.k_sel, cache.v_sel, cache.k_win, cache.v_win, cache.k_raw, cache.v_raw,
+        cache.k_cmp, cache.v_cmp, cache.lengths, z.stride(0), cache.capacity,
+        cache.k_cmp.shape[1],
+        HQ=HQ, H=H, D_K=dk, D_V=dv, HQP=_p2(HQ, 1), HP=_p2(H, 1), DKP=_p2(dk, 1),
+        DVP=_p2(dv, 1), LP=_p2(cfg.l, 1), CBK=_ring_cols(cfg.l, H * dk),
+        CBV=_ring_cols(cfg.l, H * dv),
+        OFF_Q=cols["q"], OFF_KC=cols["k_cmp"], OFF_VC=cols["v_cmp"], OFF_KS=cols["k_sel"],
+        OFF_VS=cols["v_sel"], OFF_KW=cols["k_win"], OFF_VW=cols["v_win"],
+        L=cfg.l, CMP_D=cfg.d, W=cfg.w, ROPE=inv_freq is not None, PRECISE=z.is_cuda,
+        BLOCKS=blocks, WRITE=write, EMIT=emit, num_warps=4, **_chain(z.device),
+    )
+    return q_rot, kb, vb
