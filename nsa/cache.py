@@ -89,6 +89,9 @@ class NSACache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.max_length = 0
         self._ragged_host = False  # True once a ragged prefill made lengths differ
+        # set by GraphedDecode while it captures a step of a uniform batch: True / False =
+        # this step does / does not emit a compressed token (None: decide as usual)
+        self.emit_hint: bool | None = None
         cap = max_len if max_len is not None else max(initial_capacity, 1)
         cap = -(-cap // config.l_sel) * config.l_sel
         B, H, dk, dv = self.B, self.H, self.d_k, self.d_v
@@ -235,9 +238,11 @@ class NSACache:
         b = torch.arange(self.B, device=self.device)
         n_seen = t + 1
         # phi runs before any write, so a failure in it leaves the cache untouched
-        if not self.static and not self._ragged_host:
+        due: Tensor | None = None
+        if self.emit_hint is False:  # a captured step known to emit nothing
+            emit = False
+        elif self.emit_hint is None and not (self.static or self._ragged_host):
             n = self.max_length + 1
-            due: Tensor | None = None
             emit = n >= cfg.l and (n - cfg.l) % cfg.d == 0
         else:  # per-sequence decision on the device (ragged or graph-captured)
             due = (n_seen >= cfg.l) & (torch.remainder(n_seen - cfg.l, cfg.d) == 0)

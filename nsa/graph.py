@@ -6,6 +6,12 @@ steps eagerly (Triton compilation, allocator warm-up), captures the next one, an
 then on copies the input into the captured buffer, replays, and advances ``max_length``
 itself. Outputs are the graph's own buffers, overwritten by the next step: clone them to
 keep them.
+
+Where every sequence of every cache has the same length (no ragged prefill), whether a
+step emits a compressed token is known on the host (every d-th step), so two graphs are
+captured, sharing one memory pool: one with phi and the compressed-cache write, one
+without (phi ran on every step before: a quarter of a tiny-LM step). Ragged caches keep
+one graph that runs phi every step and writes where each sequence is due.
 """
 
 from __future__ import annotations
@@ -16,6 +22,26 @@ import torch
 from torch import Tensor
 
 from nsa.cache import CacheError, NSACache
+
+
+def emission_key(caches: Sequence[NSACache]) -> tuple:
+    """Per cache, whether the next step emits a compressed token: known on the host for a
+    uniform batch (every sequence at max_length), None for a ragged one (decided per
+    sequence on the device)."""
+    out = []
+    for c in caches:
+        if c._ragged_host:
+            out.append(None)
+            continue
+        n, cfg = c.max_length + 1, c.config
+        out.append(n >= cfg.l and (n - cfg.l) % cfg.d == 0)
+    return tuple(out)
+
+
+def set_emit_hints(caches: Sequence[NSACache], key: tuple | None) -> None:
+    """Set (key) or clear (None) each cache's emit_hint."""
+    for c, h in zip(caches, key or (None,) * len(caches), strict=True):
+        c.emit_hint = h
 
 
 class GraphedDecode:
@@ -31,16 +57,26 @@ class GraphedDecode:
         self.step = step
         self.caches = list(caches)
         self.warmup_left = warmup_steps
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.static_in: Tensor | None = None
-        self.static_out: Tensor | None = None
         self.stream = torch.cuda.Stream()
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The first captured graph (None before capture)."""
+        return next(iter(self.graphs.values()))[0] if self.graphs else None
 
     def _check_capacity(self) -> None:
         for i, c in enumerate(self.caches):
             if c.max_length + 1 > c.max_len:
                 raise CacheError(f"GraphedDecode: cache {i} is full ({c.max_len} tokens, "
                                  "max_len); allocate a larger max_len")
+
+    def _emits(self) -> tuple:
+        return emission_key(self.caches)
+
+    def _set_hints(self, key: tuple | None) -> None:
+        set_emit_hints(self.caches, key)
 
     def __call__(self, x: Tensor) -> Tensor:
         self._check_capacity()
@@ -51,16 +87,27 @@ class GraphedDecode:
                 out = self.step(x)
             torch.cuda.current_stream().wait_stream(self.stream)
             return out
-        if self.graph is None:
-            self.static_in = x.clone()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                # recorded, not run; the host-side bookkeeping in step() runs once here
-                self.static_out = self.step(self.static_in)
-            self.graph.replay()
-            return self.static_out
+        key = self._emits()
+        if key not in self.graphs:
+            if self.static_in is None:
+                self.static_in = x.clone()
+            else:
+                self.static_in.copy_(x)
+            graph = torch.cuda.CUDAGraph()
+            pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
+            self._set_hints(key)
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    # recorded, not run; the host-side bookkeeping in step() runs once here
+                    out = self.step(self.static_in)
+            finally:
+                self._set_hints(None)
+            self.graphs[key] = (graph, out)
+            graph.replay()
+            return out
+        graph, out = self.graphs[key]
         self.static_in.copy_(x)
-        self.graph.replay()
+        graph.replay()
         for c in self.caches:
             c.max_length += 1
-        return self.static_out
+        return out

@@ -16,7 +16,8 @@ from nsa.model import TinyLM
 
 
 def tokens_per_s(model: TinyLM, prompt: torch.Tensor, new: int, graph: bool) -> float:
-    caches = model.new_caches(prompt.shape[0], max_len=prompt.shape[1] + new + 4,
+    warm = 4 + 2 * model.config.d
+    caches = model.new_caches(prompt.shape[0], max_len=prompt.shape[1] + new + warm + 4,
                               static=graph)
     with torch.no_grad():
         logits = model(prompt, caches=caches)[:, -1]
@@ -27,7 +28,9 @@ def tokens_per_s(model: TinyLM, prompt: torch.Tensor, new: int, graph: bool) -> 
         else:
             step = lambda tok: model.decode(tok, caches)  # noqa: E731
         tok = logits.argmax(-1)
-        for _ in range(4):  # warm-up (compilation, graph capture)
+        # warm-up: compilation and graph capture (a uniform batch captures a step with phi
+        # and one without, every d-th step is the former: 2 d steps see both)
+        for _ in range(warm):
             tok = step(tok).argmax(-1)
         torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -179,3 +179,45 @@ def test_module_fused_decode_equals_unfused(monkeypatch, over, static):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     assert_same_cache(caches[0], caches[1], -1)
     assert m._fused is not None  # the fused path ran
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_emission_hints_of_graphed_decode_change_nothing(monkeypatch, fused):
+    """GraphedDecode captures a uniform batch's step twice (with and without phi) and
+    replays the one nsa.graph.emission_key names; stepping a static cache with those hints
+    gives what the unhinted step (phi every step, device-side due) gives. A ragged cache
+    gets no hint."""
+    import nsa.module
+    from nsa.graph import emission_key, set_emit_hints
+
+    real = nsa.module.nsa_decode
+    monkeypatch.setattr(nsa.module, "nsa_decode",
+                        lambda *a, **k: real(*a, **{**k, "backend": "reference"}))
+    torch.manual_seed(6)
+    cfg = NSAConfig(l=8, d=4, l_sel=16, n=3, w=20, hidden_size=32, n_heads=4, n_kv_heads=2,
+                    d_k=16, d_v=16)
+    m = NSAAttention(cfg, backend="triton")
+    m.fused_decode = fused
+    x = torch.randn(2, 13 + 12, cfg.hidden_size)
+    caches, outs, keys = [], [], []
+    for hinted in (True, False):
+        cache = m.new_cache(2, max_len=40, static=True)
+        with torch.no_grad():
+            m.prefill(x[:, :13], cache)
+            ys = []
+            for i in range(13, 25):
+                key = emission_key([cache])
+                if hinted:
+                    keys.append(key[0])
+                    set_emit_hints([cache], key)
+                ys.append(m.decode(x[:, i:i + 1], cache))
+                set_emit_hints([cache], None)
+        caches.append(cache)
+        outs.append(torch.cat(ys, 1))
+    assert sum(keys) == 3  # tokens 16, 20, 24 complete a compression block
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert_same_cache(caches[0], caches[1], -1)
+    ragged = m.new_cache(2, max_len=40, static=True)
+    with torch.no_grad():
+        m.prefill(x[:, :13], ragged, lengths=[13, 9])
+    assert emission_key([ragged, caches[0]]) == (None, (26 - 8) % 4 == 0)

@@ -211,8 +211,12 @@ def decode_append(
 
     n = cache.max_length + 1
     cache._ensure_capacity(n)
-    # a static (graph-captured) or ragged cache decides per sequence on the device
-    if not (cache.static or cache._ragged_host or n >= cfg.l and (n - cfg.l) % cfg.d == 0):
+    # a static (graph-captured) or ragged cache decides per sequence on the device, unless
+    # GraphedDecode captures a uniform batch's step and knows (emit_hint)
+    emit = cache.emit_hint
+    if emit is None:
+        emit = cache.static or cache._ragged_host or n >= cfg.l and (n - cfg.l) % cfg.d == 0
+    if not emit:
         q, _, _ = triton_decode_append(z, columns, cache, rope_inv_freq, False, True)
     else:  # phi's input first, the cache untouched until phi has run
         _, kb, vb = triton_decode_append(z, columns, cache, rope_inv_freq, True, False)
