@@ -46,7 +46,13 @@ def set_emit_hints(caches: Sequence[NSACache], key: tuple | None) -> None:
 
 class GraphedDecode:
     def __init__(self, step: Callable[[Tensor], Tensor], caches: Sequence[NSACache],
-                 warmup_steps: int = 2) -> None:
+                 warmup_steps: int = 2, weights_token: Callable[[], object] | None = None
+                 ) -> None:
+        """``weights_token`` (optional) names the state of what the step copies from the
+        model at capture (NSAAttention.decode_weights_token: its fused projection weight);
+        when it differs from the one at capture (an in-place parameter update), the graphs
+        are dropped, the step runs eagerly once (rebuilding the copies) and is captured
+        again."""
         for i, c in enumerate(caches):
             if not isinstance(c, NSACache) or not c.static:
                 raise CacheError(f"GraphedDecode: cache {i} must be an NSACache with "
@@ -55,6 +61,8 @@ class GraphedDecode:
                 raise CacheError(f"GraphedDecode: cache {i} is on {c.device}; CUDA graphs "
                                  "need a CUDA device")
         self.step = step
+        self.weights_token = weights_token
+        self.token: object = None
         self.caches = list(caches)
         self.warmup_left = warmup_steps
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -80,6 +88,10 @@ class GraphedDecode:
 
     def __call__(self, x: Tensor) -> Tensor:
         self._check_capacity()
+        if (self.graphs and self.weights_token is not None
+                and self.weights_token() != self.token):
+            self.graphs.clear()
+            self.warmup_left = max(self.warmup_left, 1)
         if self.warmup_left > 0:  # eager, on a side stream as capture requires
             self.warmup_left -= 1
             self.stream.wait_stream(torch.cuda.current_stream())
@@ -95,6 +107,8 @@ class GraphedDecode:
                 self.static_in.copy_(x)
             graph = torch.cuda.CUDAGraph()
             pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
+            if not self.graphs and self.weights_token is not None:
+                self.token = self.weights_token()
             self._set_hints(key)
             try:
                 with torch.cuda.graph(graph, pool=pool):

@@ -176,6 +176,8 @@ class TinyLM(nn.Module):
             [Block(config, attention, mlp_ratio, backend) for _ in range(n_layers)]
         )
         self.norm = RMSNorm(config.hidden_size)
+        # plain list (not registered): a captured decode checks these on every replay
+        self._nsa_layers = [b.attn for b in self.blocks if isinstance(b.attn, NSAAttention)]
 
     def _check_tokens(self, tokens: Tensor) -> None:
         if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
@@ -210,6 +212,10 @@ class TinyLM(nn.Module):
             x = blk.decode(x, cache)
         return (self.norm(x) @ self.embed.weight.T)[:, 0]
 
+    def decode_weights_token(self) -> tuple:
+        """Every NSA layer's decode_weights_token (see NSAAttention)."""
+        return tuple(a.decode_weights_token() for a in self._nsa_layers)
+
     @torch.no_grad()
     def generate(self, prompt: Tensor, n_new: int, max_len: int | None = None,
                  cuda_graph: bool = False) -> Tensor:
@@ -222,7 +228,8 @@ class TinyLM(nn.Module):
             max_len = max_len or prompt.shape[1] + n_new
         caches = self.new_caches(prompt.shape[0], max_len=max_len, static=cuda_graph)
         logits = self(prompt, caches=caches)[:, -1]
-        step = (GraphedDecode(lambda tok: self.decode(tok, caches), caches) if cuda_graph
+        step = (GraphedDecode(lambda tok: self.decode(tok, caches), caches,
+                              weights_token=self.decode_weights_token) if cuda_graph
                 else (lambda tok: self.decode(tok, caches)))
         out = []
         for _ in range(n_new):

@@ -54,6 +54,11 @@ def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
     return apply_rope(x, *rope_tables(pos, x.shape[-1], base, x.dtype, x.device))
 
 
+def _param_key(params: list[Tensor]) -> tuple:
+    """Identity of parameters' current values: storage, in-place version, dtype."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+
+
 class Compressor(nn.Module):
     """phi: raw tokens [B, T, H, D] -> compressed tokens [B, N, H, D] (block l, stride d)."""
 
@@ -179,7 +184,8 @@ class NSAAttention(nn.Module):
     def graph_decoder(self, cache: NSACache) -> GraphedDecode:
         """A CUDA-graph-captured ``decode`` over a static cache: call it with x_t like
         ``decode``; the returned tensor is reused by the next call."""
-        return GraphedDecode(lambda x: self.decode(x, cache), [cache])
+        return GraphedDecode(lambda x: self.decode(x, cache), [cache],
+                             weights_token=self.decode_weights_token)
 
     def _decode_projection(self) -> tuple[Tensor, Tensor, dict[str, int], int]:
         """(weight, bias, columns, gate column) of one GEMM that gives a decode step every
@@ -199,12 +205,21 @@ class NSAAttention(nn.Module):
                 off += c.n_kv_heads * D
         g0 = self.gate[0]
         mats.append(g0.weight)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in (*mats, g0.bias))
+        params = [*mats, g0.bias]
+        key = _param_key(params)
         if self._fused is None or self._fused[0] != key:
             w = torch.cat([m.detach() for m in mats])
             bias = torch.cat([w.new_zeros(off), g0.bias.detach()])
-            self._fused = (key, w, bias, cols, off)
-        return self._fused[1:]
+            self._fused = (key, w, bias, cols, off, params)
+        return self._fused[1:5]
+
+    def decode_weights_token(self) -> tuple | None:
+        """The current state (storage, in-place version) of the parameters the fused decode
+        weight was built from. A captured decode graph holds that copy, so GraphedDecode
+        keeps the token of its capture and captures again when it changes (an in-place
+        update). Cheap enough for every replay (replacing a parameter object breaks a
+        captured graph anyway)."""
+        return None if self._fused is None else _param_key(self._fused[5])
 
     def _rope_freqs(self, ref: Tensor) -> Tensor | None:
         c = self.config

@@ -132,3 +132,31 @@ def test_programmatic_dependent_launch_changes_no_bit():
         finally:
             launch.PDL = None
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_graph_decoder_recaptures_after_an_in_place_weight_update():
+    """A captured step holds the fused projection copy; after an optimizer-like in-place
+    update the graph decoder must re-capture, so its outputs follow the new weights."""
+    torch.manual_seed(3)
+    cfg = NSAConfig(hidden_size=256, n_heads=8, n_kv_heads=2, d_k=64, d_v=64)
+    m = NSAAttention(cfg, backend="triton").cuda()
+    torch.nn.init.normal_(m.gate[-1].weight, std=0.5)
+    B, P, K = 2, 300, 24
+    x = torch.randn(B, P + K, cfg.hidden_size, device="cuda")
+    eager_cache = m.new_cache(B, max_len=P + K, static=True)
+    graph_cache = m.new_cache(B, max_len=P + K, static=True)
+    with torch.no_grad():
+        m.prefill(x[:, :P], eager_cache)
+        m.prefill(x[:, :P], graph_cache)
+    step = m.graph_decoder(graph_cache)
+    for i in range(K):
+        if i == 12:
+            with torch.no_grad():
+                m.k_proj["sel"].weight.mul_(1.5)
+                m.gate[0].bias.add_(0.25)
+        xe = x[:, P + i: P + i + 1]
+        a = m.decode(xe, eager_cache)
+        b = step(xe).clone()
+        rel = ((a - b).norm() / a.norm()).item()
+        assert rel < 1e-4, (i, rel)
+    assert step.graphs  # captured again after the update

@@ -221,3 +221,20 @@ def test_emission_hints_of_graphed_decode_change_nothing(monkeypatch, fused):
     with torch.no_grad():
         m.prefill(x[:, :13], ragged, lengths=[13, 9])
     assert emission_key([ragged, caches[0]]) == (None, (26 - 8) % 4 == 0)
+
+
+def test_fused_weight_tracks_in_place_updates():
+    cfg = NSAConfig(l=8, d=4, l_sel=16, n=3, w=20, hidden_size=32, n_heads=4, n_kv_heads=2,
+                    d_k=16, d_v=16)
+    m = NSAAttention(cfg, backend="triton")
+    assert m.decode_weights_token() is None  # nothing built yet
+    w, bias, cols, g = m._decode_projection()
+    assert torch.equal(w[cols["k_win"]:cols["k_win"] + 32], m.k_proj["win"].weight)
+    assert torch.equal(bias[g:], m.gate[0].bias) and not bias[:g].any()
+    token = m.decode_weights_token()
+    assert token == m.decode_weights_token()
+    with torch.no_grad():
+        m.v_proj["cmp"].weight.add_(1.0)
+    assert m.decode_weights_token() != token  # a captured graph would be stale now
+    w2 = m._decode_projection()[0]
+    assert torch.equal(w2[cols["v_cmp"]:cols["v_cmp"] + 32], m.v_proj["cmp"].weight)
