@@ -80,6 +80,17 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
         Col("rel err", "rel_err", optional=True),
         Col("sel match", "sel_match", optional=True),
     ]),
+    "generate": ("Generate: tiny LM tokens/s, NSA against dense (same sizes, same run)", [
+        *CASE_COLS, Col("backend", "backend"),
+        *_param_cols("dtype", "context", "new", "B", "layers", "hidden", "H", "G", "d_k"),
+        Col("NSA eager tokens/s", "nsa_eager_tok_s"),
+        Col("dense eager tokens/s", "dense_eager_tok_s"),
+        Col("NSA / dense (eager)", "speedup_eager"),
+        Col("NSA graph tokens/s", "nsa_graph_tok_s", optional=True),
+        Col("NSA graph / dense eager", "graph_vs_dense_eager", optional=True),
+        Col("graph = eager tokens", "graph_token_match", optional=True),
+        Col("graph", "graph", optional=True),
+    ]),
     "needle": ("Needle: retrieval through NSA attention (dense attention is the control)", [
         *CASE_COLS, Col("backend", "backend"),
         *_param_cols("dtype", "T", "H", "G", "d_k", "n", "gates", "ablation", "distractors",
@@ -395,6 +406,14 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
                   "(`cache.last_reads`); bytes per sequence = tokens x H x (d_k + d_v) x "
                   "element size; dense reads all S tokens. read / spec max = measured tokens "
                   "over the spec's bound N_cmp(t) + min(n l', t+1) + min(w, t+1).")
+        if kind == "generate":
+            s += ("\n\nTokens/s over the timed greedy steps after the prompt (warm-up "
+                  "excluded), batch B. The dense model (SDPA over the cache) runs eagerly "
+                  "only: its cache length is a host-side size, so its step cannot be "
+                  "captured; the NSA graph column replays a CUDA-graph-captured step, so "
+                  "NSA graph / dense eager is not a like-for-like ratio. Eager times are "
+                  "mostly host time (Python, launches) and vary between machines. graph = "
+                  "eager tokens: the fraction of greedy tokens the two NSA runs agree on.")
         if kind == "needle":
             s += "\n\n" + showcase.needle_md(results, plots)
         if kind == "train":

@@ -9,7 +9,7 @@ A suite is YAML::
       device: auto
     cases:
       - name: parity-small
-        kind: parity             # env | parity | prefill | decode | needle | train
+        kind: parity             # env | parity | prefill | decode | generate | needle | train
         devices: [cpu]           # optional: device types the case is meant for
         description: ...
         params:                  # a list value expands to a grid (cartesian product)
@@ -39,7 +39,7 @@ from nsa.config import ConfigError, NSAConfig
 from nsabench.errors import SuiteError, UsageError
 
 SCHEMA_VERSION = 1
-KINDS = ("env", "parity", "prefill", "decode", "needle", "train")
+KINDS = ("env", "parity", "prefill", "decode", "generate", "needle", "train")
 # kinds whose runner does not exist yet, recorded as skipped with this reason (none now)
 NOT_IMPLEMENTED: dict[str, str] = {}
 DEVICE_TYPES = ("cpu", "cuda")
@@ -135,6 +135,23 @@ KIND_PARAMS: dict[str, dict[str, Param]] = {
         "check": _p("bool", True, "compare the decode output with the float64 reference",
                     grid=False),
     },
+    "generate": {
+        **COMMON,
+        "context": _p("int", 4096, "prompt tokens (random bytes) before generation", min=1),
+        "new": _p("int", 64, "tokens generated greedily after the prompt (the timed steps)",
+                  min=1, grid=False),
+        "B": SHAPE["B"],
+        "layers": _p("int", 4, "transformer blocks of the tiny LM", min=1),
+        "hidden": _p("int", 1024, "hidden size", min=1),
+        "H": _p("int", 4, "KV heads", min=1),
+        "G": _p("int", 4, "query heads per KV head", min=1),
+        "d_k": _p("int", 64, "query/key head dim (even: RoPE)", min=1),
+        "d_v": SHAPE["d_v"],
+        "phi": _p("str", "mlp", "NSA compression: mlp (paper) or mean", choices=("mlp", "mean")),
+        **BLOCK,
+        "graph": _p("bool", True, "CUDA: also time NSA replaying a CUDA-graph-captured step",
+                    grid=False),
+    },
     "needle": {
         **COMMON, **SHAPE, **BLOCK,
         "T": _p("int", 4096, "haystack length", min=1),
@@ -202,6 +219,7 @@ KIND_THRESHOLDS: dict[str, tuple[str, ...]] = {
                 "max_nsa_fwd_bwd_ms", "min_speedup_fwd_vs_fla", "min_speedup_fwd_bwd_vs_fla"),
     "decode": ("min_speedup", "max_read_vs_spec", "max_read_fraction", "max_rel_err",
                "min_sel_match"),
+    "generate": ("min_speedup_eager", "min_graph_vs_dense_eager", "min_graph_token_match"),
     "needle": ("min_accuracy", "min_recall", "min_dense_accuracy", "min_worst_depth_accuracy",
                "max_accuracy"),
     "train": ("max_final_loss", "max_loss_ratio", "min_loss_drop", "min_passkey_accuracy",

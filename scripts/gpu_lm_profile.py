@@ -29,7 +29,14 @@ def main() -> None:
     ap.add_argument("--graph", action="store_true",
                     help="NSA only: profile CUDA-graph replays of the step instead (the GPU "
                          "kernels of one captured step and the replay time)")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch the decode kernels without programmatic dependent launch "
+                         "(a PDL kernel's profiled time includes its wait for the previous one)")
     a = ap.parse_args()
+    if a.no_pdl:
+        from nsa.ops.decode import launch
+
+        launch.PDL = False
     if a.graph:
         return graph_profile(a)
     cfg = NSAConfig(hidden_size=1024, n_heads=16, n_kv_heads=4, d_k=64, d_v=64)
@@ -84,11 +91,11 @@ def graph_profile(a) -> None:
     torch.manual_seed(0)
     m = TinyLM(cfg, n_layers=4, attention="nsa").cuda().to(torch.bfloat16).eval()
     prompt = torch.randint(0, 256, (1, a.context), device="cuda")
-    caches = m.new_caches(1, max_len=a.context + 4 * a.steps + 64, static=True)
+    caches = m.new_caches(1, max_len=a.context + 4 * a.steps + 128, static=True)
     with torch.no_grad():
         tok = m(prompt, caches=caches)[:, -1].argmax(-1)
         step = GraphedDecode(lambda x: m.decode(x, caches), caches)
-        for _ in range(4):
+        for _ in range(4 + 2 * cfg.d):  # both graphs (with and without phi) captured
             tok = step(tok).argmax(-1)
         torch.cuda.synchronize()
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
@@ -111,7 +118,7 @@ def graph_profile(a) -> None:
     print(f"{torch.cuda.get_device_name()}: NSA tiny LM, context {a.context}, graph replay "
           f"{replay:.3f} ms per step (GPU, back to back), generation loop {loop:.3f} ms per "
           f"token ({1e3 / loop:.0f} tokens/s)")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_wrong_types_and_values_are_rejected():
     assert p.startswith("s.yaml:5: defaults.T: must be >= 1, got 0")
     (p,) = problems(GOOD.replace("kind: env", "kind: bench"))
     assert "s.yaml:15: cases[1] (e).kind: must be one of env, parity, prefill, decode, " \
-        "needle, train, got 'bench'" in p
+        "generate, needle, train, got 'bench'" in p
     (p,) = problems(GOOD.replace("float32: 1e-5", "float32: low"))
     assert "thresholds.max_rel_err: expected a number, got 'low'" in p
     (p,) = problems(GOOD.replace("max_rel_err:", "max_speedup:"))

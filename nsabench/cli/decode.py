@@ -53,7 +53,9 @@ def decode(
     seed: SeedOpt = None,
 ) -> None:
     """Time one NSA decode step against dense SDPA decode (one query over S cached keys)
-    at each context length; report tokens and bytes actually read (counted by the op)."""
+    at each context length; report tokens and bytes actually read (counted by the op).
+    A suite's generate cases (the decode suite has them) also time the tiny LM generating
+    after a prompt: tokens/s with NSA (eager and CUDA graph) against dense."""
     with guard():
         overrides = {
             "S": one_or_list(parse_ints("--S", S)), "B": one_or_list(parse_ints("--batch", batch)),
@@ -62,6 +64,7 @@ def decode(
             "d_v": one_or_list(parse_ints("--d-v", d_v)),
             "repeats": repeats, "warmup": warmup, "seed": seed,
         }
-    measure_command("decode", "decode", {"decode"}, suite=suite, out=out, json_out=json_out,
+    measure_command("decode", "decode", {"decode", "generate"}, suite=suite, out=out,
+                    json_out=json_out,
                     device=device, dtype=dtype, backend=backend, label=label,
                     overrides=overrides)

@@ -22,7 +22,7 @@ import torch
 from nsa import policy
 from nsabench import artifacts
 from nsabench.results import fmt
-from nsabench.runners import decode, envcase, needle, parity, prefill, train
+from nsabench.runners import decode, envcase, generate, needle, parity, prefill, train
 from nsabench.runners.common import CaseSkip, NotForDevice, resolve_device
 from nsabench.suites import NOT_IMPLEMENTED, CaseSpec, threshold_metric
 
@@ -31,6 +31,7 @@ RUNNERS: dict[str, Callable[[CaseSpec, torch.device], dict[str, Any]]] = {
     "parity": parity.run,
     "prefill": prefill.run,
     "decode": decode.run,
+    "generate": generate.run,
     "needle": needle.run,
     "train": train.run,
 }

@@ -65,3 +65,61 @@ def test_decode_without_the_decode_api_is_skipped_with_the_import_error(
     # nothing could be measured: exit 3, and the report says so
     assert r.exit_code == 3 and data["summary"]["verdict"] == "NOT RUN"
     assert "## Skipped cases" in (run_folder(out) / "report.md").read_text()
+
+
+GENERATE = """\
+- name: gen
+  kind: generate
+  params:
+    context: 40
+    new: 3
+    B: 2
+    layers: 1
+    hidden: 32
+    H: 2
+    G: 2
+    d_k: 8
+    l: 8
+    d: 4
+    l_sel: 8
+    n: 3
+    w: 16
+"""
+
+
+def test_generate_reports_tokens_per_second(invoke, write_suite, tmp_path):
+    out = tmp_path / "out"
+    r = invoke("decode", "--suite", write_suite(GENERATE), "--out", out)
+    assert r.exit_code == 0, r.stderr
+    (c,) = results_of(out)["cases"]
+    m = c["metrics"]
+    assert c["status"] == "passed", c["reason"]
+    assert m["nsa_eager_tok_s"] > 0 and m["dense_eager_tok_s"] > 0
+    assert m["speedup_eager"] == m["nsa_eager_tok_s"] / m["dense_eager_tok_s"]
+    assert m["graph"].startswith("not run: CUDA graphs need a CUDA device")
+    assert "nsa_graph_tok_s" not in m
+    folder = run_folder(out)
+    assert (folder / "generate.csv").is_file()
+    assert "not a like-for-like ratio" in (folder / "report.md").read_text()
+
+
+def test_generate_times_the_models_own_greedy_continuation():
+    """The runner's timed tokens are the greedy continuation TinyLM.generate produces
+    (the steps after the warm-up), for both attentions."""
+    import torch
+
+    from nsa import NSAConfig
+    from nsa.model import TinyLM
+    from nsabench.runners.generate import _tokens_per_s
+
+    cfg = NSAConfig(hidden_size=32, n_heads=4, n_kv_heads=2, d_k=8, d_v=8, l=8, d=4,
+                    l_sel=8, n=3, w=16)
+    prompt = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(1))
+    for attention in ("dense", "nsa"):
+        torch.manual_seed(0)
+        m = TinyLM(cfg, n_layers=2, attention=attention).eval()
+        tps, toks, finite = _tokens_per_s(m, prompt, 5, False, torch.device("cpu"))
+        warm = 4 + 2 * cfg.d
+        want = m.generate(prompt, warm + 6)[:, warm + 1:]
+        assert tps > 0 and finite and toks.shape == (2, 5)
+        assert torch.equal(toks, want), attention
