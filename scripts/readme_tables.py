@@ -87,6 +87,18 @@ def main(paths: list[str]) -> None:
                 print(f"| {r['S']} | {r['B']} | {float(r['NSA ms']) * 1e3:.1f} | "
                       f"{float(r['dense ms']) * 1e3:.1f} | {fmt(r['speedup'])}x | "
                       f"{fmt(r['NSA tokens'], 0)} | {fmt(r['read fraction'], 3)} |")
+            if (p / "generate.csv").is_file() and rows(p, "generate"):
+                print("\nTiny LM generating after a prompt (tokens/s; dense runs eagerly "
+                      "only):\n")
+                print("| prompt | new tokens | NSA eager | dense eager | NSA / dense eager | "
+                      "NSA CUDA graph | NSA graph / dense eager |")
+                print("|---|---|---|---|---|---|---|")
+                for r in rows(p, "generate"):
+                    print(f"| {r['context']} | {r['new']} | {fmt(r['NSA eager tokens/s'], 0)} "
+                          f"| {fmt(r['dense eager tokens/s'], 0)} | "
+                          f"{fmt(r['NSA / dense (eager)'])}x | "
+                          f"{fmt(r['NSA graph tokens/s'], 0)} | "
+                          f"{fmt(r['NSA graph / dense eager'])}x |")
         print()
 
 
