@@ -14,18 +14,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-
-def graphed(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
+from nsabench.runners.common import graphed
 
 
 def main() -> None:
@@ -59,11 +48,11 @@ def main() -> None:
         q, k[:, :, :S], v[:, :, :S], enable_gqa=True, scale=scale)
     rows["sdpa eager (exact length)"] = (triton.testing.do_bench(eager) * 1e3, 0.0)
     rows["sdpa graph (exact length, fixed)"] = (
-        triton.testing.do_bench(graphed(eager).replay) * 1e3, 0.0)
+        triton.testing.do_bench(graphed(eager, q.device)) * 1e3, 0.0)
     o = bmm_step()
     rel = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
     rows["bmm fp32 scores + masked softmax, graph"] = (
-        triton.testing.do_bench(graphed(bmm_step).replay) * 1e3, rel)
+        triton.testing.do_bench(graphed(bmm_step, q.device)) * 1e3, rel)
     if a.flex:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -81,7 +70,7 @@ def main() -> None:
         print(f"flex compile {time.perf_counter() - t0:.1f} s")
         rel = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
         rows["flex (score_mod mask), graph"] = (
-            triton.testing.do_bench(graphed(flex_step).replay) * 1e3, rel)
+            triton.testing.do_bench(graphed(flex_step, q.device)) * 1e3, rel)
     print(f"{torch.cuda.get_device_name()}: dense decode B={B} HQ={HQ} H={H} d={D} S={S} "
           f"capacity {cap}")
     for name, (t, rel) in rows.items():

@@ -7,37 +7,12 @@ CUDA-graph replay) against dense attention (SDPA over the KV cache), same model 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from nsa import NSAConfig
 from nsa.model import TinyLM
-
-
-def tokens_per_s(model: TinyLM, prompt: torch.Tensor, new: int, graph: bool) -> float:
-    warm = 4 + 2 * model.config.d
-    caches = model.new_caches(prompt.shape[0], max_len=prompt.shape[1] + new + warm + 4,
-                              static=graph)
-    with torch.no_grad():
-        logits = model(prompt, caches=caches)[:, -1]
-        if graph:
-            from nsa.graph import GraphedDecode
-
-            step = GraphedDecode(lambda tok: model.decode(tok, caches), caches)
-        else:
-            step = lambda tok: model.decode(tok, caches)  # noqa: E731
-        tok = logits.argmax(-1)
-        # warm-up: compilation and graph capture (a uniform batch captures a step with phi
-        # and one without, every d-th step is the former: 2 d steps see both)
-        for _ in range(warm):
-            tok = step(tok).argmax(-1)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(new):
-            tok = step(tok).argmax(-1)
-        torch.cuda.synchronize()
-    return new * prompt.shape[0] / (time.perf_counter() - t0)
+from nsabench.runners.generate import tokens_per_s
 
 
 def main() -> None:
@@ -69,7 +44,7 @@ def main() -> None:
         for blk in m.blocks:
             blk.attn.fused_decode = fused
         launch.PDL = pdl
-        rows.append((name, tokens_per_s(m, prompt, a.new, graph)))
+        rows.append((name, tokens_per_s(m, prompt, a.new, graph, torch.device("cuda"))[0]))
         launch.PDL = None
         del m
         torch.cuda.empty_cache()

@@ -29,8 +29,8 @@ from nsabench.suites import CaseSpec
 CHUNKS = 4
 
 
-def _tokens_per_s(model, prompt: torch.Tensor, new: int, graph: bool,
-                  device: torch.device) -> tuple[float, torch.Tensor, bool]:
+def tokens_per_s(model, prompt: torch.Tensor, new: int, graph: bool,
+                 device: torch.device) -> tuple[float, torch.Tensor, bool]:
     """(tokens/s of the median chunk of the ``new`` timed steps, the generated tokens
     [B, new], last logits finite)."""
     from nsa.graph import GraphedDecode
@@ -87,8 +87,8 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
         torch.manual_seed(p["seed"])
         model = TinyLM(cfg, n_layers=p["layers"], attention=attention,
                        backend=p["backend"]).to(device=device, dtype=dtype).eval()
-        m[f"{name}_tok_s"], toks[name], ok = _tokens_per_s(model, prompt, p["new"], graph,
-                                                            device)
+        m[f"{name}_tok_s"], toks[name], ok = tokens_per_s(model, prompt, p["new"], graph,
+                                                           device)
         finite = finite and ok
         del model
         if device.type == "cuda":

@@ -110,7 +110,7 @@ def test_generate_times_the_models_own_greedy_continuation():
 
     from nsa import NSAConfig
     from nsa.model import TinyLM
-    from nsabench.runners.generate import _tokens_per_s
+    from nsabench.runners.generate import tokens_per_s
 
     cfg = NSAConfig(hidden_size=32, n_heads=4, n_kv_heads=2, d_k=8, d_v=8, l=8, d=4,
                     l_sel=8, n=3, w=16)
@@ -118,7 +118,7 @@ def test_generate_times_the_models_own_greedy_continuation():
     for attention in ("dense", "nsa"):
         torch.manual_seed(0)
         m = TinyLM(cfg, n_layers=2, attention=attention).eval()
-        tps, toks, finite = _tokens_per_s(m, prompt, 5, False, torch.device("cpu"))
+        tps, toks, finite = tokens_per_s(m, prompt, 5, False, torch.device("cpu"))
         warm = 4 + 2 * cfg.d
         want = m.generate(prompt, warm + 6)[:, warm + 1:]
         assert tps > 0 and finite and toks.shape == (2, 5)

@@ -30,6 +30,22 @@ def _triton_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
     return decode_not_supported_reasons(q_t, cache)
 
 
+def _route(name: str, backend: str, x: Tensor, reasons) -> str:
+    """"reference" or "triton" for a public function's ``backend`` argument: "auto" takes
+    Triton on CUDA where ``reasons()`` (why the kernels cannot run) is empty; "triton"
+    raises with those reasons."""
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"{name}: backend must be 'auto', 'reference' or 'triton', got "
+                         f"{backend!r}")
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        why = reasons()
+        if why and backend == "triton":
+            raise ValueError(f"{name}: backend='triton' cannot run this step: "
+                             + "; ".join(why))
+        return "reference" if why else "triton"
+    return "reference"
+
+
 def _check_gate(name: str, g: Tensor | None, B: int, HQ: int, q: Tensor) -> None:
     if g is None:
         return
@@ -77,17 +93,9 @@ def nsa_decode(
         _check_gate(name, g, B, HQ, q_t)
     if g_cmp is None and g_sel is None and g_win is None:
         raise ValueError("nsa_decode: at least one of g_cmp, g_sel, g_win must be a tensor")
-    if backend not in ("auto", "reference", "triton"):
-        raise ValueError(f"nsa_decode: backend must be 'auto', 'reference' or 'triton', "
-                         f"got {backend!r}")
+    backend = _route("nsa_decode", backend, q_t, lambda: _triton_reasons(q_t, cache))
     if scale is None:
         scale = cfg.scale if cfg.scale is not None else dk ** -0.5
-    if backend == "triton" or (backend == "auto" and q_t.is_cuda):
-        reasons = _triton_reasons(q_t, cache)
-        if reasons and backend == "triton":
-            raise ValueError("nsa_decode: backend='triton' cannot run this step: "
-                             + "; ".join(reasons))
-        backend = "reference" if reasons else "triton"
     if backend == "triton":
         from nsa.ops.decode.launch import triton_decode
 
@@ -181,15 +189,7 @@ def decode_append(
         raise ValueError(f"decode_append: rope_inv_freq must be {ft} [{dk // 2}] on "
                          f"{z.device} (d_k={dk} even), got {rope_inv_freq.dtype} "
                          f"{tuple(rope_inv_freq.shape)} on {rope_inv_freq.device}")
-    if backend not in ("auto", "reference", "triton"):
-        raise ValueError(f"decode_append: backend must be 'auto', 'reference' or 'triton', "
-                         f"got {backend!r}")
-    if backend == "triton" or (backend == "auto" and z.is_cuda):
-        reasons = _append_triton_reasons(z, cache)
-        if reasons and backend == "triton":
-            raise ValueError("decode_append: backend='triton' cannot run this step: "
-                             + "; ".join(reasons))
-        backend = "reference" if reasons else "triton"
+    backend = _route("decode_append", backend, z, lambda: _append_triton_reasons(z, cache))
     B = z.shape[0]
     if backend == "reference":
         view = lambda n, heads, D: z[:, columns[n]:columns[n] + heads * D].view(B, heads, D)  # noqa: E731
