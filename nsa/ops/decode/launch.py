@@ -6,13 +6,12 @@ allocates nothing and launches at most four kernels (CUDA-graph friendly)."""
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
 from nsa.backends import device_info
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
-from nsa.ops.compression.launch import dot_precision, interpreting
+from nsa.ops.compression.launch import cdiv, dot_precision, interpreting, next_pow2
 from nsa.ops.decode.kernels import _dec_append, _dec_p1, _dec_p2, _dec_p3, _dec_p4
 from nsa.ops.descriptors import kv_desc, resolve_desc
 from nsa.ops.reference import num_compressed
@@ -38,7 +37,7 @@ PDL: bool | None = None
 
 
 def _p2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(1, x)))
+    return max(lo, next_pow2(max(1, x)))
 
 
 def decode_not_supported_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
@@ -71,7 +70,7 @@ def _allocator(poison: bool):
 def _chunk_blocks(nbcap: int) -> int:
     """Selection blocks per chunk: at least 128, and at most 16 chunks per (b, h) so the
     candidates (16 chunks x n) stay few."""
-    return max(128, triton.next_power_of_2(nbcap) // 16)
+    return max(128, next_pow2(nbcap) // 16)
 
 
 def _workspace(cache: NSACache, G: int, poison: bool) -> dict[str, Tensor]:
@@ -86,12 +85,12 @@ def _workspace(cache: NSACache, G: int, poison: bool) -> dict[str, Tensor]:
     empty = _allocator(poison)
     f32 = {"device": dev, "dtype": torch.float32}
     ncap = max(1, num_compressed(cache.capacity, cfg.l, cfg.d))
-    ntcap = triton.cdiv(ncap, BLOCK_C)  # tiles; splits never outnumber them
+    ntcap = cdiv(ncap, BLOCK_C)  # tiles; splits never outnumber them
     nbcap = -(-cache.capacity // cfg.l_sel)
-    n_wt = triton.cdiv(cfg.w, _p2(cfg.l_sel))
+    n_wt = cdiv(cfg.w, _p2(cfg.l_sel))
     npart = n_wt + cfg.n + ntcap
     jt = _chunk_blocks(nbcap)
-    kp = triton.next_power_of_2(triton.cdiv(nbcap, jt)) * _p2(cfg.n, 1)
+    kp = next_pow2(cdiv(nbcap, jt)) * _p2(cfg.n, 1)
     ws = {
         "key": key,
         "pm": empty(B * H * npart * G, **f32),
@@ -145,24 +144,24 @@ def triton_decode(
     # a static cache is read whole (captured graphs must not depend on host lengths)
     T_used = cache.capacity if cache.static else cache.max_length
     ncap = max(1, min(num_compressed(T_used, cfg.l, cfg.d), cache.k_cmp.shape[1]))
-    ntile = triton.cdiv(ncap, BLOCK_C) if (use_cmp or use_sel) else 0
+    ntile = cdiv(ncap, BLOCK_C) if (use_cmp or use_sel) else 0
     # many tiles per SM (large batches, long contexts): splits of several tiles (a
     # pipelined loop) write fewer partials
     sms = _sm_count(q.device)
     tps = SPLIT_TILES if B * H * ntile > TILES_PER_SM * sms else 1
-    splits = triton.cdiv(ntile, tps)
+    splits = cdiv(ntile, tps)
     # the same for the selected blocks: 4 per program pick the top-n once for 4 blocks
     bpp = 4 if B * H * cfg.n > SEL_PER_SM * sms else 1
-    n_sp = triton.cdiv(cfg.n, bpp)
-    n_wt = triton.cdiv(cfg.w, LP) if use_win else 0
-    nch = triton.cdiv(triton.cdiv(T_used, cfg.l_sel), ws["jt"]) if use_sel else 0
+    n_sp = cdiv(cfg.n, bpp)
+    n_wt = cdiv(cfg.w, LP) if use_win else 0
+    nch = cdiv(cdiv(T_used, cfg.l_sel), ws["jt"]) if use_sel else 0
     r2 = splits + n_wt
     npart = ws["npart"]
     jb = _p2((BLOCK_C * cfg.d) // cfg.l_sel + -(-cfg.l // cfg.l_sel) + 1, 16)
     kc, vc, kw, vw, ks, vs = (cache.k_cmp, cache.v_cmp, cache.k_win, cache.v_win,
                               cache.k_sel, cache.v_sel)
     # window tiles occupy slots [0, n_wt) only when the window branch is on
-    n_wt_slots = triton.cdiv(cfg.w, LP)
+    n_wt_slots = cdiv(cfg.w, LP)
     # float32 decode runs its dots as 3xTF32 like the prefill kernels (plain TF32 put the
     # cached decode of a float32 model ~1e-3 away from its teacher-forced forward)
     prec = dot_precision(q.dtype, q.device)

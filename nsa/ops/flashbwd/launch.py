@@ -6,11 +6,11 @@ No autograd and no validation beyond shapes: :mod:`nsa.ops.triton_autograd` call
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
 from nsa.ops.compression.launch import (
     LOG2E,
+    cdiv,
     dot_precision,
     head_dim_tile,
     interpreting,
@@ -110,7 +110,7 @@ def flash_backward(
     else:
         span = min(T, bn1 - 1 + w)
     chunk = q_chunk or (4096 if on_gpu else 64)
-    n_chunks = max(1, triton.cdiv(span, chunk))
+    n_chunks = max(1, cdiv(span, chunk))
     # every (key tile, chunk) program stores its whole partial (zeros when its chunk is
     # empty), so the partials need no initialisation
     dkp = torch.empty(n_chunks, B, NK, H, d_k, device=q.device, dtype=torch.float32)
@@ -129,7 +129,7 @@ def flash_backward(
             pp = max(1, bm // GP2)
             qd, od = ((rows_desc(q, pp, GP2, DK), rows_desc(dout, pp, GP2, DV))
                       if use_desc_rows else (q, dout))
-            _bwd_dkdv_kernel[(triton.cdiv(NK, bn1), n_chunks, H * B)](
+            _bwd_dkdv_kernel[(cdiv(NK, bn1), n_chunks, H * B)](
                 qd, k, v, od, gate, lse, delta, dkp, dvp, *common,
                 dkp.stride(0), dkp.stride(1), dkp.stride(2), dkp.stride(3),
                 dvp.stride(0), dvp.stride(1), dvp.stride(2), dvp.stride(3),
@@ -146,7 +146,7 @@ def flash_backward(
             pp = max(1, bm // GP2)
             kd, vd = ((kv_desc(k, NK, bn2, DK), kv_desc(v, NK, bn2, DV)) if use_desc
                       else (k, v))
-            _bwd_dq_kernel[(triton.cdiv(T, pp), H, B)](
+            _bwd_dq_kernel[(cdiv(T, pp), H, B)](
                 q, kd, vd, dout, gate, lse, delta, dq, *common,
                 dq.stride(0), dq.stride(1), dq.stride(2),
                 T, NK, w, qk_scale, scale,
@@ -187,7 +187,7 @@ def branch_rowdots(dout: Tensor, outs: list[Tensor]) -> list[Tensor]:
     block_r = max(1, 4096 // DP)
     o = outs + [outs[0]] * (3 - len(outs))
     r = res + [res[0]] * (3 - len(res))
-    _rowdot_kernel[(triton.cdiv(n_rows, block_r),)](
+    _rowdot_kernel[(cdiv(n_rows, block_r),)](
         dout, o[0], o[1], o[2], r[0], r[1], r[2], n_rows,
         D=D, DP=DP, BLOCK_R=block_r, N_OUT=len(outs), num_warps=4,
     )

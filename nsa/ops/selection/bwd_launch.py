@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import (
     LOG2E,
+    cdiv,
     dot_precision,
     head_dim_tile,
     interpreting,
@@ -156,7 +156,7 @@ def sel_backward(
     forced = forced_sel_mode(mode)
     mode = forced or sel_forward_mode(q, d_v, H, n_sel)
     # the default also keeps deterministic dQ partials under the forward's memory cap
-    part_bytes = B * T * H * n_sel * triton.cdiv(L, bn_kv) * G * d_k * 4
+    part_bytes = B * T * H * n_sel * cdiv(L, bn_kv) * G * d_k * 4
     if (mode == "block" and dq_partial and forced is None
             and part_bytes > SEL_BLOCK_MAX_PARTIAL_BYTES):
         mode = "group"
@@ -173,7 +173,7 @@ def sel_backward(
 
     def launch_q(_bm, st):
         kd, vd = ((kv_desc(k, T, bn_q, DK), kv_desc(v, T, bn_q, DV)) if use_desc else (k, v))
-        _sel_bwd_dq_kernel[(triton.cdiv(T, pp_q), H, B)](
+        _sel_bwd_dq_kernel[(cdiv(T, pp_q), H, B)](
             q, kd, vd, idx, dout, gate, lse, delta, dq, *common,
             idx.stride(0), idx.stride(1), idx.stride(2), *go,
             dq.stride(0), dq.stride(1), dq.stride(2),
@@ -216,7 +216,7 @@ def _sel_dkdv(q, k, v, idx, dout, gate, lse, delta, cfg, scale, common, go, prec
     keys, seg_blk, seg_lo, seg_hi, seg_first, seg_count = inverted_index(
         idx, T, nb, seg, entries=with_dq)
     s_max = seg_blk.shape[-1]
-    nsub = triton.cdiv(L, bn_kv)
+    nsub = cdiv(L, bn_kv)
     if deterministic:
         dko = torch.empty(B, H, s_max * L, d_k, device=q.device, dtype=torch.float32)
         dvo = torch.empty(B, H, s_max * L, d_v, device=q.device, dtype=torch.float32)
@@ -286,7 +286,7 @@ def _sel_backward_block_dq(q, k, v, idx, dout, gate, lse, delta, dq, cfg, scale,
         on_gpu = q.device.type == "cuda" and not interpreting()
         pp = max(1, (64 if on_gpu else 16) // GP2)
         n_sel = idx.shape[-1]
-        _sel_bwd_dq_reduce_kernel[(triton.cdiv(T, pp), H, B)](
+        _sel_bwd_dq_reduce_kernel[(cdiv(T, pp), H, B)](
             part, idx, dq, *part.stride()[:5],
             idx.stride(0), idx.stride(1), idx.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),

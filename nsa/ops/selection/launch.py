@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 from torch import Tensor
 
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import (
     LOG2E,
+    cdiv,
     dot_precision,
     head_dim_tile,
     interpreting,
@@ -88,7 +88,7 @@ def select_topn(
     rows = rows or (4 if on_gpu else 32)
     chunk = chunk or (32 if on_gpu else 64)
     warps = warps or (1 if on_gpu else 4)
-    grid = (triton.cdiv(T, rows), H, B)
+    grid = (cdiv(T, rows), H, B)
     _topn_kernel[grid](
         scores, out,
         scores.stride(0), scores.stride(1), scores.stride(2),
@@ -194,7 +194,7 @@ def sel_forward(
 
     def launch(_bm, stages_):
         kd, vd = ((kv_desc(k, T, bn, DK), kv_desc(v, T, bn, DV)) if use_desc else (k, v))
-        _sel_fwd_kernel[(triton.cdiv(T, PP), H, B)](
+        _sel_fwd_kernel[(cdiv(T, PP), H, B)](
             q, kd, vd, block_indices, *ptrs,
             *_t3(q), *_t3(k), *_t3(v), *_t3(block_indices), *strides,
             T, scale * LOG2E,
@@ -269,7 +269,7 @@ def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[T
     keys = torch.empty(B, H, E, device=idx.device, dtype=kdt)
     st = (idx.stride(0), idx.stride(1), idx.stride(2))
     tile = COUNT_INDEX_TILE
-    P = triton.cdiv(E, tile)
+    P = cdiv(E, tile)
     nbp = next_pow2(nb + 1)
     interp = interpreting()
     by_sort = not interp if COUNT_INDEX_SORT is None else COUNT_INDEX_SORT
@@ -283,7 +283,7 @@ def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[T
         _entry_hist_kernel[grid](idx, hist, *st, *hs, E, nb, N_SEL=n, BLOCK=tile, NBP=nbp,
                                  BY_SORT=by_sort, num_warps=4)
         pb, cb = COUNT_INDEX_SCAN
-        _entry_scan_kernel[(triton.cdiv(nb + 1, cb), H, B)](hist, *hs, P, nb, PB=pb, CB=cb,
+        _entry_scan_kernel[(cdiv(nb + 1, cb), H, B)](hist, *hs, P, nb, PB=pb, CB=cb,
                                                            num_warps=4)
         off = torch.empty(B, H, nb + 1, device=idx.device, dtype=torch.int32)
         tot = hist[:, :, P]
@@ -295,7 +295,7 @@ def entries_by_block(idx: Tensor, nb: int, by_position: bool = False) -> tuple[T
                                   BY_SORT=by_sort, BY_POSITION=by_position, num_warps=4)
         return keys, off
     blk = 1024
-    _entry_keys_kernel[(triton.cdiv(E, blk), H, B)](
+    _entry_keys_kernel[(cdiv(E, blk), H, B)](
         idx, keys, *st, keys.stride(0), keys.stride(1), E, nb, span, N_SEL=n,
         BY_POSITION=by_position, BLOCK=blk, num_warps=4,
     )
@@ -353,7 +353,7 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
     prec = dot_precision(q.dtype, q.device)
 
     def launch(bm_, st):
-        _sel_fwd_blocks_kernel[(triton.cdiv(T * n, seg), H, B)](
+        _sel_fwd_blocks_kernel[(cdiv(T * n, seg), H, B)](
             q, k, v, keys, off, po, pl,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -376,7 +376,7 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
     rows, m_stages = MERGE_TILE or (((128, 2) if GP2 <= 2 else (64, 1)) if on_gpu
                                     else (16, 1))
     pp = max(1, rows // GP2)
-    _sel_merge_kernel[(triton.cdiv(T, pp), H, B)](
+    _sel_merge_kernel[(cdiv(T, pp), H, B)](
         po, pl, block_indices, *ptrs,
         *po.stride()[:5], *pl.stride()[:4], *_t3(block_indices), *strides,
         T, G=G, GP2=GP2, PP=pp, DV=DV, D_V=d_v, N_SEL=n, num_warps=4, num_stages=m_stages,

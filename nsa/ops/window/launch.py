@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
 from nsa.ops.compression.launch import (
     LOG2E,
+    cdiv,
     cuda_capability,
     dot_precision,
     head_dim_tile,
@@ -72,7 +72,7 @@ def win_forward(
     def launch(bm_, stages_):
         PP = max(1, bm_ // GP2)
         kd, vd = (kv_desc(k, T, bn, DK), kv_desc(v, T, bn, DV)) if use_desc else (k, v)
-        _win_fwd_kernel[(triton.cdiv(T, PP), H, B)](
+        _win_fwd_kernel[(cdiv(T, PP), H, B)](
             q, kd, vd, o, lse_arg,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
