@@ -28,6 +28,8 @@ branches still run here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -49,7 +51,8 @@ MAX_GROUP = 128  # one GQA group must fit the M dimension of one program
 
 
 def triton_not_supported_reasons(
-    device: torch.device | str, dtype: torch.dtype, d_k: int, d_v: int, G: int
+    device: torch.device | str, dtype: torch.dtype, d_k: int, d_v: int, G: int,
+    flags=None,
 ) -> list[str]:
     """Why the Triton backend cannot run this case, one sentence each ([] = it can).
 
@@ -60,7 +63,8 @@ def triton_not_supported_reasons(
     """
     from nsa.backends import Shapes, not_supported_reasons
 
-    reasons = not_supported_reasons("triton", device, dtype, Shapes(d_k=d_k, d_v=d_v, G=G))
+    reasons = not_supported_reasons("triton", device, dtype, Shapes(d_k=d_k, d_v=d_v, G=G),
+                                    flags=flags)
     if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
         reasons.append("bfloat16 on CPU: the Triton interpreter's tl.dot gives wrong results "
                        "for bfloat16 (use float32 or float16 there)")
@@ -80,14 +84,26 @@ def config_not_supported_reasons(cfg: NSAConfig) -> list[str]:
     return score_layout_ok(cfg)
 
 
-def _sel_on_triton(q: Tensor, d_k: int, d_v: int, G: int) -> bool:
-    """Routing policy for the selection branch (e.g. SM 8.9 sends it to the reference)."""
+def _routing(q: Tensor, d_k: int, d_v: int, G: int) -> tuple[tuple[str, ...], bool]:
+    """(why the kernels cannot run, whether the routing policy keeps the selection branch
+    on Triton; e.g. SM 8.9 sends it to the reference) for q's device and dtype. Both
+    depend only on these sizes, the device and the routing flags, so they are computed
+    once per combination: every call used to spend ~0.1 ms of host time here."""
+    from nsa.policy import read_flags
+
+    return _routing_for(q.device, q.dtype, d_k, d_v, G, read_flags())
+
+
+@functools.lru_cache(maxsize=256)
+def _routing_for(device: torch.device, dtype: torch.dtype, d_k: int, d_v: int, G: int,
+                 flags) -> tuple[tuple[str, ...], bool]:
     from nsa.backends import Shapes
     from nsa.policy import choose_branch
 
-    choice = choose_branch("sel", q.device, q.dtype, Shapes(d_k=d_k, d_v=d_v, G=G),
+    reasons = tuple(triton_not_supported_reasons(device, dtype, d_k, d_v, G, flags))
+    choice = choose_branch("sel", device, dtype, Shapes(d_k=d_k, d_v=d_v, G=G), flags=flags,
                            requested="triton")
-    return choice.backend == "triton"
+    return reasons, choice.backend == "triton"
 
 
 def _combine(out_dtype: torch.dtype, *parts: tuple[Tensor | None, Tensor | None]) -> Tensor:
@@ -139,14 +155,15 @@ def triton_nsa(
     d_v = next(x for x in (v_sel, v_win, v_cmp) if x is not None).shape[-1]
     G = HQ // H
     need_scores = g_sel is not None and block_indices is None
-    reasons = triton_not_supported_reasons(q.device, q.dtype, d_k, d_v, G)
+    reasons, sel_triton = _routing(q, d_k, d_v, G)
+    reasons = list(reasons)
     if need_scores:
         reasons += config_not_supported_reasons(cfg)
     if reasons:
         raise ValueError("nsa_attention(backend='triton') cannot run this case: "
                          + "; ".join(reasons))
     tensors = (q, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp, g_cmp, g_sel, g_win)
-    sel_triton = g_sel is not None and _sel_on_triton(q, d_k, d_v, G)
+    sel_triton = g_sel is not None and sel_triton
     grad = _needs_grad(*tensors)
     if T == 0 or (g_sel is not None and not sel_triton and grad):
         # nothing to launch, or the routing policy keeps selection on the reference for

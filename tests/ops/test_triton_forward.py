@@ -663,7 +663,7 @@ def test_policy_can_keep_selection_on_the_reference(rng, monkeypatch):
     branches still run in Triton and the result is the same."""
     import nsa.ops.triton_backend as tb
 
-    monkeypatch.setattr(tb, "_sel_on_triton", lambda *a: False)
+    monkeypatch.setattr(tb, "_routing", lambda *a: ((), False))
     cfg = NSAConfig(n=3, w=40, **PAPER)
     inp = op_inputs(rng, cfg, 140, 1, 2, 16, 16, torch.float32)
     ref, raux = nsa_attention(**{k: None if x is None else x.double() for k, x in inp.items()},
@@ -671,3 +671,19 @@ def test_policy_can_keep_selection_on_the_reference(rng, monkeypatch):
     out, aux = nsa_attention(**inp, config=cfg, backend="triton", return_aux=True)
     assert torch.equal(aux.block_indices, raux.block_indices)
     assert rel(out, ref) < 1e-4 and rel(aux.o_sel, raux.o_sel) < 1e-4
+
+
+def test_routing_is_memoised_per_environment(monkeypatch):
+    """The forward's capability/policy answer is computed once per (device, dtype, sizes,
+    routing flags): changing a routing variable changes the answer at the next call."""
+    import nsa.ops.triton_backend as tb
+
+    q = torch.zeros(1, 4, 2, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    off, _ = tb._routing(q, 16, 16, 1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    on, sel = tb._routing(q, 16, 16, 1)
+    assert any("TRITON_INTERPRET" in r for r in off) and on == () and sel
+    assert tb._routing(q.half(), 16, 16, 1) == ((), True)
+    assert any("bfloat16" in r for r in tb._routing(q.bfloat16(), 16, 16, 1)[0])
+    assert any("G=200" in r for r in tb._routing(q, 16, 16, 200)[0])
