@@ -112,6 +112,28 @@ def block_scores(T, G, H, d, cfg):
     return scores, inp["k_cmp"].shape[1]
 
 
+def tuning_setup(doc: str, Ts: str, groups: str, smoke_H: int, smoke_groups: list[int]):
+    """Argument parsing and paper-shape setup shared by the tuning scripts:
+    (args, cfg, H, d, Ts, groups). --smoke runs them on the CPU interpreter (set before
+    any kernel is defined) with T = 700, d = 32 and the given heads and groups."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--Ts", default=Ts)
+    ap.add_argument("--groups", default=groups)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    global DEVICE
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        DEVICE = "cpu"
+    from nsa import NSAConfig
+
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
+    if args.smoke:
+        return args, cfg, smoke_H, 32, [700], smoke_groups
+    return (args, cfg, 4, 128, [int(x) for x in args.Ts.split(",")],
+            [int(x) for x in args.groups.split(",")])
+
+
 def make(T, HQ, H, dk, dv, cfg, dtype, seed=0):
     import torch
 

@@ -13,7 +13,6 @@ taken once per program (ranks by cumsum).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -149,28 +148,15 @@ def grouped(idx, nb, count_mode, place_mode, cfg, parts=None):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--Ts", default="16384,32768")
-    ap.add_argument("--groups", default="1")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
     import gpu_check_forward as cf  # scripts/ is sys.path[0] when run as a script
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-        cf.DEVICE = "cpu"
+
+    args, cfg, H, d, Ts, groups = cf.tuning_setup(__doc__, "16384,32768", "1", 2, [1])
     import torch
 
     import nsa.ops.selection.launch as SL
-    from nsa import NSAConfig
     from nsa.ops.selection import select_topn
     from nsa.ops.selection.launch import entries_by_block
 
-    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    H, d = 4, 128
-    Ts = [int(x) for x in args.Ts.split(",")]
-    groups = [int(x) for x in args.groups.split(",")]
-    if args.smoke:
-        Ts, H, d, groups = [700], 2, 32, [1]
     gpu = torch.cuda.get_device_name() if cf.DEVICE == "cuda" else "cpu (smoke)"
     print(f"GPU: {gpu}; torch {torch.__version__}", flush=True)
     rows = []

@@ -12,7 +12,6 @@ kernel on random inputs. Every variant's indices must equal the default's bit fo
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -33,27 +32,15 @@ VARIANTS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--Ts", default="16384,65536")
-    ap.add_argument("--groups", default="16")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
     import gpu_check_forward as cf  # scripts/ is sys.path[0] when run as a script
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-        cf.DEVICE = "cpu"
+
+    args, cfg, H, d, Ts, groups = cf.tuning_setup(__doc__, "16384,65536", "16", 1, [2])
     import torch
 
-    from nsa import NSAConfig
     from nsa.ops.selection import select_topn
 
-    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    H, d = 4, 128
-    Ts = [int(x) for x in args.Ts.split(",")]
-    groups = [int(x) for x in args.groups.split(",")]
     variants = VARIANTS
     if args.smoke:
-        Ts, H, d, groups = [700], 1, 32, [2]
         variants = {k: v for k, v in VARIANTS.items() if v["rows"] <= 8}
     gpu = torch.cuda.get_device_name() if cf.DEVICE == "cuda" else "cpu (smoke)"
     print(f"GPU: {gpu}; torch {torch.__version__}", flush=True)
