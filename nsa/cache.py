@@ -35,6 +35,12 @@ CompressFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 BRANCH_NAMES = ("cmp", "sel", "win")
 
 
+def emits_at(n: int, cfg: NSAConfig) -> bool:
+    """Whether the n-th token of a sequence completes a compression block (emits compressed
+    token (n - l) / d): n = l + m * d."""
+    return n >= cfg.l and (n - cfg.l) % cfg.d == 0
+
+
 class CacheError(RuntimeError):
     """A decode cache operation cannot proceed (capacity, shape, state)."""
 
@@ -171,6 +177,17 @@ class NSACache:
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
 
+    def next_emission(self) -> bool | None:
+        """Whether the next appended token emits a compressed token: GraphedDecode's hint
+        while it captures, else known on the host for a uniform batch; None = decided per
+        sequence on the device (ragged batches, and static caches, whose captured step must
+        not depend on host lengths)."""
+        if self.emit_hint is not None:
+            return self.emit_hint
+        if self.static or self._ragged_host:
+            return None
+        return emits_at(self.max_length + 1, self.config)
+
     # ------------------------------------------------------------------ writes
     def prefill(
         self,
@@ -239,12 +256,8 @@ class NSACache:
         n_seen = t + 1
         # phi runs before any write, so a failure in it leaves the cache untouched
         due: Tensor | None = None
-        if self.emit_hint is False:  # a captured step known to emit nothing
-            emit = False
-        elif self.emit_hint is None and not (self.static or self._ragged_host):
-            n = self.max_length + 1
-            emit = n >= cfg.l and (n - cfg.l) % cfg.d == 0
-        else:  # per-sequence decision on the device (ragged or graph-captured)
+        emit = self.next_emission()
+        if emit is None:  # per sequence, on the device
             due = (n_seen >= cfg.l) & (torch.remainder(n_seen - cfg.l, cfg.d) == 0)
             emit = True
         if emit:

@@ -21,21 +21,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from nsa.cache import CacheError, NSACache
+from nsa.cache import CacheError, NSACache, emits_at
 
 
 def emission_key(caches: Sequence[NSACache]) -> tuple:
     """Per cache, whether the next step emits a compressed token: known on the host for a
     uniform batch (every sequence at max_length), None for a ragged one (decided per
     sequence on the device)."""
-    out = []
-    for c in caches:
-        if c._ragged_host:
-            out.append(None)
-            continue
-        n, cfg = c.max_length + 1, c.config
-        out.append(n >= cfg.l and (n - cfg.l) % cfg.d == 0)
-    return tuple(out)
+    return tuple(None if c._ragged_host else emits_at(c.max_length + 1, c.config)
+                 for c in caches)
 
 
 def set_emit_hints(caches: Sequence[NSACache], key: tuple | None) -> None:
@@ -80,12 +74,6 @@ class GraphedDecode:
                 raise CacheError(f"GraphedDecode: cache {i} is full ({c.max_len} tokens, "
                                  "max_len); allocate a larger max_len")
 
-    def _emits(self) -> tuple:
-        return emission_key(self.caches)
-
-    def _set_hints(self, key: tuple | None) -> None:
-        set_emit_hints(self.caches, key)
-
     def __call__(self, x: Tensor) -> Tensor:
         self._check_capacity()
         if (self.graphs and self.weights_token is not None
@@ -99,7 +87,7 @@ class GraphedDecode:
                 out = self.step(x)
             torch.cuda.current_stream().wait_stream(self.stream)
             return out
-        key = self._emits()
+        key = emission_key(self.caches)
         if key not in self.graphs:
             if self.static_in is None:
                 self.static_in = x.clone()
@@ -109,13 +97,13 @@ class GraphedDecode:
             pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
             if not self.graphs and self.weights_token is not None:
                 self.token = self.weights_token()
-            self._set_hints(key)
+            set_emit_hints(self.caches, key)
             try:
                 with torch.cuda.graph(graph, pool=pool):
                     # recorded, not run; the host-side bookkeeping in step() runs once here
                     out = self.step(self.static_in)
             finally:
-                self._set_hints(None)
+                set_emit_hints(self.caches, None)
             self.graphs[key] = (graph, out)
             graph.replay()
             return out

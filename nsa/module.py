@@ -31,15 +31,20 @@ def rope_inv_freq(D: int, base: float, dtype: torch.dtype, device: torch.device)
     return base ** (-torch.arange(0, D, 2, device=device, dtype=ct) / D)
 
 
-def rope_tables(pos: Tensor, D: int, base: float, dtype: torch.dtype,
-                device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotary angles for head dim D at positions pos ([T] or [B, T]),
-    [1 or B, T, 1, D/2], in float64 for float64 heads, else float32."""
-    inv = rope_inv_freq(D, base, dtype, device)
+def rope_tables_at(pos: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles pos * inv (inv from :func:`rope_inv_freq`) at
+    positions pos ([T] or [B, T]): [1 or B, T, 1, D/2] in inv's dtype."""
     ang = pos.to(inv.dtype)[..., None] * inv  # [T, D/2] or [B, T, D/2]
     if ang.dim() == 2:
         ang = ang.unsqueeze(0)
     return ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+
+
+def rope_tables(pos: Tensor, D: int, base: float, dtype: torch.dtype,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles for head dim D at positions pos ([T] or [B, T]),
+    [1 or B, T, 1, D/2], in float64 for float64 heads, else float32."""
+    return rope_tables_at(pos, rope_inv_freq(D, base, dtype, device))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -128,14 +128,10 @@ def nsa_decode(
 
 def _append_triton_reasons(z: Tensor, cache: NSACache) -> list[str]:
     try:
-        from nsa.ops.compression.launch import interpreting
+        from nsa.ops.decode.launch import device_dtype_reasons
     except ImportError as e:  # triton not installed
         return [f"triton is not importable ({e})"]
-    reasons = []
-    if not (z.is_cuda or z.device.type == "cpu" and interpreting()):
-        reasons.append(f"device {z.device} is not CUDA (CPU needs TRITON_INTERPRET=1)")
-    if z.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"dtype {z.dtype} not in float16/bfloat16/float32")
+    reasons = device_dtype_reasons(z)
     if z.stride(1) != 1:
         reasons.append("z's columns are not contiguous")
     bufs = ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw", "k_cmp", "v_cmp")
@@ -196,10 +192,9 @@ def decode_append(
         q = view("q", HQ, dk)
         keys = {n: view(n, H, dk) for n in ("k_sel", "k_win", "k_cmp")}
         if rope_inv_freq is not None:
-            from nsa.module import apply_rope
+            from nsa.module import apply_rope, rope_tables_at
 
-            ang = cache.lengths.to(ft)[:, None, None] * rope_inv_freq
-            cos, sin = ang.cos()[..., None, :], ang.sin()[..., None, :]  # [B, 1, 1, dk/2]
+            cos, sin = rope_tables_at(cache.lengths[:, None], rope_inv_freq)  # [B,1,1,dk/2]
             rot = lambda x: apply_rope(x[:, None], cos, sin)[:, 0]  # noqa: E731
             q = rot(q)
             keys = {n: rot(k) for n, k in keys.items()}
@@ -211,12 +206,8 @@ def decode_append(
 
     n = cache.max_length + 1
     cache._ensure_capacity(n)
-    # a static (graph-captured) or ragged cache decides per sequence on the device, unless
-    # GraphedDecode captures a uniform batch's step and knows (emit_hint)
-    emit = cache.emit_hint
-    if emit is None:
-        emit = cache.static or cache._ragged_host or n >= cfg.l and (n - cfg.l) % cfg.d == 0
-    if not emit:
+    # None: the kernel decides per sequence, so phi runs (its write is masked on the device)
+    if cache.next_emission() is False:
         q, _, _ = triton_decode_append(z, columns, cache, rope_inv_freq, False, True)
     else:  # phi's input first, the cache untouched until phi has run
         _, kb, vb = triton_decode_append(z, columns, cache, rope_inv_freq, True, False)

@@ -40,13 +40,19 @@ def _p2(x: int, lo: int = 16) -> int:
     return max(lo, next_pow2(max(1, x)))
 
 
+def device_dtype_reasons(x: Tensor) -> list[str]:
+    """What the decode kernels (step and append) need of their input's device and dtype."""
+    reasons = []
+    if not (x.is_cuda or x.device.type == "cpu" and interpreting()):
+        reasons.append(f"device {x.device} is not CUDA (CPU needs TRITON_INTERPRET=1)")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {x.dtype} not in float16/bfloat16/float32")
+    return reasons
+
+
 def decode_not_supported_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
     """Why the Triton decode kernels cannot run this step (empty list: they can)."""
-    reasons = []
-    if not (q_t.is_cuda or q_t.device.type == "cpu" and interpreting()):
-        reasons.append(f"device {q_t.device} is not CUDA (CPU needs TRITON_INTERPRET=1)")
-    if q_t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"dtype {q_t.dtype} not in float16/bfloat16/float32")
+    reasons = device_dtype_reasons(q_t)
     if cache.d_k > 256 or cache.d_v > 256:
         reasons.append(f"head dims d_k={cache.d_k}, d_v={cache.d_v} exceed 256")
     if BLOCK_C * cache.config.d < cache.config.l:
