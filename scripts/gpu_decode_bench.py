@@ -40,14 +40,16 @@ def graphed(fn):
     return g
 
 
-KNOBS = ("TILES_PER_SM", "SPLIT_TILES", "SEL_PER_SM", "P1_STAGES", "SPLIT_SCORES", "PDL")
+KNOBS = ("TILES_PER_SM", "SPLIT_TILES", "SEL_PER_SM", "P1_STAGES", "SPLIT_SCORES", "PDL",
+         "SUM_SCORES")
 
 
 def set_variant(v: str, default) -> None:
     """"auto" (the launcher's defaults) or settings joined by "+": "t1" compressed
     splits of one tile, "tN" splits of N tiles, "s1" one selected block per program,
-    "p3w2" two warps for kernel p3, "st2" two pipeline stages in p1, "x3" block scores
-    through one 3xTF32 dot instead of three bf16 dots, "ptr" / "desc" key/value tiles by
+    "p3w2" two warps for kernel p3, "st2" two pipeline stages in p1, "dot" block scores
+    through three bf16 dots with the overlap matrix instead of per-block sums, "x3" through
+    one 3xTF32 dot, "ptr" / "desc" key/value tiles by
     pointer loads / tensor descriptors (the default: descriptors on SM 9.0+), "nopdl"
     the kernels launched without programmatic dependent launch."""
     from nsa.ops import descriptors
@@ -69,7 +71,9 @@ def set_variant(v: str, default) -> None:
         elif o == "s1":
             launch.SEL_PER_SM = 10**9
         elif o == "x3":
-            launch.SPLIT_SCORES = False
+            launch.SPLIT_SCORES, launch.SUM_SCORES = False, False
+        elif o == "dot":
+            launch.SUM_SCORES = False
         elif o == "nopdl":
             launch.PDL = False
         elif o.startswith("st"):

@@ -102,6 +102,31 @@ def test_decode_kernel_paper_blocks_and_branch_subsets():
         assert run_steps(cfg, lens[2:], 1, torch.float32, 4, gates=gates) < 1e-5, gates
 
 
+def test_decode_kernel_block_scores_by_overlap_dot(monkeypatch):
+    """The overlap-matrix dot path of p1's block scores (SUM_SCORES off), which configs
+    the per-block sums do not support take, on configs that take the sums by default."""
+    from nsa.ops.decode import launch
+
+    monkeypatch.setattr(launch, "SUM_SCORES", False)
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=4, w=96, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
+    assert launch.sum_scores_supported(cfg)
+    assert run_steps(cfg, [31, 64, 97, 200], 2, torch.float32, 4) < 1e-5
+    cfg = NSAConfig(l=8, d=4, l_sel=16, n=3, w=20, n_heads=6, n_kv_heads=2, d_k=16, d_v=16)
+    assert run_steps(cfg, [7, 16, 21, 33, 300], 2, torch.float32, 6) < 1e-5
+
+
+def test_decode_kernel_blocks_not_aligned_to_tiles():
+    """l' = 3d: a tile of compressed tokens (64 d raw tokens) does not start on a block
+    boundary, so the Eq. 9 weights differ from tile to tile (the aligned case builds them
+    once); a window and cache long enough for several tiles of compressed tokens."""
+    cfg = NSAConfig(l=8, d=4, l_sel=12, n=5, w=20, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
+    assert (64 * cfg.d) % cfg.l_sel != 0
+    from nsa.ops.decode import launch
+
+    assert not launch.sum_scores_supported(cfg)
+    assert run_steps(cfg, [300, 517, 45], 2, torch.float32, 4) < 1e-5
+
+
 def test_decode_kernel_static_cache_uses_capacity_wide_grids():
     cfg = NSAConfig(l=8, d=8, l_sel=8, n=4, w=8, n_local=1, n_heads=4, n_kv_heads=2,
                     d_k=16, d_v=16)  # l = l' = d

@@ -7,9 +7,12 @@ bandwidth-bound, so padded rows cost no memory traffic.
 
 1. ``_dec_p1`` grid (B*H, splits + window tiles): a compressed split (TPS tiles of
    BLOCK_C compressed tokens, online softmax) writes a partial (max, sum, P@V) and, per
-   tile, the *partial block scores* P_tile @ W with W[i, j] = overlap(i, j) / d (Eq. 9,
-   a dot) relative to the tile's own max, which is stored too; a window program attends
-   one tile of the window ring.
+   tile, the *partial block scores* relative to the tile's own max, which is stored too:
+   where tiles start on block boundaries (``SUM_SCORES``), each block's sum of p over its
+   own tokens with the Eq. 9 weights (plane 0) and the tail its last tokens hand to the
+   next block (plane 1); otherwise P_tile @ W with W[i, j] = overlap(i, j) / d (a dot,
+   two parity planes so neighbouring tiles never write the same block). A window program
+   attends one tile of the window ring.
 2. ``_dec_p2`` grid (B*H, chunks of JT blocks): log-sum-exp of every head over the
    splits, block scores of the chunk summed over the group's heads (Eq. 10), forced
    initial/local blocks, and the chunk's n best as packed (score, index) keys.
@@ -34,6 +37,8 @@ NEG_INF = tl.constexpr(float("-inf"))
 # order-preserving int32 of -inf (bits ^ 0x7FFFFFFF for negatives) times 2^32
 ORD_NEG_INF_KEY = tl.constexpr(-2139095041 * 4294967296)
 BIG = tl.constexpr(1 << 30)  # an unused block slot
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -61,12 +66,15 @@ def _load_kv_rows(K, V, b, rows, h, ok, stride_kb, stride_kn, stride_kh, stride_
 
 @triton.jit
 def _tile_probs(q, k, ok, scale, DOT_PREC: tl.constexpr):
-    """Scores of the group's heads over keys k (rows ok) -> (exp(s - m), m) per head."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+    """Scores of the group's heads over keys k (rows ok) -> (exp(s - m), m) per head.
+
+    Computed in base 2 (exp2 of scores scaled by log2(e): one MUFU op per element, where
+    exp adds a multiply and a range fix-up); the max is returned in natural units."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * (scale * LOG2E)
     s = tl.where(ok[None, :], s, NEG_INF)
     m = tl.max(s, 1)
-    p = tl.exp(s - tl.where(m > NEG_INF, m, 0.0)[:, None])
-    return p, m
+    p = tl.math.exp2(s - tl.where(m > NEG_INF, m, 0.0)[:, None])
+    return p, m * LN2
 
 
 @triton.jit
@@ -117,6 +125,14 @@ def _top_keys(key, N_SEL: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _overlaps(i, jj, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr):
+    """[len(i), len(jj)] raw tokens that compressed token i shares with selection block
+    jj (Eq. 9's overlap; divided by d it is the weight)."""
+    return tl.maximum(tl.minimum(i[:, None] * CMP_D + CMP_L, (jj[None, :] + 1) * SEL_L)
+                      - tl.maximum(i[:, None] * CMP_D, jj[None, :] * SEL_L), 0)
+
+
+@triton.jit
 def _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, sp, n_vis, NTILE, NBCAP,
                NPART, NTCAP, scale,
                stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -125,12 +141,20 @@ def _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, sp, n_vis, NTILE, N
                CMP_D: tl.constexpr, SEL_L: tl.constexpr, BLOCK_C: tl.constexpr,
                TPS: tl.constexpr, JB: tl.constexpr, SLOT_CMP: tl.constexpr,
                DO_SCORES: tl.constexpr, SPLIT_SCORES: tl.constexpr, DOT_PREC: tl.constexpr,
-               USE_DESC: tl.constexpr):
+               USE_DESC: tl.constexpr, SUM_SCORES: tl.constexpr):
     g = tl.arange(0, GP)
     m_i = tl.full([GP], NEG_INF, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DV], tl.float32)
     n_ok = tl.zeros([], tl.int32)
+    # Eq. 9 weights of a tile's tokens to its blocks: where a tile starts on a block
+    # boundary (BLOCK_C * d a multiple of l') they are the same for every tile, in tile
+    # coordinates, so they are built once instead of in every iteration
+    ALIGNED: tl.constexpr = (BLOCK_C * CMP_D) % SEL_L == 0
+    if DO_SCORES and ALIGNED and not SUM_SCORES:
+        ov0 = _overlaps(tl.arange(0, BLOCK_C), tl.arange(0, JB), CMP_L, CMP_D, SEL_L)
+        ovb0 = ov0.to(tl.bfloat16)
+        wgt0 = ov0.to(tl.float32) / CMP_D
     for tt in range(TPS):
         tile = sp * TPS + tt
         i = tile * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -144,19 +168,43 @@ def _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, sp, n_vis, NTILE, N
             kc, vc = _load_kv_rows(KC, VC, b, i, h, okc, stride_kb, stride_kn, stride_kh,
                                    stride_vb, stride_vn, stride_vh, DK, DV, D_K, D_V)
         p, m_t = _tile_probs(q, kc, okc, scale, DOT_PREC)
-        if DO_SCORES:
+        here = tile < NTILE
+        if DO_SCORES and SUM_SCORES:
+            # Eq. 9 as sums over each block's own tokens (tiles start on block boundaries,
+            # LB = l'/d tokens per block): token j*LB + r gives block j the weight
+            # min(l, l' - r d) / d ("inner", plane 0) and block j + 1 the weight
+            # max(0, r d + l - l') / d ("tail", plane 1, stored at j; p2 adds it to j + 1).
+            # Reductions over LB neighbouring columns: no tensor-core operand round trip.
+            LB: tl.constexpr = SEL_L // CMP_D
+            BJ: tl.constexpr = BLOCK_C // LB
+            rr = tl.arange(0, LB)
+            p3 = tl.reshape(p, [GP, BJ, LB])
+            w_in = tl.minimum(CMP_L, SEL_L - rr * CMP_D).to(tl.float32) / CMP_D
+            jl = tile * BJ + tl.arange(0, BJ)
+            okp = (g[:, None] < G) & (jl[None, :] < NBCAP) & here
+            ps_rows = PS + ((bh * 2) * G + g[:, None]) * NBCAP + jl[None, :]
+            tl.store(ps_rows, tl.sum(p3 * w_in[None, None, :], 2), mask=okp)
+            if (LB - 1) * CMP_D + CMP_L > SEL_L:
+                w_tail = tl.maximum(rr * CMP_D + CMP_L - SEL_L, 0).to(tl.float32) / CMP_D
+                tl.store(ps_rows + G * NBCAP, tl.sum(p3 * w_tail[None, None, :], 2),
+                         mask=okp)
+            tl.store(TM + (bh * NTCAP + tile) * G + g, m_t, mask=(g < G) & here)
+        if DO_SCORES and not SUM_SCORES:
             # Eq. 9 on this tile: blocks j0 .. j0 + JB - 1, weights overlap(i, j) / d,
             # relative to the tile's max (stored beside them)
             j0 = (tile * BLOCK_C * CMP_D) // SEL_L
             jj = j0 + tl.arange(0, JB)
-            ov = tl.maximum(tl.minimum(i[:, None] * CMP_D + CMP_L, (jj[None, :] + 1) * SEL_L)
-                            - tl.maximum(i[:, None] * CMP_D, jj[None, :] * SEL_L), 0)
+            if not ALIGNED:
+                ov = _overlaps(i, jj, CMP_L, CMP_D, SEL_L)
             if SPLIT_SCORES:
                 # p = hi + mid + lo in bf16 (24 bits, float32 accuracy, float32 range)
                 # against the integer overlaps (exact in bf16 up to 256): three bf16 dots
                 # cost half of a 3xTF32 one and far fewer registers (masked tokens have
                 # p = 0)
-                ovb = ov.to(tl.bfloat16)
+                if ALIGNED:
+                    ovb = ovb0
+                else:
+                    ovb = ov.to(tl.bfloat16)
                 p_hi = p.to(tl.bfloat16)
                 r = p - p_hi.to(tl.float32)
                 p_mid = r.to(tl.bfloat16)
@@ -165,11 +213,13 @@ def _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, sp, n_vis, NTILE, N
                 ps = tl.dot(p_mid, ovb, ps)
                 ps = tl.dot(p_hi, ovb, ps) / CMP_D
             else:
-                wgt = tl.where(okc[:, None], ov.to(tl.float32) / CMP_D, 0.0)
+                if ALIGNED:
+                    wgt = tl.where(okc[:, None], wgt0, 0.0)
+                else:
+                    wgt = tl.where(okc[:, None], ov.to(tl.float32) / CMP_D, 0.0)
                 ps = tl.dot(p, wgt, input_precision="tf32x3")
             # only the blocks this tile touches: the other-parity neighbours own the rest
             j_last = (((tile + 1) * BLOCK_C - 1) * CMP_D + CMP_L - 1) // SEL_L
-            here = tile < NTILE
             tl.store(PS + ((bh * 2 + tile % 2) * G + g[:, None]) * NBCAP + jj[None, :], ps,
                      mask=(g[:, None] < G) & (jj[None, :] < NBCAP) & (jj[None, :] <= j_last)
                      & here)
@@ -205,7 +255,7 @@ def _sel_chunk(PM, PL, TM, PS, CAND, bh, c, t, n_vis, SPLITS, NTILE, NBCAP, NPAR
                SEL_L: tl.constexpr, BLOCK_C: tl.constexpr, SLOT_CMP: tl.constexpr,
                N_SEL: tl.constexpr, NP: tl.constexpr, N_INIT: tl.constexpr,
                N_LOCAL: tl.constexpr, JT: tl.constexpr, KP: tl.constexpr,
-               SPC: tl.constexpr):
+               SPC: tl.constexpr, SUM_SCORES: tl.constexpr):
     g = tl.arange(0, GP)
     gm = g < G
     slot0 = bh * NPART + SLOT_CMP
@@ -234,18 +284,33 @@ def _sel_chunk(PM, PL, TM, PS, CAND, bh, c, t, n_vis, SPLITS, NTILE, NBCAP, NPAR
     j = c * JT + tl.arange(0, JT)
     i_lo = tl.maximum(j * LB - LC + 1, 0)  # first compressed token overlapping block j
     okj = (j < nb) & (i_lo < n_vis)  # a block with no visible token scores 0
-    s_a = i_lo // BLOCK_C
-    s_b = tl.minimum(((j + 1) * LB - 1) // BLOCK_C, NTILE - 1)
-    m2 = gm[:, None] & okj[None, :]
-    two = m2 & (s_b > s_a)[None, :]
+    if SUM_SCORES:
+        # p1 stored each block's inner sum (plane 0) and the tail it hands to the next
+        # block (plane 1): block j = inner(j), relative to the max of the tile holding
+        # token j*LB, + tail(j - 1), relative to the max of the tile holding (j - 1)*LB.
+        # Tiles past NTILE were not computed this step (their rows hold stale values).
+        s_a = (j * LB) // BLOCK_C
+        s_b = tl.maximum(j - 1, 0) * LB // BLOCK_C
+        m2 = gm[:, None] & (okj & (s_a < NTILE))[None, :]
+        two = gm[:, None] & (okj & (j >= 1) & (s_b < NTILE))[None, :]
+        jb = tl.maximum(j - 1, 0)
+        pa = tl.load(PS + ((bh * 2) * G + g[:, None]) * NBCAP + j[None, :],
+                     mask=m2, other=0.0, cache_modifier=".cg")
+        pb = tl.load(PS + ((bh * 2 + 1) * G + g[:, None]) * NBCAP + jb[None, :],
+                     mask=two, other=0.0, cache_modifier=".cg")
+    else:
+        s_a = i_lo // BLOCK_C
+        s_b = tl.minimum(((j + 1) * LB - 1) // BLOCK_C, NTILE - 1)
+        m2 = gm[:, None] & okj[None, :]
+        two = m2 & (s_b > s_a)[None, :]
+        pa = tl.load(PS + ((bh * 2 + s_a[None, :] % 2) * G + g[:, None]) * NBCAP
+                     + j[None, :], mask=m2, other=0.0, cache_modifier=".cg")
+        pb = tl.load(PS + ((bh * 2 + s_b[None, :] % 2) * G + g[:, None]) * NBCAP
+                     + j[None, :], mask=two, other=0.0, cache_modifier=".cg")
     ma = tl.load(TM + (bh * NTCAP + s_a[None, :]) * G + g[:, None], mask=m2, other=NEG_INF,
                  cache_modifier=".cg")
     mb = tl.load(TM + (bh * NTCAP + s_b[None, :]) * G + g[:, None], mask=two, other=NEG_INF,
                  cache_modifier=".cg")
-    pa = tl.load(PS + ((bh * 2 + s_a[None, :] % 2) * G + g[:, None]) * NBCAP + j[None, :],
-                 mask=m2, other=0.0, cache_modifier=".cg")
-    pb = tl.load(PS + ((bh * 2 + s_b[None, :] % 2) * G + g[:, None]) * NBCAP + j[None, :],
-                 mask=two, other=0.0, cache_modifier=".cg")
     fa = tl.where(ma > NEG_INF, tl.exp(ma - mx_safe[:, None]), 0.0)
     fb = tl.where(mb > NEG_INF, tl.exp(mb - mx_safe[:, None]), 0.0)
     score = tl.sum((fa * pa + fb * pb) * inv_l[:, None], 0)
@@ -403,7 +468,7 @@ def _dec_p1(
     BLOCK_C: tl.constexpr, TPS: tl.constexpr, JB: tl.constexpr, LP: tl.constexpr,
     W: tl.constexpr, SLOT_CMP: tl.constexpr, USE_SEL: tl.constexpr,
     SPLIT_SCORES: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, SUM_SCORES: tl.constexpr = False,
 ):
     if PDL:
         _pdl_enter()
@@ -418,7 +483,8 @@ def _dec_p1(
         _cmp_split(q, KC, VC, PM, PL, PO, CNT, TM, PS, bh, b, h, r, n_vis, NTILE, NBCAP,
                    NPART, NTCAP, scale, stride_kcb, stride_kcn, stride_kch, stride_vcb,
                    stride_vcn, stride_vch, G, GP, DK, DV, D_K, D_V, CMP_L, CMP_D, SEL_L,
-                   BLOCK_C, TPS, JB, SLOT_CMP, USE_SEL, SPLIT_SCORES, DOT_PREC, USE_DESC)
+                   BLOCK_C, TPS, JB, SLOT_CMP, USE_SEL, SPLIT_SCORES, DOT_PREC, USE_DESC,
+                   SUM_SCORES)
     else:
         _win_tile(q, KW, VW, PM, PL, PO, CNT, bh, b, h, r - SPLITS, t, NPART, scale,
                   stride_kwb, stride_kwn, stride_kwh, stride_vwb, stride_vwn, stride_vwh,
@@ -432,7 +498,7 @@ def _dec_p2(
     CMP_D: tl.constexpr, SEL_L: tl.constexpr, BLOCK_C: tl.constexpr,
     SLOT_CMP: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr, N_INIT: tl.constexpr,
     N_LOCAL: tl.constexpr, JT: tl.constexpr, KP: tl.constexpr, SPC: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, SUM_SCORES: tl.constexpr = False,
 ):
     if PDL:
         _pdl_enter()
@@ -442,7 +508,7 @@ def _dec_p2(
     n_vis = tl.minimum(tl.maximum(t + 1 - CMP_L + CMP_D, 0) // CMP_D, NCAP)
     _sel_chunk(PM, PL, TM, PS, CAND, bh, c, t, n_vis, SPLITS, NTILE, NBCAP, NPART, NTCAP,
                G, GP, CMP_L, CMP_D, SEL_L, BLOCK_C, SLOT_CMP, N_SEL, NP, N_INIT, N_LOCAL,
-               JT, KP, SPC)
+               JT, KP, SPC, SUM_SCORES)
 
 
 @triton.jit(do_not_specialize=["NCH", "NPART"])

@@ -30,6 +30,9 @@ TILES_PER_SM = 4
 SPLIT_TILES = 8
 SEL_PER_SM = 4  # above this many selected blocks per SM, a program takes 4 blocks
 SPLIT_SCORES = True  # p1's block scores as bf16 hi/mid/lo dots (else one 3xTF32 dot)
+# p1's block scores as sums over each block's tokens instead of a dot with the overlap
+# matrix, where the configuration allows (:func:`sum_scores_supported`); None: there
+SUM_SCORES: bool | None = None
 MAX_BLOCKS = 8192  # selection blocks the in-register top-n handles
 # programmatic dependent launch of the step's kernels on SM 9.0+ (each may start while the
 # previous one drains; docs/perf-notes.md); None = where the device supports it
@@ -65,6 +68,16 @@ def decode_not_supported_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
         reasons.append(f"{nb} selection blocks exceed the in-register top-n limit "
                        f"{MAX_BLOCKS}")
     return reasons
+
+
+def sum_scores_supported(cfg: NSAConfig) -> bool:
+    """Whether p1 can form the block scores as per-block sums (``SUM_SCORES``): compressed
+    tiles start on block boundaries (BLOCK_C * d a multiple of l'), a block spans a power
+    of two of compressed strides (l' / d, a reshape), and no compressed token reaches two
+    blocks ahead (l <= l' + d)."""
+    lb = cfg.l_sel // cfg.d
+    return ((BLOCK_C * cfg.d) % cfg.l_sel == 0 and lb & (lb - 1) == 0 and lb <= BLOCK_C
+            and cfg.l <= cfg.l_sel + cfg.d)
 
 
 def _allocator(poison: bool):
@@ -174,6 +187,8 @@ def triton_decode(
     # block scores through three bf16 dots (GPU; the interpreter's bf16 dot is not
     # usable, it takes the 3xTF32 path); integer overlaps up to 256 are exact in bf16
     split_scores = SPLIT_SCORES and q.is_cuda and cfg.l <= 256
+    sum_scores = sum_scores_supported(cfg) if SUM_SCORES is None else (
+        SUM_SCORES and sum_scores_supported(cfg))
     gates = [g if g is not None else q for g in (g_cmp, g_sel, g_win)]  # unused if None
     stride_gb = next(g for g in (g_cmp, g_sel, g_win) if g is not None).stride(0)
     common = dict(H=H, G=G)
@@ -207,13 +222,15 @@ def triton_decode(
             ncap, splits, ntile, ws["nbcap"], npart, ws["ntcap"], scale, **common, **shape,
             **blocks, TPS=tps, JB=jb, LP=LP, W=cfg.w, SLOT_CMP=slots["SLOT_CMP"],
             USE_SEL=use_sel, SPLIT_SCORES=split_scores, DOT_PREC=prec, USE_DESC=desc,
+            SUM_SCORES=sum_scores,
             num_warps=WARPS["p1"], num_stages=P1_STAGES, **chain,
         )
     if use_sel:
         _dec_p2[(B * H, nch)](
             cache.lengths, ws["pm"], ws["pl"], ws["tm"], ws["ps"], ws["cand"], ncap, splits,
             ntile, ws["nbcap"], npart, ws["ntcap"], **common, GP=GP, **blocks,
-            SLOT_CMP=slots["SLOT_CMP"], N_SEL=cfg.n, **pick, SPC=SPC, num_warps=WARPS["p2"],
+            SLOT_CMP=slots["SLOT_CMP"], N_SEL=cfg.n, **pick, SPC=SPC, SUM_SCORES=sum_scores,
+            num_warps=WARPS["p2"],
             **chain,
         )
         _dec_p3[(B * H, n_sp)](
