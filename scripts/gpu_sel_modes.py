@@ -88,6 +88,13 @@ def main() -> None:
 
         ref = sel(mode="group")
         variants = {"group": dict(mode="group"), "block": dict(mode="block")}
+        if G >= 8:  # group path with several positions per program (union of their blocks)
+            pp0 = max(1, 16 // (1 << (G - 1).bit_length()))
+            variants.update({f"group pp{pp0 * f}": dict(mode="group",
+                                                       positions_per_program=pp0 * f)
+                             for f in (2, 4)})
+            variants["group pp2 w4"] = dict(mode="group", positions_per_program=2 * pp0,
+                                            num_warps=4)
         if not args.no_variants:
             variants.update({
                 "block rows128": dict(mode="block", block_rows=128),
