@@ -1,6 +1,7 @@
 """Tile/warp variants of the backward kernels, timed one by one at the paper shape.
 
     python scripts/gpu_tune_backward.py [--T 65536]
+    python scripts/gpu_tune_backward.py --sel-only   # the selected branch's variants only
 
 Prints ms per variant for the compressed and window flash backward (dK/dV kernel and
 dQ kernel separately) and the selected branch (dQ, dK/dV with several segment lengths).
@@ -29,10 +30,14 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=65536)
+    ap.add_argument("--sel-only", action="store_true",
+                    help="skip the compressed and window variants")
+    ap.add_argument("--G", type=int, default=16, help="query heads per KV head")
+    ap.add_argument("--D", type=int, default=128, help="head dim (d_k = d_v)")
     a = ap.parse_args()
     T = a.T
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    B, H, G, D = 1, 4, 16, 128
+    B, H, G, D = 1, 4, a.G, a.D
     HQ = G * H
     dt = torch.bfloat16
     scale = D ** -0.5
@@ -58,7 +63,7 @@ def main() -> None:
     gc, dc = prep(fk["o_cmp"], "g_cmp")
     gw, dw = prep(fk["o_win"], "g_win")
     gs, ds = prep(fk["o_sel"], "g_sel")
-    print(f"{torch.cuda.get_device_name()}, T={T}, paper shape (HQ=64, H=4, d=128, bf16)")
+    print(f"{torch.cuda.get_device_name()}, T={T}, paper shape but G={G}, d={D} (H=4, bf16)")
     branches = {
         "cmp": dict(k=x["k_cmp"], v=x["v_cmp"], gate=gc, lse=fk["lse_cmp"], delta=dc,
                     mask=MASK_CMP, cmp_l=cfg.l, cmp_d=cfg.d),
@@ -69,7 +74,7 @@ def main() -> None:
                    (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3)]
     dq_variants = [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2),
                    (128, 32, 8, 3), (128, 64, 8, 3), (256, 32, 8, 2)]
-    for name, br in branches.items():
+    for name, br in ({} if a.sel_only else branches).items():
         k, v = br.pop("k"), br.pop("v")
         gate, lse, delta = br.pop("gate"), br.pop("lse"), br.pop("delta")
         for bm, bn, w, st in kv_variants:
@@ -94,8 +99,29 @@ def main() -> None:
                       f"{type(exc).__name__}: {str(exc)[:100]}", flush=True)
     sel = (x["q"], x["k_sel"], x["v_sel"], fk["idx"], dout, gs, fk["lse_sel"], ds, dq, cfg,
            scale)
-    ms = do_bench(lambda: sel_backward(*sel, dq_only=True))
-    print(f"sel dq: {ms:.2f} ms")
+    ms_dq = do_bench(lambda: sel_backward(*sel, dq_only=True))
+    print(f"sel dq: {ms_dq:.2f} ms")
+    # dK/dV tiles (rows = positions x G heads gathered per step, keys per program, warps,
+    # stages), timed as dQ + dK/dV with the launcher's config replaced
+    import nsa.ops.selection.bwd_launch as BL
+
+    default_cfg = BL._sel_bwd_config
+    for bm, bn, w, st in [(64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 64, 4, 3),
+                          (128, 64, 8, 2), (128, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2),
+                          (128, 32, 8, 2), (64, 64, 8, 1)]:
+        def cfg_fn(*args, bm=bm, bn=bn, w=w, st=st, **kw):
+            c = default_cfg(*args, **kw)
+            return (*c[:3], bm, bn, w, st)
+
+        BL._sel_bwd_config = cfg_fn
+        try:
+            ms = do_bench(lambda: sel_backward(*sel))
+            print(f"sel dkdv BM={bm:3d} BN={bn:3d} warps={w} stages={st}: {ms - ms_dq:8.2f} ms "
+                  f"(dq+dkdv {ms:.2f})", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"sel dkdv BM={bm} BN={bn} warps={w} stages={st}: failed "
+                  f"{type(exc).__name__}: {str(exc)[:100]}", flush=True)
+    BL._sel_bwd_config = default_cfg
     for seg in (128, 256, 512, 1024, 2048):
         for det in (False, True):
             ms = do_bench(lambda: sel_backward(*sel, seg_len=seg, deterministic=det))

@@ -62,15 +62,20 @@ def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int, entries: bool = F
 def _sel_bwd_config(DK: int, DV: int, GP2: int, L_SEL: int, device: torch.device,
                     desc: bool = False):
     """(dQ BLOCK_N, dQ warps, dQ stages, dK/dV BLOCK_M, dK/dV BLOCK_N, dK/dV warps,
-    dK/dV stages); no register spills at d = 128 on sm_90 (compile check). dQ with
-    descriptor loads takes 3 stages at d <= 128 (H200, 64k: 18.2 / 13.3 / 11.0 ms for
-    G = 16 / 4 / 1, against 18.5 / 15.0 / 12.3 with 2 stages and 18.2 / 16.1 / 13.5 with
-    pointer loads)."""
+    dK/dV stages). dQ with descriptor loads takes 3 stages at d <= 128 (H200, 64k:
+    18.2 / 13.3 / 11.0 ms for G = 16 / 4 / 1, against 18.5 / 15.0 / 12.3 with 2 stages and
+    18.2 / 16.1 / 13.5 with pointer loads). dK/dV on 4 warps: at 255 registers a program
+    of 8 warps holds a whole SM, one of 4 lets two share it, which pays for the spills
+    (sm_90 compile: 800 bytes of stack at G = 16) on these latency-bound gathers (H200,
+    64k, scripts/gpu_tune_backward.py --sel-only: G = 16 dK/dV 26.5 -> 14.4 ms with 3
+    stages, 14.8 with 2; dQ + dK/dV at G = 4 11.0 -> 8.8 with 2 stages, 9.2 with 3; G = 1
+    3.3 -> 2.5; d = 64, G = 16, dK/dV 20.2 -> 9.8)."""
     block = max(16, next_pow2(L_SEL))
     if interpreting() or device.type != "cuda":
         return min(block, 32), 4, 1, max(32, GP2), min(block, 32), 4, 1
     if max(DK, DV) <= 128:
-        return min(block, 64), 4, 3 if desc else 2, max(64, GP2), min(block, 64), 8, 2
+        return (min(block, 64), 4, 3 if desc else 2, max(64, GP2), min(block, 64), 4,
+                3 if GP2 >= 16 else 2)
     return min(block, 32), 4, 2, max(32, GP2), min(block, 32), 4, 2
 
 
