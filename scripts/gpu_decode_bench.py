@@ -41,7 +41,7 @@ def graphed(fn):
 
 
 KNOBS = ("TILES_PER_SM", "SPLIT_TILES", "SEL_PER_SM", "P1_STAGES", "SPLIT_SCORES", "PDL",
-         "SUM_SCORES")
+         "SUM_SCORES", "BLOCK_C")
 
 
 def set_variant(v: str, default) -> None:
@@ -49,9 +49,9 @@ def set_variant(v: str, default) -> None:
     splits of one tile, "tN" splits of N tiles, "s1" one selected block per program,
     "p3w2" two warps for kernel p3, "st2" two pipeline stages in p1, "dot" block scores
     through three bf16 dots with the overlap matrix instead of per-block sums, "x3" through
-    one 3xTF32 dot, "ptr" / "desc" key/value tiles by
-    pointer loads / tensor descriptors (the default: descriptors on SM 9.0+), "nopdl"
-    the kernels launched without programmatic dependent launch."""
+    one 3xTF32 dot, "cN" compressed tiles of N tokens (default 64), "ptr" / "desc"
+    key/value tiles by pointer loads / tensor descriptors (the default: pointer loads),
+    "nopdl" the kernels launched without programmatic dependent launch."""
     from nsa.ops import descriptors
 
     for k, val in zip(KNOBS, default[0], strict=True):
@@ -74,6 +74,8 @@ def set_variant(v: str, default) -> None:
             launch.SPLIT_SCORES, launch.SUM_SCORES = False, False
         elif o == "dot":
             launch.SUM_SCORES = False
+        elif o.startswith("c") and o[1:].isdigit():
+            launch.BLOCK_C = int(o[1:])
         elif o == "nopdl":
             launch.PDL = False
         elif o.startswith("st"):
