@@ -140,7 +140,10 @@ def _cmp_config(DK: int, DV: int, GP2: int, SEL_B: int, device: torch.device, pa
         if big <= 128:
             bm, bn, warps, stages = 64, 64, 4, 3 if major >= 9 else 2
         else:
-            bm, bn, warps, stages = 128, 32, 8, 2
+            # head dims past 128 (tiles of 256): 128 x 32 on 8 warps held a whole SM's
+            # registers (248); 64 x 32 on 4 lets two programs share one (H200, 16k, G = 16:
+            # d = 192 2.83 -> 2.59 ms, d = 256 2.90 -> 2.52; scripts/gpu_wide_head_tune.py)
+            bm, bn, warps, stages = 64, 32, 4, 2
         if pass2_only and big <= 128:
             bn = 128 if major >= 9 else 64
     bm = max(bm, GP2)

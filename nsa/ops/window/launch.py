@@ -35,7 +35,9 @@ def _win_config(DK: int, DV: int, GP2: int, device: torch.device, desc: bool = F
         elif big <= 128:
             bm, bn, warps, stages = 128, 64, 8, 3 if major >= 9 else 2
         else:
-            bm, bn, warps, stages = 128, 32, 8, 2
+            # as the compressed kernel's (H200, 16k, G = 16: d = 192 1.50 -> 1.36 ms, d = 256
+            # 1.70 -> 1.47 against 128 x 32 on 8 warps; scripts/gpu_wide_head_tune.py)
+            bm, bn, warps, stages = 64, 32, 4, 2
     return max(bm, GP2), bn, warps, stages
 
 
