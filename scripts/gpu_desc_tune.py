@@ -95,6 +95,8 @@ def run_cmp_win(T: int, G: int) -> None:
     for name, kw in [("ptr default", {}), ("desc 64x64 w4 s3", {}),
                      ("desc 64x64 w4 s2", dict(num_stages=2)),
                      ("desc 64x64 w4 s4", dict(num_stages=4)),
+                     ("desc 64x32 w4 s3", dict(block_n=32)),
+                     ("desc 64x32 w4 s4", dict(block_n=32, num_stages=4)),
                      ("desc 128x64 w8 s2", dict(block_m=128, num_warps=8, num_stages=2)),
                      ("desc 128x64 w8 s3", dict(block_m=128, num_warps=8, num_stages=3)),
                      ("desc 128x128 w8 s2", dict(block_m=128, block_n=128, num_warps=8,
@@ -112,6 +114,7 @@ def run_cmp_win(T: int, G: int) -> None:
                      ("desc 128x64 w8 s4", dict(num_stages=4)),
                      ("desc 128x64 w8 s2", dict(num_stages=2)),
                      ("desc 64x64 w4 s3", dict(block_m=64, num_warps=4)),
+                     ("desc 64x32 w4 s3", dict(block_m=64, block_n=32, num_warps=4)),
                      ("desc 128x128 w8 s2", dict(block_n=128, num_stages=2))]:
         kw = dict(kw, use_desc=name.startswith("desc"))
         timed(T, G, "win", name, lambda kw=kw: win(**kw), base_w, unit)
