@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--sel-only", action="store_true",
                     help="skip the compressed and window variants")
+    ap.add_argument("--sel-dq-only", action="store_true",
+                    help="only the selected branch's dQ kernel variants (warps, stages)")
     ap.add_argument("--G", type=int, default=16, help="query heads per KV head")
     ap.add_argument("--D", type=int, default=128, help="head dim (d_k = d_v)")
     a = ap.parse_args()
@@ -74,7 +76,7 @@ def main() -> None:
                    (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3)]
     dq_variants = [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2),
                    (128, 32, 8, 3), (128, 64, 8, 3), (256, 32, 8, 2)]
-    for name, br in ({} if a.sel_only else branches).items():
+    for name, br in ({} if a.sel_only or a.sel_dq_only else branches).items():
         k, v = br.pop("k"), br.pop("v")
         gate, lse, delta = br.pop("gate"), br.pop("lse"), br.pop("delta")
         for bm, bn, w, st in kv_variants:
@@ -101,6 +103,15 @@ def main() -> None:
            scale)
     ms_dq = do_bench(lambda: sel_backward(*sel, dq_only=True))
     print(f"sel dq: {ms_dq:.2f} ms")
+    if a.sel_dq_only:
+        sel_backward(*sel, dq_only=True, accumulate_dq=False)
+        ref = dq.clone()
+        for w, st in [(2, 3), (2, 2), (2, 4), (8, 3), (4, 4)]:
+            sel_backward(*sel, dq_only=True, dq_warps=w, dq_stages=st, accumulate_dq=False)
+            err = ((dq - ref).norm() / ref.norm()).item()
+            ms = do_bench(lambda: sel_backward(*sel, dq_only=True, dq_warps=w, dq_stages=st))
+            print(f"sel dq warps={w} stages={st}: {ms:.2f} ms (rel {err:.1e})", flush=True)
+        return
     # dK/dV tiles (rows = positions x G heads gathered per step, keys per program, warps,
     # stages), timed as dQ + dK/dV with the launcher's config replaced
     import nsa.ops.selection.bwd_launch as BL
