@@ -29,6 +29,7 @@ def compile_only() -> None:
     import tempfile
 
     import triton
+    from gpu_check_forward import sm90_programs_per_sm  # scripts/ is sys.path[0]
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -67,7 +68,8 @@ def compile_only() -> None:
         regs = " ".join(x for x in ru.split() if x.split(":")[0] in ("REG", "STACK"))
         mma = ("wgmma" if "wgmma" in c.asm["ptx"] else
                "mma.sync" if "mma.sync" in c.asm["ptx"] else "-")
-        return f"smem={c.metadata.shared // 1024}KB {regs} {mma}"
+        occ = sm90_programs_per_sm(ru, c.metadata.shared, warps)
+        return f"w{warps} s{stages} smem={c.metadata.shared // 1024}KB {regs} {mma} {occ}"
 
     for G, d in ((16, 128), (4, 128), (1, 128), (4, 192), (16, 256), (3, 64)):
         G2 = 1 << (G - 1).bit_length()
@@ -99,6 +101,7 @@ def compile_only() -> None:
                       + one(_bwd_dq_kernel, c, w2, st2, td), flush=True)
         for desc in (False, True) if d == D else (False,):
             bnq, wq, stq, bmk, bnk, wk, st = _sel_bwd_config(D, D, G2, 64, _Cuda(), desc)
+            wq = 2 if G2 >= 16 and D <= 128 else wq  # sel_backward: one position per program
             c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
                      BLOCK_N=bnq, N_SEL=16, NP=16, ACCUMULATE=True, DOT_PREC="tf32",
                      USE_DESC=desc)

@@ -206,6 +206,24 @@ def run_case(T, HQ, H, d, cfg, per_kernel=True, variants=False, dense=True):
     return row, fl
 
 
+def sm90_programs_per_sm(resource_usage: str, smem_bytes: int, warps: int) -> str:
+    """Programs of one kernel an SM 9.0 multiprocessor holds at once, and what limits it
+    (registers, shared memory or warps), from ``cuobjdump --dump-resource-usage`` text:
+    64K registers (allocated per warp in units of 256), 228 KB of shared memory (1 KB of it
+    reserved per program), 64 warps. A kernel that fits one program per SM hides no
+    latency with a second one (backward b4 in docs/perf-notes.md)."""
+    import re
+
+    m = re.search(r"REG:(\d+)", resource_usage)
+    regs = int(m.group(1)) if m else 0
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by = {"registers": 65536 // (per_warp * warps),
+          "shared memory": (228 * 1024) // (smem_bytes + 1024),
+          "warps": 64 // warps}
+    limit = min(by, key=by.get)
+    return f"{by[limit]}/SM ({limit})"
+
+
 def compile_only() -> None:
     """Compile every kernel for sm_90 without a GPU; print registers, spills, smem, MMA."""
     import subprocess
@@ -252,7 +270,8 @@ def compile_only() -> None:
         regs = " ".join(x for x in ru.split() if x.split(":")[0] in ("REG", "STACK"))
         mma = ("wgmma" if "wgmma" in c.asm["ptx"] else
                "mma.sync" if "mma.sync" in c.asm["ptx"] else "-")
-        return f"smem={c.metadata.shared // 1024}KB {regs} {mma}"
+        occ = sm90_programs_per_sm(ru, c.metadata.shared, warps)
+        return f"w{warps} s{stages} smem={c.metadata.shared // 1024}KB {regs} {mma} {occ}"
 
     bf = {n: "*bf16" for n in ("Q", "K", "V", "O", "OB", "OC", "OW", "GS", "GC", "GW")}
     for G, d in ((16, 128), (4, 128), (1, 128), (4, 192), (16, 256), (3, 64)):
