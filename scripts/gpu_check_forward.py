@@ -246,6 +246,13 @@ def compile_only() -> None:
     class _Cuda:
         type = "cuda"
 
+    # the launchers' own tile choices for an SM 9.0 device (no GPU here)
+    import nsa.ops.compression.launch as CL
+    import nsa.ops.window.launch as WL
+
+    CL.interpreting = lambda: False
+    CL.cuda_capability = WL.cuda_capability = lambda device: (9, 0)
+
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     not16 = {"stride_lh", "stride_st", "stride_it", "stride_ib", "stride_ih", "stride_sb",
              "stride_sh", "stride_lb", "stride_eb", "stride_eh", "stride_fb", "stride_fh",
@@ -279,8 +286,7 @@ def compile_only() -> None:
         D = 1 << (d - 1).bit_length()
         desc = d == D  # the launchers' defaults on SM 9.0 (nsa.ops.descriptors)
         for p1, p2 in ((True, True), (True, False), (False, True)):
-            # compressed: 64 x 64 on 4 warps (pass 2 alone: 64 x 128), 128 x 32 / 8 above 128
-            bm, bn, w, st = ((64, 64 if p1 else 128, 4, 3) if d <= 128 else (128, 32, 8, 2))
+            bm, bn, w, st = CL._cmp_config(D, D, G2, 4, _Cuda(), pass2_only=not p1)
             c = dict(G=G, GP2=G2, PP=max(1, bm // G2), BLOCK_N=bn, DK=D, DV=D, D_K=d, D_V=d,
                      CMP_L=32, CMP_D=16, SEL_B=4, SEL_A=2, PASS1=p1, PASS2=p2, DO_PV=True,
                      STORE_LSE=not p2, DOT_PREC="tf32", USE_DESC=desc, SCORE_DOT=G2 <= 4,
@@ -289,8 +295,7 @@ def compile_only() -> None:
             print(f"cmp  G={G:2d} d={d} pass1={p1:d} pass2={p2:d} desc={desc:d}: " + one(
                 _cmp_fwd_kernel, {**bf, "LSE": "*fp32", "SCORES": "*fp32", **td}, c, w, st),
                 flush=True)
-        bm, bn, w, st = ((64, 64, 4, 3) if desc and d <= 128 else
-                         (128, 64, 4 if d <= 64 else 8, 3) if d <= 128 else (128, 32, 8, 2))
+        bm, bn, w, st = WL._win_config(D, D, G2, _Cuda(), desc)
         c = dict(G=G, GP2=G2, PP=max(1, bm // G2), BLOCK_N=bn, DK=D, DV=D,
                  D_K=d, D_V=d, STORE_LSE=True, DOT_PREC="tf32", USE_DESC=desc)
         td = {n: f"tensordesc<bf16[1,{bn},1,{D}]>" for n in ("K", "V")} if desc else {}
