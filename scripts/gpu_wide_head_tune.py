@@ -1,6 +1,6 @@
-"""Tile variants of the compressed and window forward kernels for head dims above 128
-(d_k = 192 pads to 256), timed one by one on a GPU; each variant's output is compared with
-the default's.
+"""Tile variants of the compressed, window and selected forward kernels for head dims above
+128 (d_k = 192 pads to 256), timed one by one on a GPU; each variant's output is compared
+with the default's.
 
     python scripts/gpu_wide_head_tune.py [--T 16384] [--dims 192,256]
 
@@ -35,6 +35,7 @@ def main() -> None:
 
     from nsa import NSAConfig, nsa_attention
     from nsa.ops.compression import cmp_forward
+    from nsa.ops.selection import sel_forward, select_topn
     from nsa.ops.window import win_forward
 
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
@@ -61,6 +62,23 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     cells.append(f"{kname} failed {type(exc).__name__}: {str(exc)[:80]}")
             print(f"d={d} {name:>12}: " + "; ".join(cells), flush=True)
+        # the selected forward + combine (group path): warps and stages
+        o_cmp, scores = cmp_forward(q, inp["k_cmp"], inp["v_cmp"], cfg, scale)
+        idx = select_topn(scores, a.T, inp["k_cmp"].shape[1], cfg)
+        o_win = win_forward(q, inp["k_win"], inp["v_win"], cfg.w, scale)
+
+        def sel(**kw):
+            return sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale,
+                               g_sel=inp["g_sel"], o_cmp=o_cmp, g_cmp=inp["g_cmp"],
+                               o_win=o_win, g_win=inp["g_win"], mode="group", **kw)[1]
+
+        ref_s = sel()
+        for w, st in [(None, None), (4, 2), (2, 2), (2, 3), (8, 2)]:
+            out = sel(num_warps=w, num_stages=st)
+            err = ((out.float() - ref_s.float()).norm() / ref_s.float().norm()).item()
+            ms = do_bench(lambda: sel(num_warps=w, num_stages=st))
+            print(f"d={d} sel warps={w or 'default'} stages={st or 'default'}: {ms:7.3f} ms "
+                  f"(rel {err:.1e})", flush=True)
         ms = do_bench(lambda: nsa_attention(**inp, config=cfg, backend="triton"))
         qt, kt, vt = (inp[k].transpose(1, 2).contiguous() for k in ("q", "k_sel", "v_sel"))
         md = do_bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
