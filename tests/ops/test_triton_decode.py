@@ -86,11 +86,12 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 @pytest.mark.parametrize("dtype,G,H", [(torch.float32, 1, 2), (torch.float32, 3, 1),
                                        (torch.float32, 16, 1), (torch.float16, 4, 2)])
 def test_decode_kernel_matches_reference(dtype, G, H):
-    cfg = NSAConfig(l=8, d=4, l_sel=16, n=3, w=20, n_heads=G * H, n_kv_heads=H, d_k=16,
+    cfg = NSAConfig(l=8, d=4, l_sel=16, n=5, w=20, n_heads=G * H, n_kv_heads=H, d_k=16,
                     d_v=32 if G == 3 else 16)
-    # lengths just below/at/above multiples of l, d, l' and w, and one very short
-    lens = [7, 16, 21, 33, 2]
-    worst = run_steps(cfg, lens, steps=3, dtype=dtype, HQ=G * H)
+    # lengths just below/at/above multiples of l, d, l' and w, one very short, and one with
+    # more blocks than n (n = 5 leaves 2 picks to the group's block scores)
+    lens = [7, 16, 21, 33, 2, 120]
+    worst = run_steps(cfg, lens, steps=2, dtype=dtype, HQ=G * H)
     assert worst < TOL[dtype], worst
 
 
