@@ -35,10 +35,11 @@ CompressFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 BRANCH_NAMES = ("cmp", "sel", "win")
 
 
-def emits_at(n: int, cfg: NSAConfig) -> bool:
+def emits_at(n, cfg: NSAConfig):
     """Whether the n-th token of a sequence completes a compression block (emits compressed
-    token (n - l) / d): n = l + m * d."""
-    return n >= cfg.l and (n - cfg.l) % cfg.d == 0
+    token (n - l) / d): n = l + m * d. ``n`` an int (a bool back) or an integer tensor of
+    per-sequence counts (a bool tensor back)."""
+    return (n >= cfg.l) & ((n - cfg.l) % cfg.d == 0)
 
 
 class CacheError(RuntimeError):
@@ -258,7 +259,7 @@ class NSACache:
         due: Tensor | None = None
         emit = self.next_emission()
         if emit is None:  # per sequence, on the device
-            due = (n_seen >= cfg.l) & (torch.remainder(n_seen - cfg.l, cfg.d) == 0)
+            due = emits_at(n_seen, cfg)
             emit = True
         if emit:
             kc, vc = self._compress_block(n_seen, k_cmp_raw, v_cmp_raw)

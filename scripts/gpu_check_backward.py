@@ -76,6 +76,7 @@ def compile_only() -> None:
         D = 1 << (d - 1).bit_length()
         from nsa.ops.flashbwd.launch import _configs
         from nsa.ops.selection.bwd_launch import _sel_bwd_config
+        from nsa.ops.selection.launch import one_position_warps
 
         class _Cuda:
             type = "cuda"
@@ -101,7 +102,7 @@ def compile_only() -> None:
                       + one(_bwd_dq_kernel, c, w2, st2, td), flush=True)
         for desc in (False, True) if d == D else (False,):
             bnq, wq, stq, bmk, bnk, wk, st = _sel_bwd_config(D, D, G2, 64, _Cuda(), desc)
-            wq = 2 if G2 >= 16 and D <= 128 else wq  # sel_backward: one position per program
+            wq = one_position_warps(max(1, 16 // G2), D, D, True, wq)
             c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
                      BLOCK_N=bnq, N_SEL=16, NP=16, ACCUMULATE=True, DOT_PREC="tf32",
                      USE_DESC=desc)

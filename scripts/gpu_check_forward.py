@@ -240,7 +240,7 @@ def compile_only() -> None:
         _sel_merge_kernel,
         _topn_kernel,
     )
-    from nsa.ops.selection.launch import _sel_config
+    from nsa.ops.selection.launch import _sel_config, one_position_warps
     from nsa.ops.window.kernels import _win_fwd_kernel
 
     class _Cuda:
@@ -303,7 +303,7 @@ def compile_only() -> None:
             _win_fwd_kernel, {**bf, "LSE": "*fp32", **td}, c, w, st))
         for desc in (False, True) if d == D else (False,):
             bn, w, st = _sel_config(D, D, 64, _Cuda(), desc)
-            w = 2 if G2 >= 16 and D <= 128 else w
+            w = one_position_warps(max(1, 16 // G2), D, D, True, w)
             c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
                      BLOCK_N=bn, N_SEL=16, NP=16, WRITE_OUT=True,
                      WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True, STORE_LSE=True,

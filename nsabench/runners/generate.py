@@ -50,9 +50,10 @@ def tokens_per_s(model, prompt: torch.Tensor, new: int, graph: bool,
             tok = step(tok).argmax(-1)
         sync(device)
         out, times = [], []
-        for lo in range(0, new, -(-new // CHUNKS)):
+        chunk = -(-new // CHUNKS)
+        for lo in range(0, new, chunk):
             t0 = time.perf_counter()
-            for _ in range(min(-(-new // CHUNKS), new - lo)):
+            for _ in range(min(chunk, new - lo)):
                 logits = step(tok)
                 tok = logits.argmax(-1)
                 out.append(tok)

@@ -187,8 +187,7 @@ def triton_decode(
     # block scores through three bf16 dots (GPU; the interpreter's bf16 dot is not
     # usable, it takes the 3xTF32 path); integer overlaps up to 256 are exact in bf16
     split_scores = SPLIT_SCORES and q.is_cuda and cfg.l <= 256
-    sum_scores = sum_scores_supported(cfg) if SUM_SCORES is None else (
-        SUM_SCORES and sum_scores_supported(cfg))
+    sum_scores = SUM_SCORES is not False and sum_scores_supported(cfg)
     gates = [g if g is not None else q for g in (g_cmp, g_sel, g_win)]  # unused if None
     stride_gb = next(g for g in (g_cmp, g_sel, g_win) if g is not None).stride(0)
     common = dict(H=H, G=G)

@@ -154,7 +154,7 @@ def sel_backward(
         lse.stride(0), lse.stride(1),
     )
 
-    from nsa.ops.selection.launch import forced_sel_mode, sel_forward_mode
+    from nsa.ops.selection.launch import forced_sel_mode, one_position_warps, sel_forward_mode
 
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
     dq_partial = deterministic or not dq_atomic
@@ -175,10 +175,8 @@ def sel_backward(
 
     # dQ: group-centric, like the forward
     pp_q = positions_per_program or max(1, 16 // GP2)
-    if pp_q == 1 and max(DK, DV) <= 128 and q.is_cuda and dq_warps is None:
-        # one position per program (G >= 16): 2 warps, as the forward (H200, 64k, G = 16:
-        # 16.07 ms against 17.49 on 4 warps, same dQ bit for bit; 8 warps 22.79)
-        warps_q = 2
+    if dq_warps is None:
+        warps_q = one_position_warps(pp_q, DK, DV, q.device.type == "cuda", warps_q)
 
     def launch_q(_bm, st):
         kd, vd = ((kv_desc(k, T, bn_q, DK), kv_desc(v, T, bn_q, DV)) if use_desc else (k, v))
