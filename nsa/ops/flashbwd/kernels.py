@@ -8,10 +8,11 @@ both; ``MASK`` (constexpr) picks the visibility rule:
 * ``MASK == 1`` (window): key s is visible to query t iff ``t - w < s <= t``.
 
 Notation (per row r = one (position, query head)): ``dO = g * dout`` (the branch's gate
-times the output gradient, formed on the fly), ``P = exp2(S*log2e*scale - lse)`` from
-the base-2 log-sum-exp the forward stored, ``Delta = rowsum(dO * O)`` (precomputed),
+times the output gradient), ``P = exp2(S*log2e*scale - lse)`` from the base-2
+log-sum-exp the forward stored, ``Delta = rowsum(dO * O)`` (precomputed),
 ``dS = P * (dO V^T - Delta)``; then ``dQ = scale * dS K``, ``dK = scale * dS^T Q``,
-``dV = P^T dO``.
+``dV = P^T dO``. The dQ kernel forms dO once per tile; the dK/dV kernel, which loads a new
+dout tile every step, scales P's and (dout V^T)'s columns by g instead.
 
 As in the forward kernels, the M dimension of every dot packs PP consecutive positions
 times GP2 query heads of one GQA group (padded heads masked), so one key tile is loaded
@@ -119,15 +120,16 @@ def _bwd_dkdv_kernel(
             do = tl.load(DO + b * stride_ob + p64 * stride_ot + o_rows[:, None]
                          + offs_dv[None, :], mask=row_ok[:, None] & dv_ok, other=0.0)
         g_off = b * stride_gb + p64 * stride_gt + g_rows
-        gate = tl.load(GATE + g_off, mask=row_ok, other=0.0)
-        do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(q.dtype)
+        gate = tl.load(GATE + g_off, mask=row_ok, other=0.0).to(tl.float32)
         lse = tl.load(LSE + b * stride_lb + p64 + l_rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + g_off, mask=row_ok, other=0.0)  # gate's [B, T, HQ] layout
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
         ok = _visible(t_row[None, :], kpos[:, None], NK, W, MASK, CMP_L, CMP_D) & row_ok[None, :]
         p_t = tl.where(ok, tl.math.exp2(qk_t * qk_scale - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(q.dtype), do, input_precision=DOT_PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        # the gate scales P's and dP's columns (its rows), not the dout tile: the tile then
+        # goes from the pipeline's shared-memory copy to the tensor cores untouched
+        dv += tl.dot((p_t * gate[None, :]).to(q.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * gate[None, :]
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
 
