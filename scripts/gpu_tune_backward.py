@@ -2,6 +2,7 @@
 
     python scripts/gpu_tune_backward.py [--T 65536]
     python scripts/gpu_tune_backward.py --sel-only   # the selected branch's variants only
+    python scripts/gpu_tune_backward.py --flash-only --kv-only --branches cmp
 
 Prints ms per variant for the compressed and window flash backward (dK/dV kernel and
 dQ kernel separately) and the selected branch (dQ, dK/dV with several segment lengths).
@@ -34,6 +35,11 @@ def main() -> None:
                     help="skip the compressed and window variants")
     ap.add_argument("--sel-dq-only", action="store_true",
                     help="only the selected branch's dQ kernel variants (warps, stages)")
+    ap.add_argument("--flash-only", action="store_true",
+                    help="only the compressed and window variants (--kv-only: their dK/dV)")
+    ap.add_argument("--kv-only", action="store_true",
+                    help="with --flash-only: the dK/dV kernel's variants only")
+    ap.add_argument("--branches", default="cmp,win", help="flash branches to tune")
     ap.add_argument("--G", type=int, default=16, help="query heads per KV head")
     ap.add_argument("--D", type=int, default=128, help="head dim (d_k = d_v)")
     a = ap.parse_args()
@@ -72,10 +78,12 @@ def main() -> None:
         "win": dict(k=x["k_win"], v=x["v_win"], gate=gw, lse=fk["lse_win"], delta=dw,
                     mask=MASK_WIN, w=cfg.w),
     }
-    kv_variants = [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2),
-                   (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3)]
+    kv_variants = [(32, 64, 4, 3), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2),
+                   (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2),
+                   (64, 64, 8, 3)]
     dq_variants = [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2),
                    (128, 32, 8, 3), (128, 64, 8, 3), (256, 32, 8, 2)]
+    branches = {n: b for n, b in branches.items() if n in a.branches.split(",")}
     for name, br in ({} if a.sel_only or a.sel_dq_only else branches).items():
         k, v = br.pop("k"), br.pop("v")
         gate, lse, delta = br.pop("gate"), br.pop("lse"), br.pop("delta")
@@ -89,7 +97,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(f"{name} dkdv BM={bm} BN={bn} warps={w} stages={st}: failed "
                       f"{type(exc).__name__}: {str(exc)[:100]}", flush=True)
-        for bm, bn, w, st in dq_variants:
+        for bm, bn, w, st in [] if a.kv_only else dq_variants:
             try:
                 ms = do_bench(lambda: flash_backward(
                     x["q"], k, v, dout, gate, lse, delta, dq, scale, dq_config=(bm, bn, w),
@@ -99,6 +107,8 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001
                 print(f"{name} dq BM={bm} BN={bn} warps={w} stages={st}: failed "
                       f"{type(exc).__name__}: {str(exc)[:100]}", flush=True)
+    if a.flash_only:
+        return
     sel = (x["q"], x["k_sel"], x["v_sel"], fk["idx"], dout, gs, fk["lse_sel"], ds, dq, cfg,
            scale)
     ms_dq = do_bench(lambda: sel_backward(*sel, dq_only=True))

@@ -23,7 +23,9 @@ once for the whole group.
   with ``i*d + l - 1 <= t``; window: the tile's positions plus w - 1) in the chunk and
   accumulates dK, dV in registers; each chunk writes its own float32 partial (summed in
   a fixed order by the launcher: deterministic, no atomics). Chunks bound the work per
-  program: the compressed branch's first key tile is seen by every query.
+  program: the compressed branch's first key tile is seen by every query. Compressed
+  chunks are absolute position ranges shared by every key tile (window chunks count
+  from the tile's first position).
 * :func:`_bwd_dq_kernel`: one program per (tile of PP positions, KV head, batch),
   streaming the visible key tiles like the forward; adds its dQ to a float32 buffer
   that the three branches share (each program owns its rows: no atomics).
@@ -88,15 +90,17 @@ def _bwd_dkdv_kernel(
                 + (offs_n * stride_vt)[:, None] + offs_dv[None, :],
                 mask=key_ok[:, None] & dv_ok, other=0.0)
 
-    # query positions that can see some key of the tile
+    # query positions that can see some key of the tile, cut to this program's chunk
     if MASK == 0:
-        t_lo = n0 * CMP_D + CMP_L - 1
-        t_hi = T
+        # chunks are absolute position ranges [chunk * QCHUNK, (chunk + 1) * QCHUNK): the
+        # key tiles of one chunk, launched next to each other, read the same q/dout rows
+        # at about the same time, so all but the first read them from L2
+        c_lo = tl.maximum(n0 * CMP_D + CMP_L - 1, chunk * QCHUNK)
+        c_hi = tl.minimum(T, (chunk + 1) * QCHUNK)
     else:
-        t_lo = n0
-        t_hi = tl.minimum(T, n0 + BLOCK_N - 1 + W)
-    c_lo = t_lo + chunk * QCHUNK
-    c_hi = tl.minimum(t_hi, c_lo + QCHUNK)
+        # the window's rows (at most BLOCK_N - 1 + W) overlap the next tile's anyway
+        c_lo = n0 + chunk * QCHUNK
+        c_hi = tl.minimum(tl.minimum(T, n0 + BLOCK_N - 1 + W), c_lo + QCHUNK)
 
     dk = tl.zeros([BLOCK_N, DK], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
