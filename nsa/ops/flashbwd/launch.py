@@ -41,6 +41,20 @@ def _configs(DK: int, DV: int, GP2: int, device: torch.device):
     return (max(kv[0], GP2), *kv[1:]), (max(dq[0], GP2), *dq[1:])
 
 
+def gate_f32(gate: Tensor) -> Tensor:
+    """``gate`` as float32 with its own strides (itself if it already is float32).
+
+    The dK/dV kernels load one gate value per row and step; only 4-byte elements go
+    through a loop's asynchronous copies, so a bf16 gate was a plain load that stalled
+    every step on its latency.
+    """
+    if gate.dtype == torch.float32:
+        return gate
+    out = torch.empty_strided(gate.shape, gate.stride(), dtype=torch.float32,
+                              device=gate.device)
+    return out.copy_(gate)
+
+
 def flash_backward(
     q: Tensor,
     k: Tensor,
@@ -91,6 +105,7 @@ def flash_backward(
     DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
     if gate.stride() != delta.stride():
         raise ValueError("flash_backward: delta must have the gate's strides")
+    gate = gate_f32(gate)
     (bm1, bn1, warps1, stages1), (bm2, bn2, warps2, stages2) = _configs(DK, DV, GP2, q.device)
     bm1, bn1, warps1 = kv_config or (bm1, bn1, warps1)
     bm2, bn2, warps2 = dq_config or (bm2, bn2, warps2)

@@ -17,6 +17,7 @@ from nsa.ops.compression.launch import (
     shrink_on_oor,
 )
 from nsa.ops.descriptors import kv_desc, resolve_desc
+from nsa.ops.flashbwd.launch import gate_f32
 from nsa.ops.selection.bwd_kernels import (
     _segment_table_kernel,
     _sel_bwd_dkdv_kernel,
@@ -131,6 +132,7 @@ def sel_backward(
     L = cfg.l_sel
     if gate.stride() != delta.stride():
         raise ValueError("sel_backward: delta must have the gate's strides")
+    gate = gate_f32(gate)
     # the dK/dV kernel gathers query rows with 32-bit offsets within one batch element
     for name, x in (("q", q), ("dout", dout), ("gate", gate)):
         if T * x.stride(1) + HQ * x.stride(2) >= 2**31:
