@@ -29,7 +29,10 @@ def compile_only() -> None:
     import tempfile
 
     import triton
-    from gpu_check_forward import sm90_programs_per_sm  # scripts/ is sys.path[0]
+    from gpu_check_forward import (  # scripts/ is sys.path[0]
+        loop_plain_loads,
+        sm90_programs_per_sm,
+    )
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -41,7 +44,7 @@ def compile_only() -> None:
     )
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    ptr = {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "GATE")},
+    ptr = {**{n: "*bf16" for n in ("Q", "K", "V", "DO")}, "GATE": "*fp32",  # gate_f32
            **{n: "*fp32" for n in ("LSE", "DELTA", "DKP", "DVP", "DQ", "DKO", "DVO", "DQX")},
            **{n: "*i32" for n in ("IDX", "KEYS", "SEG_BLK", "SEG_LO", "SEG_HI", "SEG_FIRST",
                                   "SEG_COUNT")}}
@@ -69,7 +72,8 @@ def compile_only() -> None:
         mma = ("wgmma" if "wgmma" in c.asm["ptx"] else
                "mma.sync" if "mma.sync" in c.asm["ptx"] else "-")
         occ = sm90_programs_per_sm(ru, c.metadata.shared, warps)
-        return f"w{warps} s{stages} smem={c.metadata.shared // 1024}KB {regs} {mma} {occ}"
+        return (f"w{warps} s{stages} smem={c.metadata.shared // 1024}KB {regs} {mma} {occ} "
+                f"loop-loads={loop_plain_loads(c.asm['ttgir'])}")
 
     for G, d in ((16, 128), (4, 128), (1, 128), (4, 192), (16, 256), (3, 64)):
         G2 = 1 << (G - 1).bit_length()

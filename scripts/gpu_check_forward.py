@@ -224,8 +224,27 @@ def sm90_programs_per_sm(resource_usage: str, smem_bytes: int, warps: int) -> st
     return f"{by[limit]}/SM ({limit})"
 
 
+def loop_plain_loads(ttgir: str) -> int:
+    """Global loads inside loops that Triton's pipeliner left synchronous (``tt.load`` in a
+    ``scf.for`` body of the final TTGIR): each one waits on its latency every step. Loads of
+    2-byte elements one per row (a bf16 gate) end up here; the backward's gate was one
+    (backward b6 in docs/perf-notes.md)."""
+    n, depth = 0, []
+    for line in ttgir.splitlines():
+        ind = len(line) - len(line.lstrip())
+        while depth and line.strip().startswith("}") and ind <= depth[-1]:
+            depth.pop()
+            break
+        if "scf.for" in line:
+            depth.append(ind)
+        elif depth and "tt.load " in line:
+            n += 1
+    return n
+
+
 def compile_only() -> None:
-    """Compile every kernel for sm_90 without a GPU; print registers, spills, smem, MMA."""
+    """Compile every kernel for sm_90 without a GPU; print registers, spills, smem, MMA,
+    and loads left synchronous inside loops."""
     import subprocess
     import tempfile
 
@@ -278,7 +297,8 @@ def compile_only() -> None:
         mma = ("wgmma" if "wgmma" in c.asm["ptx"] else
                "mma.sync" if "mma.sync" in c.asm["ptx"] else "-")
         occ = sm90_programs_per_sm(ru, c.metadata.shared, warps)
-        return f"w{warps} s{stages} smem={c.metadata.shared // 1024}KB {regs} {mma} {occ}"
+        return (f"w{warps} s{stages} smem={c.metadata.shared // 1024}KB {regs} {mma} {occ} "
+                f"loop-loads={loop_plain_loads(c.asm['ttgir'])}")
 
     bf = {n: "*bf16" for n in ("Q", "K", "V", "O", "OB", "OC", "OW", "GS", "GC", "GW")}
     for G, d in ((16, 128), (4, 128), (1, 128), (4, 192), (16, 256), (3, 64)):
