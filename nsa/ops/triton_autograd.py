@@ -27,6 +27,10 @@ from nsa.config import NSAConfig
 CFG_FIELDS = ("l", "d", "l_sel", "n", "n_initial", "n_local", "w")
 
 
+# tests set NaN: the dQ buffer is not zeroed, so the first branch's kernel must write
+# every row of it
+DQ_FILL: float | None = None
+
 def _cfg_list(cfg: NSAConfig) -> list[int]:
     return [int(getattr(cfg, f)) for f in CFG_FIELDS]
 
@@ -143,7 +147,12 @@ def _bwd_impl(
 
     c = _cfg_from(cfg)
     dout = dout.contiguous()
-    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    # float32 dQ shared by the branches: the first branch's kernel writes every row, the
+    # others add to it (no memset, and no pass that reads zeros)
+    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    if DQ_FILL is not None:
+        dq.fill_(DQ_FILL)
+    dq_written = False
     e = _empty(q)
     res = {k: e.clone() for k in ("dk_sel", "dv_sel", "dk_win", "dv_win", "dk_cmp", "dv_cmp",
                                   "dg_cmp", "dg_sel", "dg_win")}
@@ -155,9 +164,10 @@ def _bwd_impl(
                     strict=True))
 
     def prep(name: str, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # the kernels take the gate as float32 (flashbwd.launch.gate_f32 says why)
         r = rows[name]
-        gate = g.contiguous()
-        delta = (gate.float() * r).contiguous()
+        gate = g.float().contiguous()
+        delta = gate * r
         return r.to(g.dtype), gate, delta
 
     if g_cmp is not None:
@@ -165,16 +175,22 @@ def _bwd_impl(
         if k_cmp is not None:
             res["dk_cmp"], res["dv_cmp"] = flash_backward(
                 q, k_cmp, v_cmp, dout, gate, lse_cmp, delta, dq, scale, mask=MASK_CMP,
-                cmp_l=c.l, cmp_d=c.d)
+                cmp_l=c.l, cmp_d=c.d, accumulate_dq=dq_written)
+            dq_written = True
     if g_win is not None:
         res["dg_win"], gate, delta = prep("win", g_win)
         res["dk_win"], res["dv_win"] = flash_backward(
-            q, k_win, v_win, dout, gate, lse_win, delta, dq, scale, mask=MASK_WIN, w=c.w)
+            q, k_win, v_win, dout, gate, lse_win, delta, dq, scale, mask=MASK_WIN, w=c.w,
+            accumulate_dq=dq_written)
+        dq_written = True
     if g_sel is not None:
         res["dg_sel"], gate, delta = prep("sel", g_sel)
         res["dk_sel"], res["dv_sel"] = sel_backward(
             q, k_sel, v_sel, idx, dout, gate, lse_sel, delta, dq, c, scale,
-            deterministic=deterministic)
+            deterministic=deterministic, accumulate_dq=dq_written)
+        dq_written = True
+    if not dq_written:
+        dq.zero_()
     return (dq.to(q.dtype), res["dk_sel"], res["dv_sel"], res["dk_win"], res["dv_win"],
             res["dk_cmp"], res["dv_cmp"], res["dg_cmp"], res["dg_sel"], res["dg_win"])
 

@@ -22,6 +22,8 @@ What is checked, for loss = sum(out * dout) with a fixed random dout (never zero
   1e-4 to the default (atomic) mode.
 * the module: ``NSAAttention(cfg, backend="triton")`` against the same weights on the
   reference backend, every parameter gradient within 1e-4.
+* every test starts the shared float32 dQ buffer as NaN (it is not zeroed: the first
+  branch's dQ kernel writes it, the others add).
 """
 
 from __future__ import annotations
@@ -95,6 +97,13 @@ def check_grads(got: dict, want: dict, dtype: torch.dtype, tol: float) -> dict:
     bad = {k: f"{e:.2e}" for k, e in errs.items() if not e < tol}
     assert not bad, f"relative gradient errors above {tol}: {bad}"
     return errs
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_dq(monkeypatch):
+    import nsa.ops.triton_autograd as TA
+
+    monkeypatch.setattr(TA, "DQ_FILL", float("nan"))
 
 
 def make(rng, cfg, B, T, H, G, dk, dv, dtype, gates=("cmp", "sel", "win"), extra_cmp=2,
