@@ -176,14 +176,22 @@ def _sel_bwd_dkdv_kernel(
             do = tl.load(o_base + (tr * stride_ot + hq_o)[:, None] + offs_dv[None, :],
                          mask=row_ok[:, None] & dv_ok, other=0.0)
             gate = tl.load(g_base + tr * stride_gt + hq_g, mask=row_ok, other=0.0).to(tl.float32)
+            if DQ_OUT > 0:
+                # dO = gate * dout formed once: with the gate on P's and dP's columns this
+                # variant took 129 KB of shared memory instead of 112 (one program per SM)
+                do = (do.to(tl.float32) * gate[:, None]).to(q.dtype)
             lse = tl.load(l_base + hq_l + tr, mask=row_ok, other=float("inf"))
             delta = tl.load(d_base + tr * stride_gt + hq_g, mask=row_ok, other=0.0)
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
             ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= tr[None, :])
             p_t = tl.where(ok, tl.math.exp2(qk_t * qk_scale - lse[None, :]), 0.0)
-            # the gate scales P's and dP's columns (the gathered rows), not the dout tile
-            dv += tl.dot((p_t * gate[None, :]).to(q.dtype), do, input_precision=DOT_PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * gate[None, :]
+            if DQ_OUT > 0:
+                dv += tl.dot(p_t.to(q.dtype), do, input_precision=DOT_PREC)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            else:
+                # the gate scales P's and dP's columns (the gathered rows), not the dout tile
+                dv += tl.dot((p_t * gate[None, :]).to(q.dtype), do, input_precision=DOT_PREC)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * gate[None, :]
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
             if DQ_OUT > 0:
