@@ -295,6 +295,34 @@ def test_flash_backward_descriptor_rows_equal_pointer_rows(mask, G, rng):
                        use_desc_rows=True)
 
 
+@pytest.mark.parametrize("mask", [0, 1])
+def test_flash_backward_takes_a_strided_half_precision_gate(mask, rng):
+    """The kernels load the gate as float32 (``gate_f32``): a gate in another dtype and
+    with gaps in its strides (a slice of a wider tensor) gives the dQ, dK, dV of the same
+    values passed as a contiguous float32 tensor."""
+    from nsa.ops.flashbwd import MASK_CMP, flash_backward
+
+    B, T, H, G, d = 2, 150, 1, 3, 16
+    q = torch.randn(B, T, G * H, d, generator=rng)
+    k, v = torch.randn(B, T, H, d, generator=rng), torch.randn(B, T, H, d, generator=rng)
+    if mask == MASK_CMP:
+        k, v = compress_mean(k, 32, 16), compress_mean(v, 32, 16)
+    dout = torch.randn(B, T, G * H, d, generator=rng)
+    wide = torch.rand(B, T, G * H, 2, generator=rng).to(torch.float16)
+    gate = wide[..., 1]  # strides (2*T*G*H, 2*G*H, 2)
+    lse = torch.randn(B, G * H, T, generator=rng) + 4.0  # any finite lse: a linear map
+    r = torch.randn(B, T, G * H, generator=rng)
+    runs = []
+    for g in (gate, gate.float().contiguous()):
+        delta = torch.empty_strided(g.shape, g.stride()).copy_(g.float() * r)
+        dq = torch.full(q.shape, float("nan"))
+        dk, dv = flash_backward(q, k, v, dout, g, lse, delta, dq, 0.25, mask=mask, w=40,
+                                cmp_l=32, cmp_d=16, accumulate_dq=False)
+        runs.append((dq, dk, dv))
+    for a, b in zip(*runs, strict=True):
+        assert torch.isfinite(a).all() and rel(a, b) < 1e-6
+
+
 def test_grads_shorter_than_one_compressed_block(rng):
     """T < l: no compressed token is visible (O_cmp = 0): g_cmp's gradient is 0, k_cmp/v_cmp
     (only tokens no query may see) get none; the other branches are unaffected."""
