@@ -31,6 +31,7 @@ CFG_FIELDS = ("l", "d", "l_sel", "n", "n_initial", "n_local", "w")
 # every row of it
 DQ_FILL: float | None = None
 
+
 def _cfg_list(cfg: NSAConfig) -> list[int]:
     return [int(getattr(cfg, f)) for f in CFG_FIELDS]
 

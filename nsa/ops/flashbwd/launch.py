@@ -83,7 +83,8 @@ def flash_backward(
 
     q [B, T, HQ, d_k]; k/v [B, NK, H, d_k/d_v] (compressed tokens, or the T raw tokens of
     the window branch); dout [B, T, HQ, d_v] (gradient of the combined output); gate
-    [B, T, HQ] (this branch's gate: the kernels use dO = gate * dout); lse float32
+    [B, T, HQ] (this branch's gate: the kernels use dO = gate * dout; any float dtype,
+    converted to float32 by :func:`gate_f32`); lse float32
     [B, HQ, T] (base-2, from the forward); delta float32 [B, T, HQ] with gate's strides
     (gate * rowsum(dout * O_branch)); dq float32 [B, T, HQ, d_k].
     ``mask``: MASK_CMP (token i visible iff i*cmp_d + cmp_l - 1 <= t) or MASK_WIN (keys

@@ -107,7 +107,8 @@ def sel_backward(
     """dK, dV of the selected branch (k's/v's dtype); adds (or writes) its dQ into ``dq``.
 
     q [B, T, HQ, d_k]; k/v [B, T, H, d_k/d_v]; idx int32 [B, T, H, n] canonical (as the
-    forward used); dout [B, T, HQ, d_v]; gate = g_sel [B, T, HQ]; lse float32 [B, HQ, T]
+    forward used); dout [B, T, HQ, d_v]; gate = g_sel [B, T, HQ] (any float dtype: see
+    ``flashbwd.launch.gate_f32``); lse float32 [B, HQ, T]
     (base-2, from the forward); delta float32 [B, T, HQ] with gate's strides; dq float32.
     ``deterministic``: per-segment partials summed in a fixed order instead of float32
     atomics (bitwise reproducible). ``seg_len``: positions per dK/dV program.
