@@ -18,30 +18,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main() -> None:
+    import gpu_check_forward as cf  # scripts/ is sys.path[0]
     import torch
 
-    from nsa import NSAConfig, compress_mean
+    from nsa import NSAConfig
     from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, flash_backward
     from nsa.ops.triton_backend import forward_kernels
 
     T = int(os.environ.get("T", "65536"))
     branch = os.environ.get("BRANCH", "cmp")
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    B, H, G, D = 1, 4, 16, 128
-    dt = torch.bfloat16
+    H, G, D = 4, 16, 128
     scale = D ** -0.5
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def r(*s):
-        return torch.randn(*s, generator=g, device="cuda").to(dt)
-
-    x = dict(q=r(B, T, H * G, D), k_sel=r(B, T, H, D), v_sel=r(B, T, H, D),
-             k_win=r(B, T, H, D), v_win=r(B, T, H, D),
-             k_cmp=compress_mean(r(B, T, H, D), cfg.l, cfg.d),
-             v_cmp=compress_mean(r(B, T, H, D), cfg.l, cfg.d),
-             **{f"g_{b}": torch.rand(B, T, H * G, generator=g, device="cuda").to(dt)
-                for b in ("cmp", "sel", "win")})
-    dout = r(B, T, H * G, D)
+    x = cf.make(T, H * G, H, D, D, cfg, torch.bfloat16)
+    dout = torch.randn_like(x["q"])
     fk = forward_kernels(**x, block_indices=None, cfg=cfg, scale=scale, save=True,
                          want_o_sel=False)
     gate = x[f"g_{branch}"].contiguous()

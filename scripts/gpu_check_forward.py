@@ -232,10 +232,9 @@ def loop_plain_loads(ttgir: str) -> int:
     n, depth = 0, []
     for line in ttgir.splitlines():
         ind = len(line) - len(line.lstrip())
-        while depth and line.strip().startswith("}") and ind <= depth[-1]:
-            depth.pop()
-            break
-        if "scf.for" in line:
+        if depth and line.strip().startswith("}") and ind <= depth[-1]:
+            depth.pop()  # the closing brace of the innermost open loop
+        elif "scf.for" in line:
             depth.append(ind)
         elif depth and "tt.load " in line:
             n += 1

@@ -17,43 +17,28 @@ import subprocess
 import sys
 
 
-def one(T: int, G: int) -> float:
-    """Median ms of one forward+backward at (T, G)."""
+def child(tree: str, cases: list[tuple[int, int]]) -> None:
+    # the shared input builder and timing pair; both scripts put their own checkout first
+    # on sys.path when imported, so the tree goes in front after them (nsa is imported
+    # lazily, inside their functions)
+    import gpu_check_backward as cb
+    import gpu_check_forward as cf
+
+    sys.path.insert(0, os.path.abspath(tree))
     import torch
     from triton.testing import do_bench
 
-    from nsa import NSAConfig, compress_mean, nsa_attention
+    from nsa import NSAConfig
 
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    H, D, dt = 4, 128, torch.bfloat16
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def r(*s):
-        return torch.randn(*s, generator=g, device="cuda").to(dt)
-
-    x = dict(q=r(1, T, H * G, D), k_sel=r(1, T, H, D), v_sel=r(1, T, H, D),
-             k_win=r(1, T, H, D), v_win=r(1, T, H, D),
-             k_cmp=compress_mean(r(1, T, H, D), cfg.l, cfg.d),
-             v_cmp=compress_mean(r(1, T, H, D), cfg.l, cfg.d),
-             **{f"g_{b}": torch.rand(1, T, H * G, generator=g, device="cuda").to(dt)
-                for b in ("cmp", "sel", "win")})
-    for v in x.values():
-        v.requires_grad_(True)
-    dout = r(1, T, H * G, D)
-
-    def fb():
-        o = nsa_attention(**x, config=cfg, backend="triton")
-        return torch.autograd.grad(o, list(x.values()), dout)
-
-    return do_bench(fb)
-
-
-def child(tree: str, cases: list[tuple[int, int]]) -> None:
-    sys.path.insert(0, os.path.abspath(tree))
-    import torch
-
+    H, D = 4, 128
     for T, G in cases:
-        print(f"{tree:>24} T={T:>6} G={G:>2}: {one(T, G):8.3f} ms", flush=True)
+        leaves = cf.make(T, H * G, H, D, D, cfg, torch.bfloat16)
+        for v in leaves.values():
+            v.requires_grad_(True)
+        nsa_fb, _ = cb.fwd_bwd_callables(leaves, torch.randn_like(leaves["q"]), cfg)
+        print(f"{tree:>24} T={T:>6} G={G:>2}: {do_bench(nsa_fb):8.3f} ms", flush=True)
+        del leaves, nsa_fb
         torch.cuda.empty_cache()
 
 

@@ -259,6 +259,15 @@ def test_grads_with_descriptor_loads(case, dtype, rng, monkeypatch):
     check_grads(got, want, dtype, TOL[dtype])
 
 
+def flash_inputs(rng, mask, B, T, H, G, d):
+    """q, k, v, dout of one flash branch (mask 0: k/v are compressed tokens, phi = mean)."""
+    q = torch.randn(B, T, G * H, d, generator=rng)
+    k, v = torch.randn(B, T, H, d, generator=rng), torch.randn(B, T, H, d, generator=rng)
+    if mask == 0:
+        k, v = compress_mean(k, 32, 16), compress_mean(v, 32, 16)
+    return q, k, v, torch.randn(B, T, G * H, d, generator=rng)
+
+
 @pytest.mark.parametrize("mask,G", [(0, 4), (1, 1), (1, 16)])
 def test_flash_backward_descriptor_rows_equal_pointer_rows(mask, G, rng):
     """The flash dK/dV kernel's q/dout rows by descriptor give the pointer path's dK, dV;
@@ -267,11 +276,8 @@ def test_flash_backward_descriptor_rows_equal_pointer_rows(mask, G, rng):
     from nsa.ops.window import win_forward
 
     B, T, H, d = 2, 150, 1, 16
-    q = torch.randn(B, T, G * H, d, generator=rng)
-    k, v = torch.randn(B, T, H, d, generator=rng), torch.randn(B, T, H, d, generator=rng)
-    if mask == MASK_CMP:
-        k, v = compress_mean(k, 32, 16), compress_mean(v, 32, 16)
-    dout, gate = torch.randn(B, T, G * H, d, generator=rng), torch.rand(B, T, G * H, generator=rng)
+    q, k, v, dout = flash_inputs(rng, mask, B, T, H, G, d)
+    gate = torch.rand(B, T, G * H, generator=rng)
     lse = torch.empty(B, G * H, T)
     if mask == MASK_CMP:
         from nsa.ops.compression import cmp_forward
@@ -300,14 +306,10 @@ def test_flash_backward_takes_a_strided_half_precision_gate(mask, rng):
     """The kernels load the gate as float32 (``gate_f32``): a gate in another dtype and
     with gaps in its strides (a slice of a wider tensor) gives the dQ, dK, dV of the same
     values passed as a contiguous float32 tensor."""
-    from nsa.ops.flashbwd import MASK_CMP, flash_backward
+    from nsa.ops.flashbwd import flash_backward
 
     B, T, H, G, d = 2, 150, 1, 3, 16
-    q = torch.randn(B, T, G * H, d, generator=rng)
-    k, v = torch.randn(B, T, H, d, generator=rng), torch.randn(B, T, H, d, generator=rng)
-    if mask == MASK_CMP:
-        k, v = compress_mean(k, 32, 16), compress_mean(v, 32, 16)
-    dout = torch.randn(B, T, G * H, d, generator=rng)
+    q, k, v, dout = flash_inputs(rng, mask, B, T, H, G, d)
     wide = torch.rand(B, T, G * H, 2, generator=rng).to(torch.float16)
     gate = wide[..., 1]  # strides (2*T*G*H, 2*G*H, 2)
     lse = torch.randn(B, G * H, T, generator=rng) + 4.0  # any finite lse: a linear map
@@ -328,14 +330,10 @@ def test_flash_backward_does_not_depend_on_the_query_chunk(mask, G, rng):
     """dK/dV are summed over per-chunk partials (compressed: absolute position ranges;
     window: from each key tile's first row): chunk lengths that split tiles, positions
     and groups anywhere give the same dQ, dK, dV as one chunk covering everything."""
-    from nsa.ops.flashbwd import MASK_CMP, flash_backward
+    from nsa.ops.flashbwd import flash_backward
 
     B, T, H, d = 1, 150, 2, 16
-    q = torch.randn(B, T, G * H, d, generator=rng)
-    k, v = torch.randn(B, T, H, d, generator=rng), torch.randn(B, T, H, d, generator=rng)
-    if mask == MASK_CMP:
-        k, v = compress_mean(k, 32, 16), compress_mean(v, 32, 16)
-    dout = torch.randn(B, T, G * H, d, generator=rng)
+    q, k, v, dout = flash_inputs(rng, mask, B, T, H, G, d)
     gate = torch.rand(B, T, G * H, generator=rng)
     lse = torch.randn(B, G * H, T, generator=rng) + 4.0
     delta = torch.randn(B, T, G * H, generator=rng)
