@@ -322,7 +322,7 @@ def compile_only() -> None:
             _win_fwd_kernel, {**bf, "LSE": "*fp32", **td}, c, w, st))
         for desc in (False, True) if d == D else (False,):
             bn, w, st = _sel_config(D, D, 64, _Cuda(), desc)
-            w = one_position_warps(max(1, 16 // G2), D, D, True, w)
+            w = one_position_warps(max(1, 16 // G2), D, D, True, w, up_to=256)
             c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
                      BLOCK_N=bn, N_SEL=16, NP=16, WRITE_OUT=True,
                      WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True, STORE_LSE=True,

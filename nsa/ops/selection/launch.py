@@ -103,12 +103,15 @@ def select_topn(
     return out
 
 
-def one_position_warps(pp: int, DK: int, DV: int, on_cuda: bool, warps: int) -> int:
+def one_position_warps(pp: int, DK: int, DV: int, on_cuda: bool, warps: int, *,
+                       up_to: int = 128) -> int:
     """Warps of a group-centric selected kernel (forward or dQ): 2 where a program holds
-    one position (G >= 16) at d <= 128 on CUDA, else ``warps``. H200, paper shape, 64k:
-    forward 17.1 ms against 17.6 on 4 warps; dQ 16.07 against 17.49 (8 warps 22.79), the
-    same dQ bit for bit."""
-    return 2 if pp == 1 and max(DK, DV) <= 128 and on_cuda else warps
+    one position (G >= 16) and the head-dim tiles are at most ``up_to`` wide, on CUDA;
+    else ``warps``. H200, paper shape, 64k: forward 17.1 ms against 17.6 on 4 warps; dQ
+    16.07 against 17.49 (8 warps 22.79), the same dQ bit for bit. Past 128 columns (16k,
+    2 stages; the forward passes ``up_to=256``): forward d_k = 192 9.64 ms on 2 warps
+    against 10.49 on 4, d_k = 256 8.33 against 8.19; dQ d_k = 192 13.70 against 10.07."""
+    return 2 if pp == 1 and max(DK, DV) <= up_to and on_cuda else warps
 
 
 def _sel_config(DK: int, DV: int, L_SEL: int, device: torch.device, desc: bool):
@@ -120,7 +123,11 @@ def _sel_config(DK: int, DV: int, L_SEL: int, device: torch.device, desc: bool):
         # descriptor loads, H200, 64k: 2 warps 2 stages 14.5 ms (G=16) / 12.1 (G=4) / 10.1
         # (G=1); 3 stages 14.6 / 11.9 / 10.4; 4 warps 16.3 / 12.9 / 10.7
         return (min(block, 64), 2, 2) if desc else (min(block, 64), 4, 3)
-    return min(block, 32), 4, 3
+    # past 128 columns (32-key tiles): 2 stages keep a program at ~73 KB of shared memory
+    # (3 stages: 137 KB, one program per SM). H200, 16k, G = 16 (scripts/
+    # gpu_wide_head_tune.py): d_k = 192 9.72 ms on 2 warps / 2 stages, 10.49 on 4 / 2,
+    # 15.96 on 4 / 3 (the default before); d_k = 256 8.38 / 8.19
+    return min(block, 32), 4, 2
 
 
 def sel_forward(
@@ -194,7 +201,7 @@ def sel_forward(
     bn, warps, stages = _sel_config(DK, DV, cfg.l_sel, q.device, use_desc)
     # one position per program (G >= 16): 2 warps share the softmax reductions with less
     # traffic than 4
-    warps = one_position_warps(PP, DK, DV, q.device.type == "cuda", warps)
+    warps = one_position_warps(PP, DK, DV, q.device.type == "cuda", warps, up_to=256)
     warps, stages = num_warps or warps, num_stages or stages
     ptrs, strides, flags = _epilogue_args(q, out, o_branch, o_cmp, o_win, g_sel, g_cmp, g_win,
                                           lse)
