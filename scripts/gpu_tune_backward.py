@@ -116,7 +116,7 @@ def main() -> None:
     if a.sel_dq_only:
         sel_backward(*sel, dq_only=True, accumulate_dq=False)
         ref = dq.clone()
-        for w, st in [(2, 3), (2, 2), (2, 4), (8, 3), (4, 4)]:
+        for w, st in [(2, 3), (2, 2), (2, 4), (8, 3), (4, 4), (4, 2), (4, 3)]:
             sel_backward(*sel, dq_only=True, dq_warps=w, dq_stages=st, accumulate_dq=False)
             err = ((dq - ref).norm() / ref.norm()).item()
             ms = do_bench(lambda: sel_backward(*sel, dq_only=True, dq_warps=w, dq_stages=st))
