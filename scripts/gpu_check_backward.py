@@ -44,8 +44,10 @@ def compile_only() -> None:
     )
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    ptr = {**{n: "*bf16" for n in ("Q", "K", "V", "DO")}, "GATE": "*fp32",  # gate_f32
-           **{n: "*fp32" for n in ("LSE", "DELTA", "DKP", "DVP", "DQ", "DKO", "DVO", "DQX")},
+    ptr = {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "K2", "V2", "OUT")},
+           "GATE": "*fp32", "GATE2": "*fp32",  # gate_f32
+           **{n: "*fp32" for n in ("LSE", "DELTA", "DKP", "DVP", "DQ", "DKO", "DVO", "DQX",
+                                   "LSE2", "DELTA2")},
            **{n: "*i32" for n in ("IDX", "KEYS", "SEG_BLK", "SEG_LO", "SEG_HI", "SEG_FIRST",
                                   "SEG_COUNT")}}
 
@@ -99,11 +101,21 @@ def compile_only() -> None:
             for desc in (False, True) if d == D else (False,):
                 c = dict(G=G, GP2=G2, PP=max(1, bm2 // G2), BLOCK_N=bn2, DK=D, DV=D,
                          D_K=d, D_V=d, MASK=mask, CMP_L=32, CMP_D=16, ACCUMULATE=True,
-                         DOT_PREC="tf32", USE_DESC=desc)
+                         DOT_PREC="tf32", USE_DESC=desc, **dict.fromkeys(
+                             ("K2", "V2", "GATE2", "LSE2", "DELTA2", "OUT")), MASK2=-1)
                 td = ({n: f"tensordesc<bf16[1,{bn2},1,{D}]>" for n in ("K", "V")} if desc
                       else None)
                 print(f"dq   mask={mask} desc={desc:d} G={G:2d} d={d}: "
                       + one(_bwd_dq_kernel, c, w2, st2, td), flush=True)
+        # the compressed and window dQ in one kernel, final dQ in bf16 (flash_dq)
+        for desc in (False, True) if d == D else (False,):
+            c = dict(G=G, GP2=G2, PP=max(1, bm2 // G2), BLOCK_N=bn2, DK=D, DV=D,
+                     D_K=d, D_V=d, MASK=0, MASK2=1, CMP_L=32, CMP_D=16, ACCUMULATE=True,
+                     DOT_PREC="tf32", USE_DESC=desc)
+            td = ({n: f"tensordesc<bf16[1,{bn2},1,{D}]>" for n in ("K", "V", "K2", "V2")}
+                  if desc else None)
+            print(f"dq   cmp+win desc={desc:d} G={G:2d} d={d}: "
+                  + one(_bwd_dq_kernel, c, w2, st2, td), flush=True)
         for desc in (False, True) if d == D else (False,):
             bnq, wq, stq, bmk, bnk, wk, st = _sel_bwd_config(D, D, G2, 64, _Cuda(), desc)
             wq = one_position_warps(max(1, 16 // G2), D, D, True, wq)

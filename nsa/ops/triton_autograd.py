@@ -143,7 +143,14 @@ def _bwd_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward kernels (no autograd): (dq, dk_sel, dv_sel, dk_win, dv_win, dk_cmp,
     dv_cmp, dg_cmp, dg_sel, dg_win); absent ones 0-element."""
-    from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, branch_rowdots, flash_backward
+    from nsa.ops.flashbwd import (
+        MASK_CMP,
+        MASK_WIN,
+        FlashBranch,
+        branch_rowdots,
+        flash_backward,
+        flash_dq,
+    )
     from nsa.ops.selection.bwd_launch import sel_backward
 
     c = _cfg_from(cfg)
@@ -171,28 +178,38 @@ def _bwd_impl(
         delta = gate * r
         return r.to(g.dtype), gate, delta
 
+    # the selected branch first (its dQ kernel, or the key-centric kernel's atomics, writes
+    # the float32 buffer); then the compressed and window dK/dV, and last one dQ kernel for
+    # both flash branches that adds the buffer and stores the final dQ in q's dtype
+    if g_sel is not None:
+        res["dg_sel"], gate, delta = prep("sel", g_sel)
+        res["dk_sel"], res["dv_sel"] = sel_backward(
+            q, k_sel, v_sel, idx, dout, gate, lse_sel, delta, dq, c, scale,
+            deterministic=deterministic, accumulate_dq=False)
+        dq_written = True
+    flash = []
     if g_cmp is not None:
         res["dg_cmp"], gate, delta = prep("cmp", g_cmp)
         if k_cmp is not None:
             res["dk_cmp"], res["dv_cmp"] = flash_backward(
                 q, k_cmp, v_cmp, dout, gate, lse_cmp, delta, dq, scale, mask=MASK_CMP,
-                cmp_l=c.l, cmp_d=c.d, accumulate_dq=dq_written)
-            dq_written = True
+                cmp_l=c.l, cmp_d=c.d, parts="dkdv")
+            flash.append(FlashBranch(k_cmp, v_cmp, gate, lse_cmp, delta, MASK_CMP,
+                                     cmp_l=c.l, cmp_d=c.d))
     if g_win is not None:
         res["dg_win"], gate, delta = prep("win", g_win)
         res["dk_win"], res["dv_win"] = flash_backward(
             q, k_win, v_win, dout, gate, lse_win, delta, dq, scale, mask=MASK_WIN, w=c.w,
-            accumulate_dq=dq_written)
-        dq_written = True
-    if g_sel is not None:
-        res["dg_sel"], gate, delta = prep("sel", g_sel)
-        res["dk_sel"], res["dv_sel"] = sel_backward(
-            q, k_sel, v_sel, idx, dout, gate, lse_sel, delta, dq, c, scale,
-            deterministic=deterministic, accumulate_dq=dq_written)
-        dq_written = True
-    if not dq_written:
-        dq.zero_()
-    return (dq.to(q.dtype), res["dk_sel"], res["dv_sel"], res["dk_win"], res["dv_win"],
+            parts="dkdv")
+        flash.append(FlashBranch(k_win, v_win, gate, lse_win, delta, MASK_WIN, w=c.w))
+    if flash:
+        dq_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        flash_dq(q, dout, dq, scale, flash, accumulate_dq=dq_written, out=dq_out)
+    elif dq_written:
+        dq_out = dq.to(q.dtype)
+    else:
+        dq_out = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
+    return (dq_out, res["dk_sel"], res["dv_sel"], res["dk_win"], res["dv_win"],
             res["dk_cmp"], res["dv_cmp"], res["dg_cmp"], res["dg_sel"], res["dg_win"])
 
 

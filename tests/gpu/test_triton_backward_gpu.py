@@ -271,3 +271,50 @@ def test_paper_shape_16k_finite_grads_and_bounded_memory():
           f"GiB before the call; bound {bound / gib:.2f} GiB = held {held / gib:.2f} + "
           f"grads {grad_bytes / gib:.2f} + 6 x {qsize / gib:.2f} + 0.25 x {dense / gib:.2f})")
     assert peak < bound, (peak, bound)
+
+
+@pytest.mark.parametrize("G,desc", [(16, True), (4, False), (1, True)])
+def test_flash_dq_of_both_flash_branches_in_one_kernel(G, desc):
+    """The compressed and window dQ in one kernel (``flash_dq`` with both branches, bf16,
+    batch 2, T not a multiple of any tile, the forwards' own log-sum-exps) equals the two
+    branches launched apart, within float32 summation order; the final bf16 dQ it stores
+    with ``out`` equals the float32 sum rounded."""
+    import nsa.ops.flashbwd.launch as FL
+    from nsa.ops.compression import cmp_forward
+    from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, FlashBranch, flash_dq
+    from nsa.ops.window import win_forward
+
+    B, T, H, D = 2, 1531, 2, 128
+    HQ = G * H
+    g = torch.Generator(device="cuda").manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
+    q, k, v, dout = r(B, T, HQ, D), r(B, T, H, D), r(B, T, H, D), r(B, T, HQ, D)
+    kc, vc = compress_mean(r(B, T, H, D), CFG.l, CFG.d), compress_mean(r(B, T, H, D), CFG.l,
+                                                                       CFG.d)
+    lse_c = torch.empty(B, HQ, T, device="cuda", dtype=torch.float32)
+    lse_w = torch.empty_like(lse_c)
+    oc, _ = cmp_forward(q, kc, vc, CFG, D ** -0.5, want_scores=False, lse=lse_c)
+    ow = win_forward(q, k, v, CFG.w, D ** -0.5, lse=lse_w)
+    branches = []
+    for kk, vv, o, lse, mask in ((kc, vc, oc, lse_c, MASK_CMP), (k, v, ow, lse_w, MASK_WIN)):
+        gate = torch.rand(B, T, HQ, generator=g, device="cuda")
+        delta = (gate * (dout.float() * o.float()).sum(-1)).contiguous()
+        branches.append(FlashBranch(kk, vv, gate, lse, delta, mask, w=CFG.w, cmp_l=CFG.l,
+                                    cmp_d=CFG.d))
+    runs = []
+    for pair in (True, False):
+        FL.PAIR_DQ = pair
+        try:
+            dq = torch.full((B, T, HQ, D), float("nan"), device="cuda")
+            flash_dq(q, dout, dq, D ** -0.5, branches, accumulate_dq=False, use_desc=desc)
+        finally:
+            FL.PAIR_DQ = True
+        assert torch.isfinite(dq).all()
+        runs.append(dq)
+    assert ((runs[0] - runs[1]).norm() / runs[1].norm()).item() < 1e-5
+    base = torch.randn(B, T, HQ, D, generator=g, device="cuda")
+    buf, out = base.clone(), torch.full_like(q, float("nan"))
+    flash_dq(q, dout, buf, D ** -0.5, branches, accumulate_dq=True, out=out, use_desc=desc)
+    assert torch.equal(buf, base)
+    want = base + runs[0]
+    assert ((out.float() - want).norm() / want.norm()).item() < 4e-3  # bf16 rounding

@@ -348,6 +348,58 @@ def test_flash_backward_does_not_depend_on_the_query_chunk(mask, G, rng):
             assert torch.isfinite(a).all() and rel(a, b) < 1e-5
 
 
+def test_flash_dq_of_two_branches_in_one_kernel(rng):
+    """flash_dq with the compressed and window branches in one launch gives the sum of each
+    branch's own dQ; with ``accumulate_dq`` and ``out`` it adds the float32 buffer (left
+    as it was) and stores the total in out's dtype; lse layouts that differ run as two
+    launches with the same result; bad arguments are refused by name."""
+    from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, FlashBranch, flash_dq
+
+    B, T, H, G, d = 2, 150, 2, 3, 16
+    q, kw, vw, dout = flash_inputs(rng, MASK_WIN, B, T, H, G, d)
+    kc = compress_mean(torch.randn(B, T, H, d, generator=rng), 32, 16)
+    vc = compress_mean(torch.randn(B, T, H, d, generator=rng), 32, 16)
+
+    def branch(k, v, mask, lse=None):
+        gate = torch.rand(B, T, G * H, generator=rng)
+        lse = torch.randn(B, G * H, T, generator=rng) + 4.0 if lse is None else lse
+        return FlashBranch(k, v, gate, lse, torch.randn(B, T, G * H, generator=rng), mask,
+                           w=40, cmp_l=32, cmp_d=16)
+
+    cmp, win = branch(kc, vc, MASK_CMP), branch(kw, vw, MASK_WIN)
+    one = []
+    for br in (cmp, win):
+        dq = torch.full(q.shape, float("nan"))
+        flash_dq(q, dout, dq, 0.25, [br], accumulate_dq=False)
+        assert torch.isfinite(dq).all()
+        one.append(dq)
+    both = torch.full(q.shape, float("nan"))
+    flash_dq(q, dout, both, 0.25, [cmp, win], accumulate_dq=False)
+    assert rel(both, one[0] + one[1]) < 1e-5
+
+    base = torch.randn(q.shape, generator=rng)
+    buf, out = base.clone(), torch.full(q.shape, float("nan"), dtype=torch.float16)
+    flash_dq(q, dout, buf, 0.25, [win, cmp], accumulate_dq=True, out=out)
+    assert torch.equal(buf, base)
+    assert rel(out.float(), base + one[0] + one[1]) < 2e-3  # float16 rounding of the sum
+
+    # the window's lse as a slice of a wider tensor: other strides, two launches
+    wide = torch.randn(B, G * H + 1, T, generator=rng)
+    wide[:, 1:] = win.lse
+    win_t = win._replace(lse=wide[:, 1:])
+    assert win_t.lse.stride() != cmp.lse.stride()
+    split = torch.full(q.shape, float("nan"))
+    flash_dq(q, dout, split, 0.25, [cmp, win_t], accumulate_dq=False)
+    assert rel(split, both) < 1e-6
+
+    with pytest.raises(ValueError, match="1 or 2 branches"):
+        flash_dq(q, dout, both, 0.25, [cmp, win, cmp], accumulate_dq=False)
+    with pytest.raises(ValueError, match="different masks"):
+        flash_dq(q, dout, both, 0.25, [win, win], accumulate_dq=False)
+    with pytest.raises(ValueError, match="out must have dq's shape"):
+        flash_dq(q, dout, both, 0.25, [cmp], accumulate_dq=False, out=out[:, :7])
+
+
 def test_grads_shorter_than_one_compressed_block(rng):
     """T < l: no compressed token is visible (O_cmp = 0): g_cmp's gradient is 0, k_cmp/v_cmp
     (only tokens no query may see) get none; the other branches are unaffected."""

@@ -147,6 +147,25 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_branch_rows(DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
+                    stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh,
+                    stride_lb, stride_lh, DV: tl.constexpr, D_V: tl.constexpr, dtype):
+    """One branch's rows of a query tile starting at position t64: dO = gate * dout (in
+    ``dtype``), lse and Delta. DELTA has GATE's layout."""
+    offs_dv = tl.arange(0, DV)
+    do = tl.load(DO + b * stride_ob + t64 * stride_ot
+                 + (p_loc * stride_ot + hq * stride_oh)[:, None] + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)
+    g_off = b * stride_gb + t64 * stride_gt + p_loc * stride_gt + hq * stride_gh
+    gate = tl.load(GATE + g_off, mask=row_ok, other=0.0)
+    do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(dtype)
+    lse = tl.load(LSE + b * stride_lb + t64 + hq * stride_lh + p_loc, mask=row_ok,
+                  other=float("inf"))
+    delta = tl.load(DELTA + g_off, mask=row_ok, other=0.0)
+    return do, lse, delta
+
+
+@triton.jit
 def _dq_rows(Q, DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
              stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
              stride_gb, stride_gt, stride_gh, stride_lb, stride_lh,
@@ -154,33 +173,76 @@ def _dq_rows(Q, DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
     """Rows of a query tile starting at position t64 (row r: position t64 + p_loc[r], head
     hq[r]): q, dO = gate * dout (q's dtype), lse and Delta. DELTA has GATE's layout."""
     offs_dk = tl.arange(0, DK)
-    offs_dv = tl.arange(0, DV)
     q = tl.load(Q + b * stride_qb + t64 * stride_qt
                 + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :],
                 mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
-    do = tl.load(DO + b * stride_ob + t64 * stride_ot
-                 + (p_loc * stride_ot + hq * stride_oh)[:, None] + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)
-    g_off = b * stride_gb + t64 * stride_gt + p_loc * stride_gt + hq * stride_gh
-    gate = tl.load(GATE + g_off, mask=row_ok, other=0.0)
-    do = (do.to(tl.float32) * gate.to(tl.float32)[:, None]).to(q.dtype)
-    lse = tl.load(LSE + b * stride_lb + t64 + hq * stride_lh + p_loc, mask=row_ok,
-                  other=float("inf"))
-    delta = tl.load(DELTA + g_off, mask=row_ok, other=0.0)
+    do, lse, delta = _dq_branch_rows(DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
+                                     stride_ob, stride_ot, stride_oh, stride_gb, stride_gt,
+                                     stride_gh, stride_lb, stride_lh, DV, D_V, q.dtype)
     return q, do, lse, delta
 
 
 @triton.jit
 def _dq_store(DQ, dq, b, t64, p_loc, hq, row_ok, stride_db, stride_dt, stride_dh,
-              DK: tl.constexpr, D_K: tl.constexpr, ACCUMULATE: tl.constexpr):
-    """Write (or add to the float32 buffer) a query tile's dQ rows."""
+              DK: tl.constexpr, D_K: tl.constexpr, ACCUMULATE: tl.constexpr, OUT=None):
+    """Write (or add to the float32 buffer) a query tile's dQ rows; with ``OUT`` (DQ's
+    strides) the sum goes there in OUT's dtype instead, and DQ is only read."""
     offs_dk = tl.arange(0, DK)
-    dq_ptrs = (DQ + b * stride_db + t64 * stride_dt
-               + (p_loc * stride_dt + hq * stride_dh)[:, None] + offs_dk[None, :])
+    rows = (p_loc * stride_dt + hq * stride_dh)[:, None] + offs_dk[None, :]
+    dq_ptrs = DQ + b * stride_db + t64 * stride_dt + rows
     st = row_ok[:, None] & (offs_dk[None, :] < D_K)
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=st, other=0.0)
-    tl.store(dq_ptrs, dq, mask=st)
+    if OUT is None:
+        tl.store(dq_ptrs, dq, mask=st)
+    else:
+        tl.store(OUT + b * stride_db + t64 * stride_dt + rows,
+                 dq.to(OUT.dtype.element_ty), mask=st)
+
+
+@triton.jit
+def _dq_flash_loop(dq, q, do, lse, delta, K, V, b, h, t0, t_row, row_ok,
+                   stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                   T, NK, W, qk_scale,
+                   PP: tl.constexpr, BLOCK_N: tl.constexpr, DK: tl.constexpr,
+                   DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+                   MASK: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
+                   DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr):
+    """dq += dS K (unscaled) over one branch's key tiles visible to the query tile."""
+    offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    t_last = tl.minimum(t0 + PP - 1, T - 1)
+    if MASK == 0:
+        lo = 0
+        hi = tl.minimum(tl.maximum(t_last + 1 - CMP_L + CMP_D, 0) // CMP_D, NK)
+    else:
+        lo = (tl.maximum(t0 - W + 1, 0) // BLOCK_N) * BLOCK_N
+        hi = t_last + 1
+    if not USE_DESC:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+    for start in range(lo, hi, BLOCK_N):
+        kpos = start + offs_n
+        if USE_DESC:  # bulk tensor copies; keys past NK arrive as zeros
+            k = tl.reshape(K.load([b.to(tl.int32), start, h, 0]), [BLOCK_N, DK])
+            v = tl.reshape(V.load([b.to(tl.int32), start, h, 0]), [BLOCK_N, DV])
+        else:
+            s64 = tl.full([], 0, tl.int64) + start
+            key_ok = kpos < NK
+            k = tl.load(k_base + s64 * stride_kt + (offs_n * stride_kt)[:, None]
+                        + offs_dk[None, :], mask=key_ok[:, None] & (offs_dk[None, :] < D_K),
+                        other=0.0)
+            v = tl.load(v_base + s64 * stride_vt + (offs_n * stride_vt)[:, None]
+                        + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv[None, :] < D_V),
+                        other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        ok = _visible(t_row[:, None], kpos[None, :], NK, W, MASK, CMP_L, CMP_D) & row_ok[:, None]
+        p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT_PREC)
+    return dq
 
 
 @triton.jit
@@ -198,8 +260,14 @@ def _bwd_dq_kernel(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     MASK: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
+    K2=None, V2=None, GATE2=None, LSE2=None, DELTA2=None, OUT=None,
+    stride_k2b=0, stride_k2t=0, stride_k2h=0, stride_v2b=0, stride_v2t=0, stride_v2h=0,
+    NK2=0, MASK2: tl.constexpr = -1,
 ):
-    BLOCK_M: tl.constexpr = PP * GP2
+    """dQ of one flash branch (``MASK``) or, with ``MASK2 >= 0``, of two (the second's
+    keys K2/V2, gate, lse and Delta in the first's layouts) summed in registers: q is
+    loaded and dQ stored once for both. ``OUT``: the final dQ in its dtype (see
+    :func:`_dq_store`)."""
     n_tiles_t = tl.cdiv(T, PP)
     tile = n_tiles_t - 1 - tl.program_id(0)  # heaviest tiles first
     h = tl.program_id(1)
@@ -207,50 +275,28 @@ def _bwd_dq_kernel(
     t0 = tile * PP
     p_loc, t_row, row_ok, hq = _tile_rows(t0, h, T, G, GP2, PP)
     t64 = t0.to(tl.int64)
-    offs_dk = tl.arange(0, DK)
-    offs_dv = tl.arange(0, DV)
-    offs_n = tl.arange(0, BLOCK_N)
-    dk_ok = offs_dk[None, :] < D_K
-    dv_ok = offs_dv[None, :] < D_V
 
     q, do, lse, delta = _dq_rows(Q, DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
                                  stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
                                  stride_oh, stride_gb, stride_gt, stride_gh, stride_lb,
                                  stride_lh, DK, DV, D_K, D_V)
-
-    t_last = tl.minimum(t0 + PP - 1, T - 1)
-    if MASK == 0:
-        lo = 0
-        hi = tl.minimum(tl.maximum(t_last + 1 - CMP_L + CMP_D, 0) // CMP_D, NK)
-    else:
-        lo = (tl.maximum(t0 - W + 1, 0) // BLOCK_N) * BLOCK_N
-        hi = t_last + 1
-
-    if not USE_DESC:
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-    dq = tl.zeros([BLOCK_M, DK], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        kpos = start + offs_n
-        if USE_DESC:  # bulk tensor copies; keys past NK arrive as zeros
-            k = tl.reshape(K.load([b.to(tl.int32), start, h, 0]), [BLOCK_N, DK])
-            v = tl.reshape(V.load([b.to(tl.int32), start, h, 0]), [BLOCK_N, DV])
-        else:
-            s64 = tl.full([], 0, tl.int64) + start
-            key_ok = kpos < NK
-            k = tl.load(k_base + s64 * stride_kt + (offs_n * stride_kt)[:, None]
-                        + offs_dk[None, :], mask=key_ok[:, None] & dk_ok, other=0.0)
-            v = tl.load(v_base + s64 * stride_vt + (offs_n * stride_vt)[:, None]
-                        + offs_dv[None, :], mask=key_ok[:, None] & dv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        ok = _visible(t_row[:, None], kpos[None, :], NK, W, MASK, CMP_L, CMP_D) & row_ok[:, None]
-        p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT_PREC)
+    dq = tl.zeros([PP * GP2, DK], tl.float32)
+    dq = _dq_flash_loop(dq, q, do, lse, delta, K, V, b, h, t0, t_row, row_ok,
+                        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                        T, NK, W, qk_scale, PP, BLOCK_N, DK, DV, D_K, D_V, MASK, CMP_L,
+                        CMP_D, DOT_PREC, USE_DESC)
+    if MASK2 >= 0:
+        do, lse, delta = _dq_branch_rows(DO, GATE2, LSE2, DELTA2, b, t64, p_loc, hq, row_ok,
+                                         stride_ob, stride_ot, stride_oh, stride_gb,
+                                         stride_gt, stride_gh, stride_lb, stride_lh, DV, D_V,
+                                         q.dtype)
+        dq = _dq_flash_loop(dq, q, do, lse, delta, K2, V2, b, h, t0, t_row, row_ok,
+                            stride_k2b, stride_k2t, stride_k2h, stride_v2b, stride_v2t,
+                            stride_v2h, T, NK2, W, qk_scale, PP, BLOCK_N, DK, DV, D_K, D_V,
+                            MASK2, CMP_L, CMP_D, DOT_PREC, USE_DESC)
 
     _dq_store(DQ, dq * sm_scale, b, t64, p_loc, hq, row_ok, stride_db, stride_dt, stride_dh,
-              DK, D_K, ACCUMULATE)
+              DK, D_K, ACCUMULATE, OUT)
 
 
 @triton.jit

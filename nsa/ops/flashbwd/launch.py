@@ -5,6 +5,8 @@ No autograd and no validation beyond shapes: :mod:`nsa.ops.triton_autograd` call
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,10 @@ from nsa.ops.flashbwd.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _rowdot_k
 
 MASK_CMP = 0
 MASK_WIN = 1
+
+# flash_dq: two branches in one kernel (True) or in two launches, the second adding the
+# first's float32 rows (tuning runs compare the two)
+PAIR_DQ = True
 
 
 def _configs(DK: int, DV: int, GP2: int, device: torch.device):
@@ -107,10 +113,9 @@ def flash_backward(
     if gate.stride() != delta.stride():
         raise ValueError("flash_backward: delta must have the gate's strides")
     gate = gate_f32(gate)
-    (bm1, bn1, warps1, stages1), (bm2, bn2, warps2, stages2) = _configs(DK, DV, GP2, q.device)
+    (bm1, bn1, warps1, stages1), _ = _configs(DK, DV, GP2, q.device)
     bm1, bn1, warps1 = kv_config or (bm1, bn1, warps1)
-    bm2, bn2, warps2 = dq_config or (bm2, bn2, warps2)
-    stages1, stages2 = num_stages or stages1, num_stages or stages2
+    stages1 = num_stages or stages1
     use_desc = resolve_desc("flash_backward", use_desc, k, v, DK, DV)
     # rows by descriptor: a box holds whole groups only. H200, paper shape, 64k: the
     # compressed dK/dV took 27.2 ms with them against 26.8 with pointer loads (window 8.1
@@ -158,21 +163,11 @@ def flash_backward(
         if parts != "dq":
             shrink_on_oor(launch_kv, bm1, stages1, max(16, GP2))
 
-        def launch_q(bm, st):
-            pp = max(1, bm // GP2)
-            kd, vd = ((kv_desc(k, NK, bn2, DK), kv_desc(v, NK, bn2, DV)) if use_desc
-                      else (k, v))
-            _bwd_dq_kernel[(cdiv(T, pp), H, B)](
-                q, kd, vd, dout, gate, lse, delta, dq, *common,
-                dq.stride(0), dq.stride(1), dq.stride(2),
-                T, NK, w, qk_scale, scale,
-                G=G, GP2=GP2, PP=pp, BLOCK_N=bn2, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
-                MASK=mask, CMP_L=cmp_l, CMP_D=cmp_d, ACCUMULATE=accumulate_dq,
-                DOT_PREC=prec, USE_DESC=use_desc, num_warps=warps2, num_stages=st,
-            )
-
         if parts != "dkdv":
-            shrink_on_oor(launch_q, bm2, stages2, max(16, GP2))
+            flash_dq(q, dout, dq, scale,
+                     [FlashBranch(k, v, gate, lse, delta, mask, w, cmp_l, cmp_d)],
+                     accumulate_dq=accumulate_dq, dq_config=dq_config, num_stages=num_stages,
+                     use_desc=use_desc)
     elif not accumulate_dq:
         dq.zero_()
     if parts == "dq":
@@ -180,6 +175,129 @@ def flash_backward(
     dk = (dkp[0] if n_chunks == 1 else dkp.sum(0)).to(k.dtype)
     dv = (dvp[0] if n_chunks == 1 else dvp.sum(0)).to(v.dtype)
     return dk, dv
+
+
+class FlashBranch(NamedTuple):
+    """One flash branch's inputs to :func:`flash_dq` (see :func:`flash_backward`)."""
+
+    k: Tensor
+    v: Tensor
+    gate: Tensor
+    lse: Tensor
+    delta: Tensor
+    mask: int
+    w: int = 0
+    cmp_l: int = 1
+    cmp_d: int = 1
+
+
+def flash_dq(
+    q: Tensor,
+    dout: Tensor,
+    dq: Tensor,
+    scale: float,
+    branches: list[FlashBranch],
+    *,
+    accumulate_dq: bool,
+    out: Tensor | None = None,
+    dq_config: tuple[int, int, int] | None = None,
+    num_stages: int | None = None,
+    use_desc: bool | None = None,
+) -> None:
+    """dQ of one or two flash branches (the compressed and the window branch: their masks
+    differ), added to (``accumulate_dq``) or written into the float32 ``dq``.
+
+    Two branches run in one kernel, which loads each query tile once and sums both
+    branches' dQ in registers before its single store (H100/H200, 64k: the window's own
+    dQ pass re-read q and read and wrote the float32 dQ once more). ``out`` (q's shape,
+    any float dtype, dq's strides): the final dQ goes there (the float32 buffer's rows
+    are then only read, where ``accumulate_dq``). Branches whose gates, lse or Delta
+    differ in layout, head dims past 128 (or ``PAIR_DQ = False``) run as two launches
+    instead. Shapes and the tuning arguments as in
+    :func:`flash_backward`.
+    """
+    if not 1 <= len(branches) <= 2:
+        raise ValueError(f"flash_dq: expected 1 or 2 branches, got {len(branches)}")
+    if len(branches) == 2 and branches[0].mask == branches[1].mask:
+        raise ValueError("flash_dq: two branches must have different masks, got "
+                         f"{branches[0].mask} twice")
+    if out is not None and (out.shape != dq.shape or out.stride() != dq.stride()):
+        raise ValueError(f"flash_dq: out must have dq's shape {tuple(dq.shape)} and strides "
+                         f"{dq.stride()}, got {tuple(out.shape)} / {out.stride()}")
+    branches = [br._replace(gate=gate_f32(br.gate)) for br in branches]
+    for br in branches:
+        if br.gate.stride() != br.delta.stride():
+            raise ValueError("flash_dq: delta must have the gate's strides")
+    # branches with no keys add nothing
+    live = [br for br in branches if br.k.shape[1] > 0]
+    wide = max(head_dim_tile(q.shape[-1]), head_dim_tile(dout.shape[-1])) > 128
+    # past 128 columns the dQ kernel already spills (sm_90 compile: 480-576 bytes of stack
+    # per thread) and the second branch's state adds 300 more
+    if len(live) == 2 and (not PAIR_DQ or wide or live[0].gate.stride() != live[1].gate.stride()
+                           or live[0].lse.stride() != live[1].lse.stride()):
+        flash_dq(q, dout, dq, scale, live[:1], accumulate_dq=accumulate_dq,
+                 dq_config=dq_config, num_stages=num_stages, use_desc=use_desc)
+        flash_dq(q, dout, dq, scale, live[1:], accumulate_dq=True, out=out,
+                 dq_config=dq_config, num_stages=num_stages, use_desc=use_desc)
+        return
+    if not live:
+        if out is not None:
+            out.copy_(dq if accumulate_dq else torch.zeros_like(dq))
+        elif not accumulate_dq:
+            dq.zero_()
+        return
+    B, T, HQ, d_k = q.shape
+    first = live[0]
+    H, d_v = first.k.shape[2], first.v.shape[-1]
+    G = HQ // H
+    GP2 = rows_per_position(G)
+    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    _, (bm2, bn2, warps2, stages2) = _configs(DK, DV, GP2, q.device)
+    bm2, bn2, warps2 = dq_config or (bm2, bn2, warps2)
+    stages2 = num_stages or stages2
+    descs = [resolve_desc("flash_dq", use_desc, br.k, br.v, DK, DV) for br in live]
+    desc = all(descs)
+    w = max(br.w for br in live)
+    cmp = [br for br in live if br.mask == MASK_CMP]
+    cmp_l, cmp_d = (cmp[0].cmp_l, cmp[0].cmp_d) if cmp else (1, 1)
+    prec = dot_precision(q.dtype, q.device)
+    qk_scale = scale * LOG2E
+    gate, lse = first.gate, first.lse
+
+    def kv(br):
+        NK = br.k.shape[1]
+        if desc:
+            return kv_desc(br.k, NK, bn2, DK), kv_desc(br.v, NK, bn2, DV)
+        return br.k, br.v
+
+    def launch_q(bm, st):
+        pp = max(1, bm // GP2)
+        kd, vd = kv(first)
+        extra = {}
+        if len(live) == 2:
+            sec = live[1]
+            k2, v2 = kv(sec)
+            extra = dict(K2=k2, V2=v2, GATE2=sec.gate, LSE2=sec.lse, DELTA2=sec.delta,
+                         stride_k2b=sec.k.stride(0), stride_k2t=sec.k.stride(1),
+                         stride_k2h=sec.k.stride(2), stride_v2b=sec.v.stride(0),
+                         stride_v2t=sec.v.stride(1), stride_v2h=sec.v.stride(2),
+                         NK2=sec.k.shape[1], MASK2=sec.mask)
+        _bwd_dq_kernel[(cdiv(T, pp), H, B)](
+            q, kd, vd, dout, gate, lse, first.delta, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            first.k.stride(0), first.k.stride(1), first.k.stride(2),
+            first.v.stride(0), first.v.stride(1), first.v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            gate.stride(0), gate.stride(1), gate.stride(2),
+            lse.stride(0), lse.stride(1),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            T, first.k.shape[1], w, qk_scale, scale,
+            G=G, GP2=GP2, PP=pp, BLOCK_N=bn2, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
+            MASK=first.mask, CMP_L=cmp_l, CMP_D=cmp_d, ACCUMULATE=accumulate_dq,
+            DOT_PREC=prec, USE_DESC=desc, OUT=out, num_warps=warps2, num_stages=st, **extra,
+        )
+
+    shrink_on_oor(launch_q, bm2, stages2, max(16, GP2))
 
 
 def branch_rowdots(dout: Tensor, outs: list[Tensor]) -> list[Tensor]:
