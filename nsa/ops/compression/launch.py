@@ -135,10 +135,17 @@ def _cmp_config(DK: int, DV: int, GP2: int, SEL_B: int, device: torch.device, pa
     else:
         major, _ = cuda_capability(device)
         big = max(DK, DV)
-        # H200, paper shape, T = 64k: 64 x 64 tiles on 4 warps 18.5 ms, 128 x 64 on 8 warps
-        # 19.8 ms (docs/perf-notes.md)
+        # H200, paper shape, T = 64k, fused: 64 x 64 tiles on 4 warps 18.5 ms, 128 x 64 on 8
+        # warps 19.8 ms; on sm_90 at G = 16, 128 x 64 on 4 warps with 2 stages 16.36 ms
+        # against 17.36 / 17.40 for 64 x 64 with 3 (same run): every program streams the K/V
+        # tiles its rows see from L2, so twice the rows per program halve those bytes. With
+        # fewer heads per position the rows are more positions (G = 8: 9.88 against 9.68 /
+        # 9.81 ms; G = 1 at 16k: 0.121 against 0.092, fewer programs), so 64 rows stay there
         if big <= 128:
-            bm, bn, warps, stages = 64, 64, 4, 3 if major >= 9 else 2
+            if major >= 9 and GP2 >= 16:
+                bm, bn, warps, stages = 128, 64, 4, 2
+            else:
+                bm, bn, warps, stages = 64, 64, 4, 3 if major >= 9 else 2
         else:
             # head dims past 128 (tiles of 256): 128 x 32 on 8 warps held a whole SM's
             # registers (248); 64 x 32 on 4 lets two programs share one (H200, 16k, G = 16:
