@@ -141,8 +141,9 @@ def _cmp_config(DK: int, DV: int, GP2: int, SEL_B: int, device: torch.device, pa
         # tiles its rows see from L2, so twice the rows per program halve those bytes. With
         # fewer heads per position the rows are more positions (G = 8: 9.88 against 9.68 /
         # 9.81 ms; G = 1 at 16k: 0.121 against 0.092, fewer programs), so 64 rows stay there
+        # (the two-pass mode's score kernel keeps its own measured 64 x 128 tile)
         if big <= 128:
-            if major >= 9 and GP2 >= 16:
+            if major >= 9 and GP2 >= 16 and not pass2_only:
                 bm, bn, warps, stages = 128, 64, 4, 2
             else:
                 bm, bn, warps, stages = 64, 64, 4, 3 if major >= 9 else 2
