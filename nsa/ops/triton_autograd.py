@@ -155,12 +155,13 @@ def _bwd_impl(
 
     c = _cfg_from(cfg)
     dout = dout.contiguous()
-    # float32 dQ shared by the branches: the first branch's kernel writes every row, the
-    # others add to it (no memset, and no pass that reads zeros)
-    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-    if DQ_FILL is not None:
+    # float32 dQ of the selected branch (its kernel writes every row: no memset), added by
+    # the flash branches' dQ kernel, which stores the final dQ; without a selected branch
+    # that kernel only writes the final dQ, so no float32 buffer is needed
+    dq = (torch.empty(q.shape, device=q.device, dtype=torch.float32) if g_sel is not None
+          else None)
+    if dq is not None and DQ_FILL is not None:
         dq.fill_(DQ_FILL)
-    dq_written = False
     e = _empty(q)
     res = {k: e.clone() for k in ("dk_sel", "dv_sel", "dk_win", "dv_win", "dk_cmp", "dv_cmp",
                                   "dg_cmp", "dg_sel", "dg_win")}
@@ -186,29 +187,28 @@ def _bwd_impl(
         res["dk_sel"], res["dv_sel"] = sel_backward(
             q, k_sel, v_sel, idx, dout, gate, lse_sel, delta, dq, c, scale,
             deterministic=deterministic, accumulate_dq=False)
-        dq_written = True
+    dq_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     flash = []
     if g_cmp is not None:
         res["dg_cmp"], gate, delta = prep("cmp", g_cmp)
         if k_cmp is not None:
             res["dk_cmp"], res["dv_cmp"] = flash_backward(
-                q, k_cmp, v_cmp, dout, gate, lse_cmp, delta, dq, scale, mask=MASK_CMP,
+                q, k_cmp, v_cmp, dout, gate, lse_cmp, delta, None, scale, mask=MASK_CMP,
                 cmp_l=c.l, cmp_d=c.d, parts="dkdv")
             flash.append(FlashBranch(k_cmp, v_cmp, gate, lse_cmp, delta, MASK_CMP,
                                      cmp_l=c.l, cmp_d=c.d))
     if g_win is not None:
         res["dg_win"], gate, delta = prep("win", g_win)
         res["dk_win"], res["dv_win"] = flash_backward(
-            q, k_win, v_win, dout, gate, lse_win, delta, dq, scale, mask=MASK_WIN, w=c.w,
+            q, k_win, v_win, dout, gate, lse_win, delta, None, scale, mask=MASK_WIN, w=c.w,
             parts="dkdv")
         flash.append(FlashBranch(k_win, v_win, gate, lse_win, delta, MASK_WIN, w=c.w))
     if flash:
-        dq_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-        flash_dq(q, dout, dq, scale, flash, accumulate_dq=dq_written, out=dq_out)
-    elif dq_written:
-        dq_out = dq.to(q.dtype)
+        flash_dq(q, dout, dq, scale, flash, accumulate_dq=dq is not None, out=dq_out)
+    elif dq is not None:
+        dq_out.copy_(dq)
     else:
-        dq_out = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
+        dq_out.zero_()
     return (dq_out, res["dk_sel"], res["dv_sel"], res["dk_win"], res["dv_win"],
             res["dk_cmp"], res["dv_cmp"], res["dg_cmp"], res["dg_sel"], res["dg_win"])
 

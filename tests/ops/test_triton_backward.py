@@ -348,11 +348,12 @@ def test_flash_backward_does_not_depend_on_the_query_chunk(mask, G, rng):
             assert torch.isfinite(a).all() and rel(a, b) < 1e-5
 
 
-def test_flash_dq_of_two_branches_in_one_kernel(rng):
+def test_flash_dq_of_two_branches_in_one_kernel(rng, monkeypatch):
     """flash_dq with the compressed and window branches in one launch gives the sum of each
     branch's own dQ; with ``accumulate_dq`` and ``out`` it adds the float32 buffer (left
     as it was) and stores the total in out's dtype; lse layouts that differ run as two
-    launches with the same result; bad arguments are refused by name."""
+    launches with the same result; without a float32 buffer (dq=None) out alone receives
+    the same, paired or not; bad arguments are refused by name."""
     from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, FlashBranch, flash_dq
 
     B, T, H, G, d = 2, 150, 2, 3, 16
@@ -392,6 +393,16 @@ def test_flash_dq_of_two_branches_in_one_kernel(rng):
     flash_dq(q, dout, split, 0.25, [cmp, win_t], accumulate_dq=False)
     assert rel(split, both) < 1e-6
 
+    # no float32 buffer (nothing to add): out alone, paired and in two launches
+    import nsa.ops.flashbwd.launch as FL
+
+    for pair in (True, False):
+        monkeypatch.setattr(FL, "PAIR_DQ", pair)
+        alone = torch.full(q.shape, float("nan"))
+        flash_dq(q, dout, None, 0.25, [cmp, win], accumulate_dq=False, out=alone)
+        assert rel(alone, both) < 1e-6
+    with pytest.raises(ValueError, match="dq=None needs out"):
+        flash_dq(q, dout, None, 0.25, [cmp], accumulate_dq=False)
     with pytest.raises(ValueError, match="1 or 2 branches"):
         flash_dq(q, dout, both, 0.25, [cmp, win, cmp], accumulate_dq=False)
     with pytest.raises(ValueError, match="different masks"):

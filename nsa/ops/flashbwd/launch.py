@@ -69,7 +69,7 @@ def flash_backward(
     gate: Tensor,
     lse: Tensor,
     delta: Tensor,
-    dq: Tensor,
+    dq: Tensor | None,
     scale: float,
     *,
     mask: int,
@@ -92,7 +92,8 @@ def flash_backward(
     [B, T, HQ] (this branch's gate: the kernels use dO = gate * dout; any float dtype,
     converted to float32 by :func:`gate_f32`); lse float32
     [B, HQ, T] (base-2, from the forward); delta float32 [B, T, HQ] with gate's strides
-    (gate * rowsum(dout * O_branch)); dq float32 [B, T, HQ, d_k].
+    (gate * rowsum(dout * O_branch)); dq float32 [B, T, HQ, d_k] (None with
+    ``parts="dkdv"``).
     ``mask``: MASK_CMP (token i visible iff i*cmp_d + cmp_l - 1 <= t) or MASK_WIN (keys
     (t - w, t]). ``q_chunk``: query positions per dK/dV program (default 4096 on the GPU).
     Tuning runs: ``kv_config``/``dq_config`` = (BLOCK_M, BLOCK_N, num_warps) override the
@@ -145,31 +146,26 @@ def flash_backward(
         lse.stride(0), lse.stride(1),
     )
 
-    if NK > 0:
-        def launch_kv(bm, st):
-            pp = max(1, bm // GP2)
-            qd, od = ((rows_desc(q, pp, GP2, DK), rows_desc(dout, pp, GP2, DV))
-                      if use_desc_rows else (q, dout))
-            _bwd_dkdv_kernel[(cdiv(NK, bn1), n_chunks, H * B)](
-                qd, k, v, od, gate, lse, delta, dkp, dvp, *common,
-                dkp.stride(0), dkp.stride(1), dkp.stride(2), dkp.stride(3),
-                dvp.stride(0), dvp.stride(1), dvp.stride(2), dvp.stride(3),
-                T, NK, H, w, chunk, qk_scale, scale,
-                G=G, GP2=GP2, PP=pp, BLOCK_N=bn1, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
-                MASK=mask, CMP_L=cmp_l, CMP_D=cmp_d, DOT_PREC=prec, USE_DESC=use_desc_rows,
-                num_warps=warps1, num_stages=st,
-            )
+    def launch_kv(bm, st):
+        pp = max(1, bm // GP2)
+        qd, od = ((rows_desc(q, pp, GP2, DK), rows_desc(dout, pp, GP2, DV))
+                  if use_desc_rows else (q, dout))
+        _bwd_dkdv_kernel[(cdiv(NK, bn1), n_chunks, H * B)](
+            qd, k, v, od, gate, lse, delta, dkp, dvp, *common,
+            dkp.stride(0), dkp.stride(1), dkp.stride(2), dkp.stride(3),
+            dvp.stride(0), dvp.stride(1), dvp.stride(2), dvp.stride(3),
+            T, NK, H, w, chunk, qk_scale, scale,
+            G=G, GP2=GP2, PP=pp, BLOCK_N=bn1, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
+            MASK=mask, CMP_L=cmp_l, CMP_D=cmp_d, DOT_PREC=prec, USE_DESC=use_desc_rows,
+            num_warps=warps1, num_stages=st,
+        )
 
-        if parts != "dq":
-            shrink_on_oor(launch_kv, bm1, stages1, max(16, GP2))
-
-        if parts != "dkdv":
-            flash_dq(q, dout, dq, scale,
-                     [FlashBranch(k, v, gate, lse, delta, mask, w, cmp_l, cmp_d)],
-                     accumulate_dq=accumulate_dq, dq_config=dq_config, num_stages=num_stages,
-                     use_desc=use_desc)
-    elif not accumulate_dq:
-        dq.zero_()
+    if NK > 0 and parts != "dq":
+        shrink_on_oor(launch_kv, bm1, stages1, max(16, GP2))
+    if parts != "dkdv":  # (a branch without keys adds nothing: flash_dq's own case)
+        flash_dq(q, dout, dq, scale, [FlashBranch(k, v, gate, lse, delta, mask, w, cmp_l, cmp_d)],
+                 accumulate_dq=accumulate_dq, dq_config=dq_config, num_stages=num_stages,
+                 use_desc=use_desc)
     if parts == "dq":
         return None, None
     dk = (dkp[0] if n_chunks == 1 else dkp.sum(0)).to(k.dtype)
@@ -194,7 +190,7 @@ class FlashBranch(NamedTuple):
 def flash_dq(
     q: Tensor,
     dout: Tensor,
-    dq: Tensor,
+    dq: Tensor | None,
     scale: float,
     branches: list[FlashBranch],
     *,
@@ -211,17 +207,20 @@ def flash_dq(
     branches' dQ in registers before its single store (H100/H200, 64k: the window's own
     dQ pass re-read q and read and wrote the float32 dQ once more). ``out`` (q's shape,
     any float dtype, dq's strides): the final dQ goes there (the float32 buffer's rows
-    are then only read, where ``accumulate_dq``). Branches whose gates, lse or Delta
-    differ in layout, head dims past 128 (or ``PAIR_DQ = False``) run as two launches
-    instead. Shapes and the tuning arguments as in
-    :func:`flash_backward`.
+    are then only read, where ``accumulate_dq``). ``dq=None`` (with ``out``, nothing to
+    accumulate): no float32 buffer. Branches whose gates, lse or Delta differ in layout,
+    head dims past 128 (or ``PAIR_DQ = False``) run as two launches instead. Shapes and
+    the tuning arguments as in :func:`flash_backward`.
     """
     if not 1 <= len(branches) <= 2:
         raise ValueError(f"flash_dq: expected 1 or 2 branches, got {len(branches)}")
     if len(branches) == 2 and branches[0].mask == branches[1].mask:
         raise ValueError("flash_dq: two branches must have different masks, got "
                          f"{branches[0].mask} twice")
-    if out is not None and (out.shape != dq.shape or out.stride() != dq.stride()):
+    if dq is None and (out is None or accumulate_dq):
+        raise ValueError("flash_dq: dq=None needs out and accumulate_dq=False")
+    if out is not None and dq is not None and (out.shape != dq.shape
+                                               or out.stride() != dq.stride()):
         raise ValueError(f"flash_dq: out must have dq's shape {tuple(dq.shape)} and strides "
                          f"{dq.stride()}, got {tuple(out.shape)} / {out.stride()}")
     branches = [br._replace(gate=gate_f32(br.gate)) for br in branches]
@@ -235,17 +234,23 @@ def flash_dq(
     # per thread) and the second branch's state adds 300 more
     if len(live) == 2 and (not PAIR_DQ or wide or live[0].gate.stride() != live[1].gate.stride()
                            or live[0].lse.stride() != live[1].lse.stride()):
-        flash_dq(q, dout, dq, scale, live[:1], accumulate_dq=accumulate_dq,
+        buf = dq if dq is not None else torch.empty(q.shape, device=q.device,
+                                                     dtype=torch.float32)
+        flash_dq(q, dout, buf, scale, live[:1], accumulate_dq=accumulate_dq,
                  dq_config=dq_config, num_stages=num_stages, use_desc=use_desc)
-        flash_dq(q, dout, dq, scale, live[1:], accumulate_dq=True, out=out,
+        flash_dq(q, dout, buf, scale, live[1:], accumulate_dq=True, out=out,
                  dq_config=dq_config, num_stages=num_stages, use_desc=use_desc)
         return
     if not live:
-        if out is not None:
-            out.copy_(dq if accumulate_dq else torch.zeros_like(dq))
-        elif not accumulate_dq:
-            dq.zero_()
+        target = out if out is not None else dq
+        if accumulate_dq:
+            if out is not None:
+                out.copy_(dq)
+        else:
+            target.zero_()
         return
+    if dq is None:  # the kernel neither reads nor writes DQ here; out lends its strides
+        dq = out
     B, T, HQ, d_k = q.shape
     first = live[0]
     H, d_v = first.k.shape[2], first.v.shape[-1]
