@@ -9,7 +9,8 @@ counts the blocks every position of the tile selected (on random data: the force
 and local blocks), then times the selected forward (with the gate combine) and the
 selected dQ on three index sets: as selected; without the blocks the tile shares (each
 row compacted, -1 last); only the shared blocks. "all - shared + shared / P" bounds what
-loading each shared block once per tile of P positions could reach.
+loading each shared block once per tile of P positions could reach. The tiles themselves
+(commit c03fd5a, ``sel_forward(share=...)``) measured slower: docs/perf-notes.md.
 """
 
 from __future__ import annotations
@@ -58,14 +59,35 @@ def compact(idx, keep):
     return torch.where(x == big, torch.full_like(x, -1), x).contiguous()
 
 
+def time_set(cf, q, inp, ix, cfg, scale, gate, dout, dq, o_cmp, o_win):
+    """(selected forward + combine, selected dQ) median ms on the index set ``ix``."""
+    import torch
+
+    from nsa.ops.selection import sel_forward
+    from nsa.ops.selection.bwd_launch import sel_backward
+
+    k, v = inp["k_sel"], inp["v_sel"]
+
+    def fwd():
+        return sel_forward(q, k, v, ix, cfg, scale, g_sel=gate, o_cmp=o_cmp,
+                           g_cmp=inp["g_cmp"], o_win=o_win, g_win=inp["g_win"], mode="group")
+
+    lse = torch.empty(1, q.shape[2], q.shape[1], device=q.device, dtype=torch.float32)
+    o_sel = sel_forward(q, k, v, ix, cfg, scale, lse=lse, mode="group")[0]
+    delta = (gate.float() * (dout.float() * o_sel.float()).sum(-1)).contiguous()
+
+    def dqf():
+        sel_backward(q, k, v, ix, dout, gate, lse, delta, dq, cfg, scale, accumulate_dq=False,
+                     dq_only=True, mode="group")
+
+    return cf.bench(fwd), cf.bench(dqf)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--Ts", default="16384,65536")
     ap.add_argument("--G", type=int, default=16)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--variants", action="store_true",
-                    help="time the shared-block tiles (share, warps, stages)")
-    ap.add_argument("--no-probe", action="store_true", help="skip the index-set probe")
     args = ap.parse_args()
     cf = _check_forward()
     if args.smoke:
@@ -75,8 +97,7 @@ def main() -> None:
 
     from nsa import NSAConfig
     from nsa.ops.compression import cmp_forward
-    from nsa.ops.selection import sel_forward, select_topn
-    from nsa.ops.selection.bwd_launch import sel_backward
+    from nsa.ops.selection import select_topn
     from nsa.ops.window import win_forward
 
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
@@ -112,31 +133,13 @@ def main() -> None:
         gate = inp["g_sel"]
         dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         row = {"T": T}
-        if args.variants:
-            variants(cf, T, q, inp, idx, cfg, scale, gate, dout, o_cmp, o_win, dq, args.smoke)
-        if args.no_probe:
-            continue
         for name, ix in sets.items():
-            def fwd(ix=ix):
-                return sel_forward(q, inp["k_sel"], inp["v_sel"], ix, cfg, scale,
-                                   g_sel=gate, o_cmp=o_cmp, g_cmp=inp["g_cmp"], o_win=o_win,
-                                   g_win=inp["g_win"], mode="group")
-            lse = torch.empty(1, HQ, T, device=q.device, dtype=torch.float32)
-            o_sel = sel_forward(q, inp["k_sel"], inp["v_sel"], ix, cfg, scale, lse=lse,
-                                mode="group")[0]
-            delta = (gate.float() * (dout.float() * o_sel.float()).sum(-1)).contiguous()
-
-            def dqf(ix=ix, lse=lse, delta=delta):
-                sel_backward(q, inp["k_sel"], inp["v_sel"], ix, dout, gate, lse, delta, dq,
-                             cfg, scale, accumulate_dq=False, dq_only=True, mode="group")
-            row[name] = (cf.bench(fwd), cf.bench(dqf))
+            row[name] = time_set(cf, q, inp, ix, cfg, scale, gate, dout, dq, o_cmp, o_win)
             print(f"T={T} {name}: fwd {row[name][0]:.3f} ms, dQ {row[name][1]:.3f} ms",
                   flush=True)
         rows.append(row)
         if cf.DEVICE == "cuda":
             torch.cuda.empty_cache()
-    if not rows:
-        return
     print(f"\n## Selected branch: the cost of blocks shared by 4 neighbouring positions "
           f"({gpu}, bf16, G={G}, median ms)")
     print("| T | kernel | all | no shared | shared only | bound: all - shared*3/4 |")
@@ -146,52 +149,6 @@ def main() -> None:
             a, ns, so = r["all"][i], r["no shared"][i], r["shared only"][i]
             print(f"| {r['T']} | {kname} | {a:.3f} | {ns:.3f} | {so:.3f} | "
                   f"{ns + (a - ns) / 4:.3f} |")
-
-
-def variants(cf, T, q, inp, idx, cfg, scale, gate, dout, o_cmp, o_win, dq, smoke):
-    import torch
-
-    from nsa.ops.selection import sel_forward
-    from nsa.ops.selection.bwd_launch import sel_backward
-
-    HQ = q.shape[2]
-    lse = torch.empty(1, HQ, T, device=q.device, dtype=torch.float32)
-    o_sel = sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale, lse=lse,
-                        mode="group", share=1)[0]
-    delta = (gate.float() * (dout.float() * o_sel.float()).sum(-1)).contiguous()
-    grid = [(1, None, None)]
-    for sh in (2, 4):
-        for w in ((4,) if smoke else (2, 4, 8)):
-            for st in ((None,) if smoke else (2, 3)):
-                grid.append((sh, w, st))
-    ref_o = ref_dq = None
-    print(f"\n## Shared-block tiles, T={T} (median ms; rel. difference from share = 1)")
-    print("| share | warps | stages | forward+combine | dQ | rel out | rel dQ |")
-    print("|---|---|---|---|---|---|---|")
-    for sh, w, st in grid:
-        def fwd(sh=sh, w=w, st=st):
-            return sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale, g_sel=gate,
-                               o_cmp=o_cmp, g_cmp=inp["g_cmp"], o_win=o_win,
-                               g_win=inp["g_win"], mode="group", share=sh, num_warps=w,
-                               num_stages=st)[1]
-
-        def dqf(sh=sh, w=w, st=st):
-            sel_backward(q, inp["k_sel"], inp["v_sel"], idx, dout, gate, lse, delta, dq, cfg,
-                         scale, accumulate_dq=False, dq_only=True, mode="group", share=sh,
-                         dq_warps=w, dq_stages=st)
-        try:
-            out = fwd().float()
-            dqf()
-            d = dq.clone()
-        except Exception as e:  # a configuration that does not fit
-            print(f"| {sh} | {w} | {st} | failed: {type(e).__name__} |", flush=True)
-            continue
-        if ref_o is None:
-            ref_o, ref_dq = out, d
-        eo = ((out - ref_o).norm() / ref_o.norm()).item()
-        ed = ((d - ref_dq).norm() / ref_dq.norm()).item()
-        print(f"| {sh} | {w} | {st} | {cf.bench(fwd):.3f} | {cf.bench(dqf):.3f} | {eo:.1e} | "
-              f"{ed:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

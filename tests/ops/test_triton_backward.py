@@ -259,33 +259,6 @@ def test_grads_with_descriptor_loads(case, dtype, rng, monkeypatch):
     check_grads(got, want, dtype, TOL[dtype])
 
 
-@pytest.mark.parametrize("share,G,desc", [(4, 16, False), (2, 9, True)])
-def test_grads_with_shared_block_tiles(share, G, desc, rng, monkeypatch):
-    """The group path's shared-block tiles (forward and dQ kernels): positions of a tile
-    load the blocks all of them selected once; the gradients stay the reference's."""
-    import nsa.ops.descriptors as D
-    import nsa.ops.selection.launch as SF
-
-    taken = []
-    pick = SF.share_positions
-
-    def spy(*a, **kw):
-        taken.append(pick(*a, **kw))
-        return taken[-1]
-
-    monkeypatch.setattr(SF, "SEL_SHARE", share)
-    monkeypatch.setattr(SF, "SEL_MODE", "group")
-    monkeypatch.setattr(SF, "share_positions", spy)
-    monkeypatch.setattr(D, "USE_DESC", desc)
-    cfg = NSAConfig(n=4, n_initial=1, n_local=2, w=40, **PAPER)
-    inp, dout = make(rng, cfg, 1, 150, 1, G, 16, 16, torch.float32)
-    ref, raux, want = reference(inp, cfg, dout)
-    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices)
-    assert taken == [share, share]  # the forward, then the dQ kernel
-    assert rel(out, ref) < TOL[torch.float32]
-    check_grads(got, want, torch.float32, TOL[torch.float32])
-
-
 def flash_inputs(rng, mask, B, T, H, G, d):
     """q, k, v, dout of one flash branch (mask 0: k/v are compressed tokens, phi = mean)."""
     q = torch.randn(B, T, G * H, d, generator=rng)

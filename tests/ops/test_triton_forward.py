@@ -239,61 +239,6 @@ def test_sel_kernel_against_reference(blocks, G, H, T, dk, dv, dtype, pp, desc, 
     assert rel(o, R._from_groups(want)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("G,H,T,n,dk,dv,dtype,share,desc,given", [
-    (16, 1, 203, 4, 32, 32, torch.float32, 4, False, False),  # T not a multiple of 4
-    (9, 2, 130, 5, 32, 16, torch.float16, 4, False, False),  # padded heads (GP2 = 16)
-    (16, 1, 150, 4, 16, 16, torch.float32, 2, True, False),  # descriptor loads
-    (32, 1, 97, 4, 16, 16, torch.float32, 2, False, False),  # 32 rows per position
-    # arbitrary canonical rows: few blocks in common, some rows shorter than others
-    (16, 2, 330, 4, 32, 32, torch.float32, 4, False, True),
-])
-def test_sel_kernel_shares_common_blocks_within_a_tile(G, H, T, n, dk, dv, dtype, share, desc,
-                                                       given, rng):
-    """Tiles of ``share`` positions: each position's own blocks on its rows, then the
-    blocks every position of the tile selected once for all rows; equal to the reference
-    and to the one-position kernel."""
-    cfg = NSAConfig(n=n, w=32, **PAPER)
-    B, HQ = 1, G * H
-    q, k, v = rand(rng, B, T, HQ, dk, dtype=dtype), rand(rng, B, T, H, dk, dtype=dtype), \
-        rand(rng, B, T, H, dv, dtype=dtype)
-    idx = ref_indices(rng, B, H, T, cfg)
-    if given:  # random blocks among each row's candidates, ascending, -1 last
-        nb = cfg.num_sel_blocks(T)
-        pos = torch.arange(T)
-        cand = (torch.arange(nb)[None, :] * cfg.l_sel <= pos[:, None])  # [T, nb]
-        keys = torch.rand(B, H, T, nb, generator=rng).masked_fill(~cand, 2.0)
-        pick = keys.argsort(-1)[..., :n]
-        keep = (torch.rand(B, H, T, n, generator=rng) < 0.8) \
-            & (pick * cfg.l_sel <= pos[None, None, :, None])
-        pick = torch.where(keep, pick, torch.full_like(pick, nb + 5)).sort(-1).values
-        idx = torch.where(pick >= nb, torch.full_like(pick, -1), pick)
-    scale = dk ** -0.5
-    pos = torch.arange(T).unsqueeze(0).expand(B, -1)
-    want, _ = R.sel_attention(R._to_groups(q.double(), H), k.double(), v.double(), idx, pos,
-                              cfg, scale)
-    ix = idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
-    o, o1 = nan_like((B, T, HQ, dv), dtype), nan_like((B, T, HQ, dv), dtype)
-    lse, lse1 = (torch.full((B, HQ, T), float("nan")) for _ in range(2))
-    sel_forward(q, k, v, ix, cfg, scale, o_branch=o, lse=lse, share=share, use_desc=desc,
-                mode="group")
-    sel_forward(q, k, v, ix, cfg, scale, o_branch=o1, lse=lse1, share=1, use_desc=desc,
-                mode="group")
-    assert rel(o, R._from_groups(want)) < TOL[dtype]
-    assert rel(o, o1) < TOL[dtype]
-    assert torch.allclose(lse, lse1, rtol=1e-4, atol=1e-4)
-
-
-def test_sel_share_is_checked_and_only_taken_where_it_applies():
-    from nsa.ops.selection.launch import share_positions
-
-    assert share_positions(16, 1, True, 4) == 4
-    assert share_positions(16, 2, True, 4) == 1  # several positions per program already
-    assert share_positions(32, 1, True, 4) == 1  # 128 rows
-    assert share_positions(32, 1, True, 2) == 2
-    with pytest.raises(ValueError, match="share must be 1, 2 or 4, got 3"):
-        share_positions(16, 1, True, 3)
-
-
 def test_sel_kernel_refuses_descriptors_it_cannot_build(rng):
     cfg = NSAConfig(n=4, w=32, **PAPER)
     q = rand(rng, 1, 70, 2, 24)

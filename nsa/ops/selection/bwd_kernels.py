@@ -27,75 +27,7 @@ import triton.language as tl
 
 from nsa.ops.flashbwd.kernels import _dq_rows, _dq_store
 from nsa.ops.rows import _group_rows, _tile_rows
-from nsa.ops.selection.kernels import (
-    _block_at,
-    _block_list,
-    _listed,
-    _shared_blocks,
-    _stack_rows,
-)
-
-
-@triton.jit
-def _sel_dq_block(dq, q, do, lse, delta, blk, member, t_row, K, V, k_base, v_base, b, h, T,
-                  qk_scale, stride_kt, stride_vt,
-                  DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
-                  L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                  USE_DESC: tl.constexpr):
-    """``dq`` plus one selected block's dS K for the rows with ``member`` (unscaled)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, DK)
-    offs_dv = tl.arange(0, DV)
-    for c0 in tl.static_range(0, L_SEL, BLOCK_N):
-        s0 = blk.to(tl.int64) * L_SEL + c0
-        kpos = s0 + offs_n
-        key_ok = (kpos < T) & (c0 + offs_n < L_SEL)
-        if USE_DESC:
-            # bulk tensor copies (rows past T arrive as zeros)
-            k = tl.reshape(K.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DK])
-            v = tl.reshape(V.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DV])
-        else:
-            k = tl.load(k_base + s0 * stride_kt + (offs_n * stride_kt)[:, None]
-                        + offs_dk[None, :], mask=key_ok[:, None] & (offs_dk[None, :] < D_K),
-                        other=0.0)
-            v = tl.load(v_base + s0 * stride_vt + (offs_n * stride_vt)[:, None]
-                        + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv[None, :] < D_V),
-                        other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        ok = member[:, None] & (kpos[None, :] <= t_row[:, None]) & key_ok[None, :]
-        p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT_PREC)
-    return dq
-
-
-@triton.jit
-def _sel_dq_own(p: tl.constexpr, R, shared, Q, K, V, DO, GATE, LSE, DELTA, k_base, v_base,
-                b, h, t0, T, qk_scale,
-                stride_qb, stride_qt, stride_qh, stride_kt, stride_vt,
-                stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh,
-                stride_lb, stride_lh,
-                G: tl.constexpr, GP2: tl.constexpr, SHARE: tl.constexpr,
-                DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
-                L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                USE_DESC: tl.constexpr):
-    """dQ (unscaled) of position t0 + p's GP2 rows over its own blocks (those its tile
-    does not share)."""
-    tp = (t0 + p).to(tl.int64)
-    p_loc, t_row, row_ok, hq = _tile_rows(t0 + p, h, T, G, GP2, 1)
-    q, do, lse, delta = _dq_rows(Q, DO, GATE, LSE, DELTA, b, tp, p_loc, hq, row_ok,
-                                 stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
-                                 stride_oh, stride_gb, stride_gt, stride_gh, stride_lb,
-                                 stride_lh, DK, DV, D_K, D_V)
-    row, order, n_own = _listed(R, (R >= 0) & ~shared, p, SHARE)
-    dq = tl.zeros([GP2, DK], tl.float32)
-    for u in range(0, n_own):
-        blk = tl.sum(tl.where(order == u, row, 0), 0)
-        dq = _sel_dq_block(dq, q, do, lse, delta, blk, row_ok, t_row, K, V, k_base, v_base, b,
-                           h, T, qk_scale, stride_kt, stride_vt, DK, DV, D_K, D_V, L_SEL,
-                           BLOCK_N, DOT_PREC, USE_DESC)
-    return dq
+from nsa.ops.selection.kernels import _block_at, _block_list
 
 
 @triton.jit
@@ -114,67 +46,53 @@ def _sel_bwd_dq_kernel(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
-    SHARE: tl.constexpr = 1,
 ):
-    # SHARE > 1 (with PP = 1): as the forward's shared-block tiles
+    BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    t0 = tile * PP * SHARE
-    p_loc, t_row, row_ok, hq = _tile_rows(t0, h, T, G, GP2, PP * SHARE)
+    t0 = tile * PP
+    p_loc, t_row, row_ok, hq = _tile_rows(t0, h, T, G, GP2, PP)
     t64 = t0.to(tl.int64)
+    offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    dk_ok = offs_dk[None, :] < D_K
+    dv_ok = offs_dv[None, :] < D_V
 
     q, do, lse, delta = _dq_rows(Q, DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
                                  stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
                                  stride_oh, stride_gb, stride_gt, stride_gh, stride_lb,
                                  stride_lh, DK, DV, D_K, D_V)
-    if USE_DESC:  # the descriptors themselves
-        k_base = K
-        v_base = V
-    else:
+
+    if not USE_DESC:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
-    if SHARE > 1:
-        R, shared = _shared_blocks(IDX, b, h, t0, T, stride_ib, stride_it, stride_ih,
-                                   SHARE, NP, N_SEL)
-        d0 = _sel_dq_own(0, R, shared, Q, K, V, DO, GATE, LSE, DELTA, k_base, v_base, b, h, t0, T,
-                         qk_scale, stride_qb, stride_qt, stride_qh, stride_kt, stride_vt,
-                         stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh,
-                         stride_lb, stride_lh, G, GP2, SHARE, DK, DV, D_K, D_V, L_SEL,
-                         BLOCK_N, DOT_PREC, USE_DESC)
-        d1 = _sel_dq_own(1, R, shared, Q, K, V, DO, GATE, LSE, DELTA, k_base, v_base, b, h, t0, T,
-                         qk_scale, stride_qb, stride_qt, stride_qh, stride_kt, stride_vt,
-                         stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh,
-                         stride_lb, stride_lh, G, GP2, SHARE, DK, DV, D_K, D_V, L_SEL,
-                         BLOCK_N, DOT_PREC, USE_DESC)
-        dq = _stack_rows(d0, d1)
-        if SHARE == 4:
-            d2 = _sel_dq_own(2, R, shared, Q, K, V, DO, GATE, LSE, DELTA, k_base, v_base, b, h, t0, T,
-                         qk_scale, stride_qb, stride_qt, stride_qh, stride_kt, stride_vt,
-                         stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh,
-                         stride_lb, stride_lh, G, GP2, SHARE, DK, DV, D_K, D_V, L_SEL,
-                         BLOCK_N, DOT_PREC, USE_DESC)
-            d3 = _sel_dq_own(3, R, shared, Q, K, V, DO, GATE, LSE, DELTA, k_base, v_base, b, h, t0, T,
-                         qk_scale, stride_qb, stride_qt, stride_qh, stride_kt, stride_vt,
-                         stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh,
-                         stride_lb, stride_lh, G, GP2, SHARE, DK, DV, D_K, D_V, L_SEL,
-                         BLOCK_N, DOT_PREC, USE_DESC)
-            dq = _stack_rows(dq, _stack_rows(d2, d3))
-        row, order, n_shared = _listed(R, shared, 0, SHARE)
-        for u in range(0, n_shared):
-            blk = tl.sum(tl.where(order == u, row, 0), 0)
-            dq = _sel_dq_block(dq, q, do, lse, delta, blk, row_ok, t_row, K, V, k_base,
-                               v_base, b, h, T, qk_scale, stride_kt, stride_vt, DK, DV, D_K,
-                               D_V, L_SEL, BLOCK_N, DOT_PREC, USE_DESC)
-    else:
-        i_base, flat, order, row_idx, n_blocks = _block_list(
-            IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih, PP, NP, N_SEL)
-        dq = tl.zeros([PP * GP2, DK], tl.float32)
-        for u in range(0, n_blocks):
-            blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP)
-            dq = _sel_dq_block(dq, q, do, lse, delta, blk, member, t_row, K, V, k_base,
-                               v_base, b, h, T, qk_scale, stride_kt, stride_vt, DK, DV, D_K,
-                               D_V, L_SEL, BLOCK_N, DOT_PREC, USE_DESC)
+    i_base, flat, order, row_idx, n_blocks = _block_list(
+        IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih, PP, NP, N_SEL)
+
+    dq = tl.zeros([BLOCK_M, DK], tl.float32)
+    for u in range(0, n_blocks):
+        blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP)
+        for c0 in tl.static_range(0, L_SEL, BLOCK_N):
+            s0 = blk.to(tl.int64) * L_SEL + c0
+            kpos = s0 + offs_n
+            key_ok = (kpos < T) & (c0 + offs_n < L_SEL)
+            if USE_DESC:
+                # bulk tensor copies (rows past T arrive as zeros)
+                k = tl.reshape(K.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DK])
+                v = tl.reshape(V.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DV])
+            else:
+                k = tl.load(k_base + s0 * stride_kt + (offs_n * stride_kt)[:, None]
+                            + offs_dk[None, :], mask=key_ok[:, None] & dk_ok, other=0.0)
+                v = tl.load(v_base + s0 * stride_vt + (offs_n * stride_vt)[:, None]
+                            + offs_dv[None, :], mask=key_ok[:, None] & dv_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            ok = member[:, None] & (kpos[None, :] <= t_row[:, None]) & key_ok[None, :]
+            p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT_PREC)
 
     _dq_store(DQ, dq * sm_scale, b, t64, p_loc, hq, row_ok, stride_db, stride_dt, stride_dh,
               DK, D_K, ACCUMULATE)

@@ -103,7 +103,6 @@ def sel_backward(
     dq_stages: int | None = None,
     mode: str | None = None,
     dq_atomic: bool | None = None,
-    share: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """dK, dV of the selected branch (k's/v's dtype); adds (or writes) its dQ into ``dq``.
 
@@ -125,8 +124,6 @@ def sel_backward(
     per-slot partials summed in slot order. Default: the forward's choice
     (:func:`nsa.ops.selection.launch.sel_forward_mode`), "group" where the partials would
     pass its memory cap.
-    ``share``: the group-centric dQ kernel's shared-block tiles, as in
-    :func:`nsa.ops.selection.sel_forward`.
     """
     B, T, HQ, d_k = q.shape
     H, d_v = k.shape[2], v.shape[-1]
@@ -160,12 +157,7 @@ def sel_backward(
         lse.stride(0), lse.stride(1),
     )
 
-    from nsa.ops.selection.launch import (
-        forced_sel_mode,
-        one_position_warps,
-        sel_forward_mode,
-        share_positions,
-    )
+    from nsa.ops.selection.launch import forced_sel_mode, one_position_warps, sel_forward_mode
 
     dq_atomic = DQ_ATOMIC if dq_atomic is None else dq_atomic
     dq_partial = deterministic or not dq_atomic
@@ -186,20 +178,19 @@ def sel_backward(
 
     # dQ: group-centric, like the forward
     pp_q = positions_per_program or max(1, 16 // GP2)
-    sh = share_positions(GP2, pp_q, q.device.type == "cuda", share)
-    if dq_warps is None and sh == 1:
+    if dq_warps is None:
         warps_q = one_position_warps(pp_q, DK, DV, q.device.type == "cuda", warps_q)
 
     def launch_q(_bm, st):
         kd, vd = ((kv_desc(k, T, bn_q, DK), kv_desc(v, T, bn_q, DV)) if use_desc else (k, v))
-        _sel_bwd_dq_kernel[(cdiv(T, pp_q * sh), H, B)](
+        _sel_bwd_dq_kernel[(cdiv(T, pp_q), H, B)](
             q, kd, vd, idx, dout, gate, lse, delta, dq, *common,
             idx.stride(0), idx.stride(1), idx.stride(2), *go,
             dq.stride(0), dq.stride(1), dq.stride(2),
             T, qk_scale, scale,
             G=G, GP2=GP2, PP=pp_q, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=L, BLOCK_N=bn_q, N_SEL=n_sel, NP=next_pow2(n_sel),
-            ACCUMULATE=accumulate_dq, DOT_PREC=prec, USE_DESC=use_desc, SHARE=sh,
+            ACCUMULATE=accumulate_dq, DOT_PREC=prec, USE_DESC=use_desc,
             num_warps=warps_q, num_stages=st,
         )
 

@@ -340,107 +340,6 @@ def _block_at(u, i_base, flat, order, row_idx, row_ok, PP: tl.constexpr):
 
 
 @triton.jit
-def _sel_fwd_block(q, m_i, l_i, acc, blk, member, t_row, K, V, k_base, v_base, b, h, T,
-                   qk_scale, stride_kt, stride_vt,
-                   DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
-                   L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                   USE_DESC: tl.constexpr):
-    """One selected block for the rows of ``q`` (those with ``member``): the online-softmax
-    state (m_i, l_i, acc) after its keys (causal: key position <= the row's t_row)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, DK)
-    offs_dv = tl.arange(0, DV)
-    for c0 in tl.static_range(0, L_SEL, BLOCK_N):
-        s0 = blk.to(tl.int64) * L_SEL + c0
-        kpos = s0 + offs_n
-        if USE_DESC:
-            # bulk tensor copy of the [BLOCK_N, DK] tile (rows past T arrive as zeros)
-            kb = K.load([b.to(tl.int32), s0.to(tl.int32), h, 0])
-            kt = tl.trans(tl.reshape(kb, [BLOCK_N, DK]))
-        else:
-            kt = tl.load(k_base + s0 * stride_kt + offs_dk[:, None] + offs_n[None, :] * stride_kt,
-                         mask=(offs_dk[:, None] < D_K) & (kpos[None, :] < T), other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        ok = (member[:, None] & (kpos[None, :] <= t_row[:, None])
-              & (c0 + offs_n < L_SEL)[None, :])
-        p, alpha, m_new, l_i = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
-        if USE_DESC:
-            v = tl.reshape(V.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DV])
-        else:
-            v = tl.load(v_base + s0 * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :],
-                        mask=(offs_dv[None, :] < D_V) & (kpos[:, None] < T), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _shared_blocks(IDX, b, h, t0, T, stride_ib, stride_it, stride_ih,
-                   SHARE: tl.constexpr, NP: tl.constexpr, N_SEL: tl.constexpr):
-    """Index rows R [SHARE, NP] of positions t0 .. t0 + SHARE - 1 (-1 past T or unused) and
-    ``shared`` [SHARE, NP]: the entry is a block every one of the SHARE rows selected."""
-    offs_p = tl.arange(0, SHARE)
-    offs_s = tl.arange(0, NP)
-    i_base = IDX + b * stride_ib + h * stride_ih + t0.to(tl.int64) * stride_it
-    R = tl.load(i_base + (offs_p * stride_it)[:, None] + offs_s[None, :],
-                mask=((t0 + offs_p) < T)[:, None] & (offs_s[None, :] < N_SEL), other=-1)
-    # [SHARE, NP, SHARE, NP]: entry (p, e) equals entry (p2, e2)
-    eq = (R[:, :, None, None] == R[None, None, :, :]).to(tl.int32)
-    in_all = tl.min(tl.max(eq, 3), 2) > 0
-    return R, in_all & (R >= 0)
-
-
-@triton.jit
-def _listed(R, sel, p: tl.constexpr, SHARE: tl.constexpr):
-    """Row p of R with only the entries where ``sel``: (row, order, count); the u-th
-    listed block is ``sum(where(order == u, row, 0))``."""
-    pick = (tl.arange(0, SHARE) == p)[:, None]
-    row = tl.sum(tl.where(pick, R, 0), 0)
-    keep = tl.max(tl.where(pick, sel.to(tl.int32), 0), 0) > 0
-    order = tl.where(keep, tl.cumsum(keep.to(tl.int32), 0) - 1, -1)
-    return row, order, tl.sum(keep.to(tl.int32), 0)
-
-
-@triton.jit
-def _stack_rows(a, b):
-    """[M, N] and [M, N] -> [2M, N], a's rows first."""
-    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
-
-
-@triton.jit
-def _stack_vec(a, b):
-    """[M] and [M] -> [2M], a first."""
-    return tl.reshape(tl.permute(tl.join(a, b), (1, 0)), (2 * a.shape[0],))
-
-
-@triton.jit
-def _sel_fwd_own(p: tl.constexpr, R, shared, Q, K, V, k_base, v_base, b, h, t0, T, qk_scale,
-                 stride_qb, stride_qt, stride_qh, stride_kt, stride_vt,
-                 G: tl.constexpr, GP2: tl.constexpr, SHARE: tl.constexpr,
-                 DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
-                 L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                 USE_DESC: tl.constexpr):
-    """Online-softmax state of position t0 + p's GP2 rows over its own blocks (those its
-    tile does not share)."""
-    tp = t0 + p
-    p_loc, t_row, row_ok, hq = _tile_rows(tp, h, T, G, GP2, 1)
-    offs_dk = tl.arange(0, DK)
-    q = tl.load(Q + b * stride_qb + tp.to(tl.int64) * stride_qt
-                + (hq * stride_qh)[:, None] + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
-    row, order, n_own = _listed(R, (R >= 0) & ~shared, p, SHARE)
-    m_i = tl.full([GP2], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP2], tl.float32)
-    acc = tl.zeros([GP2, DV], tl.float32)
-    for u in range(0, n_own):
-        blk = tl.sum(tl.where(order == u, row, 0), 0)
-        m_i, l_i, acc = _sel_fwd_block(
-            q, m_i, l_i, acc, blk, row_ok, t_row, K, V, k_base, v_base, b, h, T, qk_scale,
-            stride_kt, stride_vt, DK, DV, D_K, D_V, L_SEL, BLOCK_N, DOT_PREC, USE_DESC)
-    return m_i, l_i, acc
-
-
-@triton.jit
 def _sel_epilogue(
     o, lse, b, t0, p_loc, t_row, row_ok, hq, O, OB, OC, OW, GS, GC, GW, LSE,
     stride_ob, stride_ot, stride_oh, stride_bb, stride_bt, stride_bh,
@@ -506,71 +405,59 @@ def _sel_fwd_kernel(
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     WRITE_OUT: tl.constexpr, WRITE_BRANCH: tl.constexpr,
     HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False, SHARE: tl.constexpr = 1,
+    DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
-    # SHARE > 1 (with PP = 1): a tile of SHARE positions; each streams its own blocks on
-    # its GP2 rows, then the blocks all of them selected are loaded once for all rows
-    BLOCK_M: tl.constexpr = PP * SHARE * GP2
+    BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    t0 = tile * PP * SHARE
-    p_loc, t_row, row_ok, hq = _tile_rows(t0, h, T, G, GP2, PP * SHARE)
+    t0 = tile * PP
+    p_loc, t_row, row_ok, hq = _tile_rows(t0, h, T, G, GP2, PP)
     offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    dk_ok = offs_dk[:, None] < D_K
+    dv_ok = offs_dv[None, :] < D_V
 
     q_ptrs = (Q + b * stride_qb + t0.to(tl.int64) * stride_qt
               + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
 
-    if USE_DESC:  # the descriptors themselves
-        k_base = K
-        v_base = V
-    else:
+    if not USE_DESC:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
-    if SHARE > 1:
-        R, shared = _shared_blocks(IDX, b, h, t0, T, stride_ib, stride_it, stride_ih,
-                                   SHARE, NP, N_SEL)
-        m0, l0, a0 = _sel_fwd_own(0, R, shared, Q, K, V, k_base, v_base, b, h, t0, T,
-                                  qk_scale, stride_qb, stride_qt, stride_qh, stride_kt,
-                                  stride_vt, G, GP2, SHARE, DK, DV, D_K, D_V, L_SEL, BLOCK_N,
-                                  DOT_PREC, USE_DESC)
-        m1, l1, a1 = _sel_fwd_own(1, R, shared, Q, K, V, k_base, v_base, b, h, t0, T,
-                                  qk_scale, stride_qb, stride_qt, stride_qh, stride_kt,
-                                  stride_vt, G, GP2, SHARE, DK, DV, D_K, D_V, L_SEL, BLOCK_N,
-                                  DOT_PREC, USE_DESC)
-        m_i, l_i, acc = _stack_vec(m0, m1), _stack_vec(l0, l1), _stack_rows(a0, a1)
-        if SHARE == 4:
-            m2, l2, a2 = _sel_fwd_own(2, R, shared, Q, K, V, k_base, v_base, b, h, t0, T,
-                                      qk_scale, stride_qb, stride_qt, stride_qh, stride_kt,
-                                      stride_vt, G, GP2, SHARE, DK, DV, D_K, D_V, L_SEL,
-                                      BLOCK_N, DOT_PREC, USE_DESC)
-            m3, l3, a3 = _sel_fwd_own(3, R, shared, Q, K, V, k_base, v_base, b, h, t0, T,
-                                      qk_scale, stride_qb, stride_qt, stride_qh, stride_kt,
-                                      stride_vt, G, GP2, SHARE, DK, DV, D_K, D_V, L_SEL,
-                                      BLOCK_N, DOT_PREC, USE_DESC)
-            m_i = _stack_vec(m_i, _stack_vec(m2, m3))
-            l_i = _stack_vec(l_i, _stack_vec(l2, l3))
-            acc = _stack_rows(acc, _stack_rows(a2, a3))
-        row, order, n_shared = _listed(R, shared, 0, SHARE)
-        for u in range(0, n_shared):
-            blk = tl.sum(tl.where(order == u, row, 0), 0)
-            m_i, l_i, acc = _sel_fwd_block(
-                q, m_i, l_i, acc, blk, row_ok, t_row, K, V, k_base, v_base, b, h, T,
-                qk_scale, stride_kt, stride_vt, DK, DV, D_K, D_V, L_SEL, BLOCK_N, DOT_PREC,
-                USE_DESC)
-    else:
-        i_base, flat, order, row_idx, n_blocks = _block_list(
-            IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih, PP, NP, N_SEL)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, DV], tl.float32)
-        for u in range(0, n_blocks):
-            blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP)
-            m_i, l_i, acc = _sel_fwd_block(
-                q, m_i, l_i, acc, blk, member, t_row, K, V, k_base, v_base, b, h, T,
-                qk_scale, stride_kt, stride_vt, DK, DV, D_K, D_V, L_SEL, BLOCK_N, DOT_PREC,
-                USE_DESC)
+    k_cols = offs_dk[:, None] + offs_n[None, :] * stride_kt  # K^T tile [DK, BLOCK_N]
+    v_rows = offs_n[:, None] * stride_vt + offs_dv[None, :]
+    i_base, flat, order, row_idx, n_blocks = _block_list(
+        IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih, PP, NP, N_SEL)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+
+    for u in range(0, n_blocks):
+        blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP)
+        for c0 in tl.static_range(0, L_SEL, BLOCK_N):
+            s0 = blk.to(tl.int64) * L_SEL + c0
+            kpos = s0 + offs_n
+            if USE_DESC:
+                # bulk tensor copy of the [BLOCK_N, DK] tile (rows past T arrive as zeros)
+                kb = K.load([b.to(tl.int32), s0.to(tl.int32), h, 0])
+                kt = tl.trans(tl.reshape(kb, [BLOCK_N, DK]))
+            else:
+                kt = tl.load(k_base + s0 * stride_kt + k_cols,
+                             mask=dk_ok & (kpos[None, :] < T), other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+            ok = (member[:, None] & (kpos[None, :] <= t_row[:, None])
+                  & (c0 + offs_n < L_SEL)[None, :])
+            p, alpha, m_new, l_i = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
+            if USE_DESC:
+                v = tl.reshape(V.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DV])
+            else:
+                v = tl.load(v_base + s0 * stride_vt + v_rows,
+                            mask=dv_ok & (kpos[:, None] < T), other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     # base-2 log-sum-exp per row for the backward (+inf: no selected key visible)

@@ -36,10 +36,6 @@ from nsa.policy import SEL_BLOCK_MAX_G, SEL_BLOCK_MAX_PARTIAL_BYTES, SEL_MODES, 
 # Programmatic override of sel_forward's mode (tests, tuning scripts): "group" or "block"
 # forces it; None defers to NSA_SEL_MODE, then to auto_sel_mode. Read at every launch.
 SEL_MODE: str | None = None
-# group path with one position per program (G > 8): positions whose blocks a program
-# loads once for all of them where every one selected them (the forced blocks at least),
-# each position streaming the rest on its own rows; 1 turns it off. None: share_positions
-SEL_SHARE: int | None = None
 # the block path's merge tile, (rows, pipeline stages); None: the defaults (tuning)
 MERGE_TILE: tuple[int, int] | None = None
 # tests: fill the counting sort's table with this value before its kernels run
@@ -118,20 +114,6 @@ def one_position_warps(pp: int, DK: int, DV: int, on_cuda: bool, warps: int, *,
     return 2 if pp == 1 and max(DK, DV) <= up_to and on_cuda else warps
 
 
-def share_positions(GP2: int, PP: int, on_cuda: bool, share: int | None = None) -> int:
-    """Positions per program of the group path's shared-block variant (1: off): the
-    ``share`` asked for, else SEL_SHARE, else 1 (measured in docs/perf-notes.md). It
-    needs one position per program (PP = 1) and at most 64 rows per tile."""
-    share = share if share is not None else SEL_SHARE
-    if share is None:
-        share = 1
-    if share not in (1, 2, 4):
-        raise ValueError(f"share_positions: share must be 1, 2 or 4, got {share}")
-    if share > 1 and (PP != 1 or share * GP2 > 64):
-        return 1
-    return share
-
-
 def _sel_config(DK: int, DV: int, L_SEL: int, device: torch.device, desc: bool):
     """(BLOCK_N, num_warps, num_stages): BLOCK_N keys of a selected block per dot."""
     block = max(16, next_pow2(L_SEL))  # keys past the block's end are masked
@@ -172,7 +154,6 @@ def sel_forward(
     block_rows: int | None = None,
     seg_len: int | None = None,
     partial_dtype: torch.dtype | None = None,
-    share: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Selected-block attention, optionally fused with the gate combine.
 
@@ -194,9 +175,6 @@ def sel_forward(
     :func:`sel_forward_mode` for the default). ``block_rows``, ``seg_len``,
     ``partial_dtype``: the block path's rows per dot, positions per program and partial
     output dtype (tuning runs; defaults measured).
-    ``share``: on the group path with one position per program, tiles of this many
-    positions (2 or 4) load the blocks all of them selected once (see
-    :func:`share_positions`; 1 turns it off).
     """
     q, k, v = map(last_dim_contiguous, (q, k, v))
     B, T, HQ, d_k = q.shape
@@ -223,24 +201,21 @@ def sel_forward(
     bn, warps, stages = _sel_config(DK, DV, cfg.l_sel, q.device, use_desc)
     # one position per program (G >= 16): 2 warps share the softmax reductions with less
     # traffic than 4
-    on_cuda = q.device.type == "cuda"
-    SH = share_positions(GP2, PP, on_cuda, share)
-    if SH == 1:
-        warps = one_position_warps(PP, DK, DV, on_cuda, warps, up_to=256)
+    warps = one_position_warps(PP, DK, DV, q.device.type == "cuda", warps, up_to=256)
     warps, stages = num_warps or warps, num_stages or stages
     ptrs, strides, flags = _epilogue_args(q, out, o_branch, o_cmp, o_win, g_sel, g_cmp, g_win,
                                           lse)
 
     def launch(_bm, stages_):
         kd, vd = ((kv_desc(k, T, bn, DK), kv_desc(v, T, bn, DV)) if use_desc else (k, v))
-        _sel_fwd_kernel[(cdiv(T, PP * SH), H, B)](
+        _sel_fwd_kernel[(cdiv(T, PP), H, B)](
             q, kd, vd, block_indices, *ptrs,
             *_t3(q), *_t3(k), *_t3(v), *_t3(block_indices), *strides,
             T, scale * LOG2E,
             G=G, GP2=GP2, PP=PP, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=block_indices.shape[-1],
             NP=next_pow2(block_indices.shape[-1]), DOT_PREC=dot_precision(q.dtype, q.device),
-            USE_DESC=use_desc, SHARE=SH, num_warps=warps, num_stages=stages_, **flags,
+            USE_DESC=use_desc, num_warps=warps, num_stages=stages_, **flags,
         )
 
     shrink_on_oor(launch, 16, stages, 16)
