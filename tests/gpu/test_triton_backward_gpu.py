@@ -147,6 +147,37 @@ def test_bf16_grads_with_the_kernels_own_selection():
     assert agree > 0.95, agree
 
 
+@pytest.mark.parametrize("gates", [("cmp", "win"), ("win",), ("cmp",)])
+def test_bf16_grads_without_the_selected_branch(gates):
+    """No selected branch: no float32 dQ buffer; the flash dQ kernel stores dQ in q's dtype
+    (both flash branches in one kernel, or one alone). Branches that are off get no
+    gradient on their gate, keys or values."""
+    T, H, G, d = 2000, 2, 16, 128
+    inp, dout = inputs(T, H, G, d, d, torch.bfloat16, seed=6)
+    for b in ("cmp", "sel", "win"):
+        if b not in gates:
+            inp[f"g_{b}"] = None
+    kv = {"cmp": ("k_cmp", "v_cmp"), "sel": ("k_sel", "v_sel"), "win": ("k_win", "v_win")}
+    leaves = {k: v for k, v in inp.items() if v is not None}
+    x64 = {k: v.double().requires_grad_(True) for k, v in leaves.items()}
+    ref = nsa_attention(**inp | x64, config=CFG, backend="reference")
+    (ref * dout.double()).sum().backward()
+    x = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    out = nsa_attention(**inp | x, config=CFG, backend="triton")
+    (out.float() * dout.float()).sum().backward()
+    assert rel(out, ref) < TOL[torch.bfloat16]
+    for name in leaves:
+        off = any(name in kv[b] or name == f"g_{b}" for b in ("cmp", "sel", "win")
+                  if b not in gates)
+        if off:
+            g = x[name].grad
+            assert g is None or (g == 0).all(), name
+            continue
+        assert x[name].grad is not None and x[name].grad.dtype == torch.bfloat16, name
+        err = rel(x[name].grad, x64[name].grad)
+        assert err < TOL[torch.bfloat16], (gates, name, err)
+
+
 # ----------------------------------------------------------------------------- determinism
 
 
