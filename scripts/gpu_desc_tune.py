@@ -2,6 +2,7 @@
 
     python scripts/gpu_desc_tune.py                 # T = 16k and 64k, G = 16 (+ G = 4, 1 at 64k)
     python scripts/gpu_desc_tune.py --Ts 65536 --no-groups --kernels cmp,win
+    python scripts/gpu_desc_tune.py --no-groups --kernels sel --block-n   # key tiles
 
 Paper shape (HQ=64, H=4, d=128, bf16, l=32, d=16, l'=64, n=16, w=512), block indices from
 the kernels' own selection on random inputs. For each variant (loads, warps, pipeline
@@ -314,6 +315,8 @@ def main() -> None:
     ap.add_argument("--kernels", default="sel,cmp",
                     help="sel (forward + dQ), cmp (+ window), bwd (flash backward), "
                          "score (compressed block scores: reductions or tensor cores)")
+    ap.add_argument("--block-n", action="store_true",
+                    help="sel: also 16- and 32-key tiles (selected forward and dQ)")
     a = ap.parse_args()
     kernels = set(a.kernels.split(","))
     import torch
@@ -326,12 +329,21 @@ def main() -> None:
         v = [("ptr default", dict(use_desc=False))]
         for w, s in ((2, 2), (2, 3)):
             v.append((f"desc w{w} s{s}", dict(use_desc=True, num_warps=w, num_stages=s)))
+        if a.block_n:  # keys per dot: smaller tiles, more programs per SM
+            for bn, w, s in ((32, 2, 2), (32, 2, 3), (32, 2, 4), (32, 1, 3), (16, 1, 4),
+                             (16, 2, 4)):
+                v.append((f"desc n{bn} w{w} s{s}", dict(use_desc=True, num_warps=w,
+                                                        num_stages=s, block_n=bn)))
         return v
 
     def dq_variants(G):
         v = [("ptr default", dict(use_desc=False))]
         for w, s in ((4, 3), (4, 2)):
             v.append((f"desc w{w} s{s}", dict(use_desc=True, dq_warps=w, dq_stages=s)))
+        if a.block_n:
+            for bn, w, s in ((64, 2, 3), (32, 2, 3), (32, 2, 4), (32, 4, 3), (16, 2, 4)):
+                v.append((f"desc n{bn} w{w} s{s}", dict(use_desc=True, dq_warps=w,
+                                                        dq_stages=s, dq_block_n=bn)))
         return v
 
     Ts = [int(x) for x in a.Ts.split(",")]

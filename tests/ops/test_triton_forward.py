@@ -239,6 +239,40 @@ def test_sel_kernel_against_reference(blocks, G, H, T, dk, dv, dtype, pp, desc, 
     assert rel(o, R._from_groups(want)) < TOL[dtype]
 
 
+def test_sel_kernels_take_smaller_key_tiles_for_tuning(rng):
+    """``block_n`` / ``dq_block_n`` (tuning runs): a block in 16- or 32-key dots gives the
+    reference's output and the default's dQ; other sizes are refused by name."""
+    from nsa.ops.selection.bwd_launch import sel_backward
+
+    cfg = NSAConfig(n=4, w=32, **PAPER)
+    B, T, H, G, d = 1, 97, 1, 16, 16
+    q, k, v = rand(rng, B, T, H * G, d), rand(rng, B, T, H, d), rand(rng, B, T, H, d)
+    idx = ref_indices(rng, B, H, T, cfg)
+    pos = torch.arange(T).unsqueeze(0).expand(B, -1)
+    want, _ = R.sel_attention(R._to_groups(q.double(), H), k.double(), v.double(), idx, pos,
+                              cfg, 0.2)
+    ix = idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+    lse = torch.empty(B, H * G, T)
+    sel_forward(q, k, v, ix, cfg, 0.2, lse=lse, mode="group")
+    dout, gate = rand(rng, B, T, H * G, d), torch.rand(B, T, H * G, generator=rng)
+    delta = rand(rng, B, T, H * G)
+    dqs = []
+    for bn in (None, 16):
+        o = nan_like((B, T, H * G, d), torch.float32)
+        sel_forward(q, k, v, ix, cfg, 0.2, o_branch=o, mode="group", block_n=bn or 32)
+        assert rel(o, R._from_groups(want)) < TOL[torch.float32]
+        dq = torch.full(q.shape, float("nan"))
+        sel_backward(q, k, v, ix, dout, gate, lse, delta, dq, cfg, 0.2, accumulate_dq=False,
+                     dq_only=True, mode="group", dq_block_n=bn)
+        dqs.append(dq)
+    assert rel(dqs[1], dqs[0]) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got 24"):
+        sel_forward(q, k, v, ix, cfg, 0.2, mode="group", block_n=24)
+    with pytest.raises(ValueError, match="dq_block_n must be a power of two >= 16, got 8"):
+        sel_backward(q, k, v, ix, dout, gate, lse, delta, dqs[0], cfg, 0.2, dq_only=True,
+                     mode="group", dq_block_n=8)
+
+
 def test_sel_kernel_refuses_descriptors_it_cannot_build(rng):
     cfg = NSAConfig(n=4, w=32, **PAPER)
     q = rand(rng, 1, 70, 2, 24)

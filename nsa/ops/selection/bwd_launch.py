@@ -103,6 +103,7 @@ def sel_backward(
     dq_stages: int | None = None,
     mode: str | None = None,
     dq_atomic: bool | None = None,
+    dq_block_n: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """dK, dV of the selected branch (k's/v's dtype); adds (or writes) its dQ into ``dq``.
 
@@ -116,7 +117,7 @@ def sel_backward(
     forms dQ in the dK/dV kernel, so it runs whole and returns (None, None)).
     ``use_desc``: the dQ kernel reads key/value tiles through tensor descriptors, as in
     :func:`nsa.ops.selection.sel_forward`. ``dq_warps``/``dq_stages`` override the dQ
-    launch config (for tuning runs).
+    launch config and ``dq_block_n`` its keys per dot (for tuning runs).
     ``mode``: where dQ is formed. "group": by the group-centric dQ kernel (streams each
     position's blocks, like the forward); "block": by the key-centric dK/dV kernel, which
     already forms dS for every (block, position) pair, as float32 atomics into ``dq``
@@ -143,6 +144,11 @@ def sel_backward(
     bn_q, warps_q, stages_q, bm_kv, bn_kv, warps_kv, stages = _sel_bwd_config(
         DK, DV, GP2, L, q.device, use_desc)
     warps_q, stages_q = dq_warps or warps_q, dq_stages or stages_q
+    if dq_block_n is not None:
+        if dq_block_n < 16 or dq_block_n & (dq_block_n - 1):
+            raise ValueError("sel_backward: dq_block_n must be a power of two >= 16, got "
+                             f"{dq_block_n}")
+        bn_q = dq_block_n
     prec = dot_precision(q.dtype, q.device)
     qk_scale = scale * LOG2E
     n_sel = idx.shape[-1]

@@ -154,6 +154,7 @@ def sel_forward(
     block_rows: int | None = None,
     seg_len: int | None = None,
     partial_dtype: torch.dtype | None = None,
+    block_n: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Selected-block attention, optionally fused with the gate combine.
 
@@ -174,7 +175,8 @@ def sel_forward(
     chose it, which write per-block partials that a second kernel merges; see
     :func:`sel_forward_mode` for the default). ``block_rows``, ``seg_len``,
     ``partial_dtype``: the block path's rows per dot, positions per program and partial
-    output dtype (tuning runs; defaults measured).
+    output dtype (tuning runs; defaults measured). ``block_n``: the group path's keys per
+    dot (a power of two of at least 16; tuning runs).
     """
     q, k, v = map(last_dim_contiguous, (q, k, v))
     B, T, HQ, d_k = q.shape
@@ -199,6 +201,10 @@ def sel_forward(
         return o_branch, out
     use_desc = resolve_desc("sel_forward", use_desc, k, v, DK, DV)
     bn, warps, stages = _sel_config(DK, DV, cfg.l_sel, q.device, use_desc)
+    if block_n is not None:
+        if block_n < 16 or block_n & (block_n - 1):
+            raise ValueError(f"sel_forward: block_n must be a power of two >= 16, got {block_n}")
+        bn = block_n
     # one position per program (G >= 16): 2 warps share the softmax reductions with less
     # traffic than 4
     warps = one_position_warps(PP, DK, DV, q.device.type == "cuda", warps, up_to=256)
