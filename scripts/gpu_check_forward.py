@@ -326,14 +326,10 @@ def compile_only() -> None:
             c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
                      BLOCK_N=bn, N_SEL=16, NP=16, WRITE_OUT=True,
                      WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True, STORE_LSE=True,
-                     DOT_PREC="tf32", USE_DESC=desc, REG_INDEX=False)
+                     DOT_PREC="tf32", USE_DESC=desc)
             td = {n: f"tensordesc<bf16[1,{bn},1,{D}]>" for n in ("K", "V")} if desc else {}
             print(f"sel  desc={desc:d} G={G:2d} d={d} w{w} s{st}: " + one(
                 _sel_fwd_kernel, {**bf, "IDX": "*i32", "LSE": "*fp32", **td}, c, w, st))
-            if G2 >= 16:  # the block index from registers instead of a load per block
-                print(f"sel  desc={desc:d} G={G:2d} d={d} w{w} s{st} reg-index: " + one(
-                    _sel_fwd_kernel, {**bf, "IDX": "*i32", "LSE": "*fp32", **td},
-                    {**c, "REG_INDEX": True}, w, st))
         if G <= 8:  # the block-centric path (launcher defaults on the GPU)
             c = dict(G=G, GP2=G2, PP=max(1, 64 // G2), SEG=512, DK=D, DV=D, D_K=d, D_V=d,
                      L_SEL=64, BLOCK_N=64, N_SEL=16, DOT_PREC="tf32")

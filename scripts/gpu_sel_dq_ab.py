@@ -2,15 +2,12 @@
 
     python scripts/gpu_sel_dq_ab.py                 # T = 65536, G = 16, 4 rounds
     python scripts/gpu_sel_dq_ab.py --T 16384 --rounds 6
-    python scripts/gpu_sel_dq_ab.py --reg-index     # forward and dQ: the block index
-                                                    # loaded per block or from registers
 
 Paper shape (H=4, HQ=64, d=128, bf16, l=32, d=16, l'=64, n=16), the kernels' own
 selection on random inputs. Timings of one kernel at 64k moved by 10-20% between
 variants benched one after another (`gpu_desc_tune.py`), so each variant here is timed
-in alternation, several rounds, and the table gives every round's median ms (the
-selected forward with the gate combine too); the results of both variants must be equal
-to float32 rounding.
+in alternation, several rounds, and the table gives every round's median ms; the dQ of
+both variants must be equal to float32 rounding.
 """
 
 from __future__ import annotations
@@ -28,8 +25,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--reg-index", action="store_true",
-                    help="A/B selection.launch.REG_INDEX (forward + combine and dQ)")
     args = ap.parse_args()
     spec = importlib.util.spec_from_file_location(
         "gpu_check_forward", os.path.join(ROOT, "scripts", "gpu_check_forward.py"))
@@ -58,48 +53,27 @@ def main() -> None:
     gate = inp["g_sel"]
     dout = torch.randn_like(q)
     delta = (gate.float() * (dout.float() * o.float()).sum(-1)).contiguous()
-    if args.reg_index:
-        import nsa.ops.selection.launch as SL
-
-        variants = {"index load per block (default)": False, "index from registers": True}
-
-        def setup(flag):
-            SL.REG_INDEX = flag
-            return {}
-    else:
-        variants = {"descriptors (default)": True, "pointer loads": False}
-
-        def setup(flag):
-            return dict(use_desc=flag)
-    dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
-
-    def run_dq(kw):
+    variants = {"descriptors (default)": dict(use_desc=True),
+                "pointer loads": dict(use_desc=False)}
+    outs, times = {}, {n: [] for n in variants}
+    for name, kw in variants.items():
+        dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
         sel_backward(q, k, v, idx, dout, gate, lse, delta, dq, cfg, scale,
                      accumulate_dq=False, dq_only=True, mode="group", **kw)
-
-    def run_fwd(kw):
-        return sel_forward(q, k, v, idx, cfg, scale, g_sel=gate, o_cmp=inp["q"],
-                           g_cmp=inp["g_cmp"], mode="group", **kw)[1]
-
-    outs, times = {}, {(n, part): [] for n in variants for part in ("dQ", "forward")}
-    for name, flag in variants.items():
-        kw = setup(flag)
-        run_dq(kw)
-        outs[name] = (dq.clone(), run_fwd(kw).float())
-    (a, fa), (b, fb) = outs.values()
+        outs[name] = dq
+    a, b = outs.values()
     print(f"{torch.cuda.get_device_name()}: T={T}, dQ rel difference "
-          f"{((a - b).norm() / a.norm()).item():.1e}, forward "
-          f"{((fa - fb).norm() / fa.norm()).item():.1e}", flush=True)
+          f"{((a - b).norm() / a.norm()).item():.1e}", flush=True)
+    dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
     for _ in range(args.rounds):
-        for name, flag in variants.items():
-            kw = setup(flag)
-            times[(name, "dQ")].append(cf.bench(lambda kw=kw: run_dq(kw)))
-            times[(name, "forward")].append(cf.bench(lambda kw=kw: run_fwd(kw)))
-    print("| variant | kernel | " + " | ".join(f"round {i + 1}" for i in range(args.rounds))
-          + " |")
-    print("|---|---|" + "---|" * args.rounds)
-    for (name, part), ts in times.items():
-        print(f"| {name} | {part} | " + " | ".join(f"{t:.3f}" for t in ts) + " |")
+        for name, kw in variants.items():
+            times[name].append(cf.bench(lambda kw=kw: sel_backward(
+                q, k, v, idx, dout, gate, lse, delta, dq, cfg, scale, accumulate_dq=False,
+                dq_only=True, mode="group", **kw)))
+    print("| variant | " + " | ".join(f"round {i + 1}" for i in range(args.rounds)) + " |")
+    print("|---|" + "---|" * args.rounds)
+    for name, ts in times.items():
+        print(f"| {name} | " + " | ".join(f"{t:.3f}" for t in ts) + " |")
 
 
 if __name__ == "__main__":

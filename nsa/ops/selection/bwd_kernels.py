@@ -46,7 +46,6 @@ def _sel_bwd_dq_kernel(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
-    REG_INDEX: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
@@ -74,7 +73,7 @@ def _sel_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, DK], tl.float32)
     for u in range(0, n_blocks):
-        blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP, REG_INDEX)
+        blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP)
         for c0 in tl.static_range(0, L_SEL, BLOCK_N):
             s0 = blk.to(tl.int64) * L_SEL + c0
             kpos = s0 + offs_n

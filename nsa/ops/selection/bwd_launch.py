@@ -187,8 +187,6 @@ def sel_backward(
     if dq_warps is None:
         warps_q = one_position_warps(pp_q, DK, DV, q.device.type == "cuda", warps_q)
 
-    import nsa.ops.selection.launch as SL
-
     def launch_q(_bm, st):
         kd, vd = ((kv_desc(k, T, bn_q, DK), kv_desc(v, T, bn_q, DV)) if use_desc else (k, v))
         _sel_bwd_dq_kernel[(cdiv(T, pp_q), H, B)](
@@ -199,7 +197,7 @@ def sel_backward(
             G=G, GP2=GP2, PP=pp_q, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=L, BLOCK_N=bn_q, N_SEL=n_sel, NP=next_pow2(n_sel),
             ACCUMULATE=accumulate_dq, DOT_PREC=prec, USE_DESC=use_desc,
-            REG_INDEX=SL.REG_INDEX, num_warps=warps_q, num_stages=st,
+            num_warps=warps_q, num_stages=st,
         )
 
     shrink_on_oor(launch_q, 16, stages_q, 16)

@@ -328,16 +328,10 @@ def _block_list(IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih
 
 
 @triton.jit
-def _block_at(u, i_base, flat, order, row_idx, row_ok, PP: tl.constexpr,
-              REG_INDEX: tl.constexpr = False):
+def _block_at(u, i_base, flat, order, row_idx, row_ok, PP: tl.constexpr):
     """The u-th streamed block of :func:`_block_list` and which rows selected it."""
     if PP == 1:
-        if REG_INDEX:
-            # from the index row already in registers: no load in the loop, so the
-            # pipeliner can issue the next block's K/V copies ahead
-            blk = tl.sum(tl.where(tl.arange(0, row_idx.shape[0]) == u, row_idx, 0), 0)
-        else:
-            blk = tl.load(i_base + u)
+        blk = tl.load(i_base + u)
         member = row_ok
     else:
         blk = tl.sum(tl.where(order == u, flat, 0), 0)
@@ -411,7 +405,7 @@ def _sel_fwd_kernel(
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     WRITE_OUT: tl.constexpr, WRITE_BRANCH: tl.constexpr,
     HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False, REG_INDEX: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
@@ -442,7 +436,7 @@ def _sel_fwd_kernel(
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
 
     for u in range(0, n_blocks):
-        blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP, REG_INDEX)
+        blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP)
         for c0 in tl.static_range(0, L_SEL, BLOCK_N):
             s0 = blk.to(tl.int64) * L_SEL + c0
             kpos = s0 + offs_n

@@ -36,9 +36,6 @@ from nsa.policy import SEL_BLOCK_MAX_G, SEL_BLOCK_MAX_PARTIAL_BYTES, SEL_MODES, 
 # Programmatic override of sel_forward's mode (tests, tuning scripts): "group" or "block"
 # forces it; None defers to NSA_SEL_MODE, then to auto_sel_mode. Read at every launch.
 SEL_MODE: str | None = None
-# group path, one position per program: take each block's index from the index row in
-# registers instead of a load per block (measured in docs/perf-notes.md)
-REG_INDEX = False
 # the block path's merge tile, (rows, pipeline stages); None: the defaults (tuning)
 MERGE_TILE: tuple[int, int] | None = None
 # tests: fill the counting sort's table with this value before its kernels run
@@ -224,8 +221,7 @@ def sel_forward(
             G=G, GP2=GP2, PP=PP, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=block_indices.shape[-1],
             NP=next_pow2(block_indices.shape[-1]), DOT_PREC=dot_precision(q.dtype, q.device),
-            USE_DESC=use_desc, REG_INDEX=REG_INDEX, num_warps=warps, num_stages=stages_,
-            **flags,
+            USE_DESC=use_desc, num_warps=warps, num_stages=stages_, **flags,
         )
 
     shrink_on_oor(launch, 16, stages, 16)
