@@ -112,6 +112,33 @@ def block_scores(T, G, H, d, cfg):
     return scores, inp["k_cmp"].shape[1]
 
 
+def selected_case(T, G, H, d, cfg, seed=0):
+    """Inputs of the selected branch on random paper-shape data (as :func:`block_scores`):
+    a dict with ``inp`` (:func:`make`), ``scale``, ``o_cmp`` and ``idx`` (the compressed
+    kernel's output and the kernels' own top-n), ``lse`` and ``o_sel`` (the group path's
+    forward), a random ``dout`` and the branch's ``delta`` = g_sel * rowsum(dout * O_sel):
+    what the selected forward and backward take."""
+    import torch
+
+    from nsa.ops.compression import cmp_forward
+    from nsa.ops.selection import sel_forward, select_topn
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    inp = make(T, H * G, H, d, d, cfg, dtype, seed=seed)
+    scale = d ** -0.5
+    q = inp["q"]
+    o_cmp, scores = cmp_forward(q, inp["k_cmp"], inp["v_cmp"], cfg, scale)
+    idx = select_topn(scores, T, inp["k_cmp"].shape[1], cfg)
+    del scores
+    lse = torch.empty(1, H * G, T, device=q.device, dtype=torch.float32)
+    o_sel = sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale, lse=lse,
+                        mode="group")[0]
+    dout = torch.randn_like(q)
+    delta = (inp["g_sel"].float() * (dout.float() * o_sel.float()).sum(-1)).contiguous()
+    return dict(inp=inp, scale=scale, o_cmp=o_cmp, idx=idx, lse=lse, o_sel=o_sel, dout=dout,
+                delta=delta)
+
+
 def tuning_setup(doc: str, Ts: str, groups: str, smoke_H: int, smoke_groups: list[int]):
     """Argument parsing and paper-shape setup shared by the tuning scripts:
     (args, cfg, H, d, Ts, groups). --smoke runs them on the CPU interpreter (set before

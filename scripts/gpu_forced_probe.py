@@ -96,8 +96,6 @@ def main() -> None:
     import torch
 
     from nsa import NSAConfig
-    from nsa.ops.compression import cmp_forward
-    from nsa.ops.selection import select_topn
     from nsa.ops.window import win_forward
 
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
@@ -110,14 +108,9 @@ def main() -> None:
     print(f"GPU: {gpu}; torch {torch.__version__}", flush=True)
     rows = []
     for T in Ts:
-        HQ = H * G
-        dtype = torch.bfloat16 if cf.DEVICE == "cuda" else torch.float32
-        inp = cf.make(T, HQ, H, d, d, cfg, dtype)
-        scale = d ** -0.5
-        q, kc, vc = inp["q"], inp["k_cmp"], inp["v_cmp"]
-        o_cmp, scores = cmp_forward(q, kc, vc, cfg, scale)
-        idx = select_topn(scores, T, kc.shape[1], cfg)
-        del scores
+        case = cf.selected_case(T, G, H, d, cfg)
+        inp, scale, idx, o_cmp = case["inp"], case["scale"], case["idx"], case["o_cmp"]
+        q = inp["q"]
         o_win = win_forward(q, inp["k_win"], inp["v_win"], cfg.w, scale)
         valid = (idx >= 0).sum().item()
         sets = {"all": idx}
@@ -129,8 +122,7 @@ def main() -> None:
             if P == 4:
                 sets["no shared"] = compact(idx, ~sh)
                 sets["shared only"] = compact(idx, sh)
-        dout = torch.randn_like(q)
-        gate = inp["g_sel"]
+        dout, gate = case["dout"], inp["g_sel"]
         dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         row = {"T": T}
         for name, ix in sets.items():

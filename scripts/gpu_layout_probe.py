@@ -45,24 +45,14 @@ def probe(cf, T, H, G, d, cfg, table):
     import torch
 
     from nsa.ops.compression import cmp_forward
-    from nsa.ops.selection import sel_forward, select_topn
+    from nsa.ops.selection import sel_forward
     from nsa.ops.selection.bwd_launch import sel_backward
     from nsa.ops.window import win_forward
 
-    HQ = H * G
-    dtype = torch.bfloat16 if cf.DEVICE == "cuda" else torch.float32
-    inp = cf.make(T, HQ, H, d, d, cfg, dtype)
-    scale = d ** -0.5
-    q = inp["q"]
-    _, scores = cmp_forward(q, inp["k_cmp"], inp["v_cmp"], cfg, scale)
-    idx = select_topn(scores, T, inp["k_cmp"].shape[1], cfg)
-    del scores
-    gate = inp["g_sel"]
-    dout = torch.randn_like(q)
-    lse = torch.empty(1, HQ, T, device=q.device, dtype=torch.float32)
-    o_sel = sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale, lse=lse,
-                        mode="group")[0]
-    delta = (gate.float() * (dout.float() * o_sel.float()).sum(-1)).contiguous()
+    case = cf.selected_case(T, G, H, d, cfg)
+    inp, scale, idx, lse, dout, delta = (case[x] for x in ("inp", "scale", "idx", "lse",
+                                                            "dout", "delta"))
+    q, gate = inp["q"], inp["g_sel"]
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
 
     def sel_f(k, v):

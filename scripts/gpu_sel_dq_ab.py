@@ -33,26 +33,16 @@ def main() -> None:
     import torch
 
     from nsa import NSAConfig
-    from nsa.ops.compression import cmp_forward
-    from nsa.ops.selection import sel_forward, select_topn
     from nsa.ops.selection.bwd_launch import sel_backward
 
     if not torch.cuda.is_available():
         sys.exit("gpu_sel_dq_ab: needs a CUDA GPU")
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
     T, H, G, d = args.T, 4, 16, 128
-    HQ = H * G
-    inp = cf.make(T, HQ, H, d, d, cfg, torch.bfloat16)
-    scale = d ** -0.5
-    q, k, v = inp["q"], inp["k_sel"], inp["v_sel"]
-    _, scores = cmp_forward(q, inp["k_cmp"], inp["v_cmp"], cfg, scale)
-    idx = select_topn(scores, T, inp["k_cmp"].shape[1], cfg)
-    del scores
-    lse = torch.empty(1, HQ, T, device="cuda", dtype=torch.float32)
-    o = sel_forward(q, k, v, idx, cfg, scale, lse=lse, mode="group")[0]
-    gate = inp["g_sel"]
-    dout = torch.randn_like(q)
-    delta = (gate.float() * (dout.float() * o.float()).sum(-1)).contiguous()
+    case = cf.selected_case(T, G, H, d, cfg)
+    inp, scale, idx, lse, dout, delta = (case[x] for x in ("inp", "scale", "idx", "lse",
+                                                            "dout", "delta"))
+    q, k, v, gate = inp["q"], inp["k_sel"], inp["v_sel"], inp["g_sel"]
     variants = {"descriptors (default)": dict(use_desc=True),
                 "pointer loads": dict(use_desc=False)}
     outs, times = {}, {n: [] for n in variants}
