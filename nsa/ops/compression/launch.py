@@ -26,9 +26,9 @@ CMP_SCORE_DOT: bool | None = None
 
 
 def _interpreter_numpy_shim() -> None:
-    """Triton 3.6's CPU interpreter turns scalar tensors into ints with int(array of shape
-    (1,)), which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream by #9172):
-    every loop with a run-time bound fails. Apply the upstream fix to the interpreter's
+    """Triton's CPU interpreter (3.4 to 3.6) turns scalar tensors into ints with int(array
+    of shape (1,)), which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream by
+    #9172): every loop with a run-time bound fails. Apply the upstream fix to the interpreter's
     per-launch patch; compiled GPU kernels are not touched."""
     try:
         from triton.runtime import interpreter as _interp
@@ -38,9 +38,16 @@ def _interpreter_numpy_shim() -> None:
     if orig is None or getattr(orig, "_nsa_numpy_shim", False):
         return
 
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    def index(self):
+        return int(self.handle.data.reshape(-1)[0])
+
+    def patched(tensor, *scope):
+        # Triton 3.6 patches through a scope object; 3.4 and 3.5 set class attributes
+        orig(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patched._nsa_numpy_shim = True
     _interp._patch_lang_tensor = patched
