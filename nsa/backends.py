@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -159,6 +161,31 @@ def module_status(module: str, import_it: bool = False) -> str | None:
     return None
 
 
+@functools.cache
+def module_version(module: str) -> str | None:
+    """Version of the installed distribution that provides ``module`` ("triton", or
+    "pytorch-triton" for PyTorch's nightly builds), read from its metadata without
+    importing it; else the module's ``__version__``; None if neither says."""
+    for dist in (module, f"pytorch-{module}"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    try:
+        mod = importlib.import_module(module)
+    except Exception:
+        return None
+    v = getattr(mod, "__version__", None)
+    return str(v) if v else None
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor[, patch]) of a version string such as "3.5.0+git1a2b" or "3.4.0rc1";
+    () if it does not start with numbers."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version.strip())
+    return tuple(int(x) for x in m.groups() if x is not None) if m else ()
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """What one backend supports, as data. See module docstring."""
@@ -178,18 +205,36 @@ class BackendSpec:
     max_group: int | None = None
     # modules that must be importable; (module, import it to check?)
     requires: tuple[tuple[str, bool], ...] = ()
+    # (module, oldest version, what the older ones lack) for modules in ``requires``
+    min_versions: tuple[tuple[str, str, str], ...] = ()
     # an op backend registered in nsa.ops.BACKENDS under this name counts as installed
     op_backend: bool = False
     notes: tuple[str, ...] = field(default=())
 
     # -- the three groups of reasons --------------------------------------------------
+    def version_reasons(self) -> list[str]:
+        """Why the installed versions of the required modules are too old ([]: they are
+        not, or are not installed at all, which :meth:`install_reasons` reports)."""
+        out = []
+        for module, oldest, lacks in self.min_versions:
+            if module_status(module) is not None:
+                continue
+            have = module_version(module)
+            if have is None or not version_tuple(have):
+                continue  # unknown (a source build without metadata): let it try
+            if version_tuple(have) < version_tuple(oldest):
+                out.append(f"{module} {have} is older than {oldest}, the oldest release "
+                           f"these kernels build with ({lacks}); install "
+                           f"'{module}>={oldest}' or use backend='reference'")
+        return out
+
     def install_reasons(self) -> list[str]:
-        if self.op_backend:
+        out = self.version_reasons()
+        if self.op_backend and not out:
             from nsa.ops import BACKENDS as registered
 
             if self.name in registered:
                 return []
-        out = []
         for module, import_it in self.requires:
             why = module_status(module, import_it)
             if why is not None:
@@ -293,6 +338,11 @@ class BackendSpec:
         return "; ".join(parts)
 
 
+# Triton 3.3 has no host-side tensor descriptors (triton.tools.tensor_descriptor) and
+# no gdc_wait / gdc_launch_dependents; 3.2 also lacks tl.gather. Every prefill kernel
+# compiles for sm_90 with 3.4, 3.5 and 3.6 (the scripts' --compile-only).
+MIN_TRITON = "3.4"
+
 # The declared backends, in the order they are listed to users.
 BACKEND_SPECS: dict[str, BackendSpec] = {
     "reference": BackendSpec(
@@ -313,6 +363,9 @@ BACKEND_SPECS: dict[str, BackendSpec] = {
         d_v_at_most_d_k=True,
         max_group=128,
         requires=(("triton", False), ("nsa.ops.triton_backend", False)),
+        min_versions=((
+            "triton", MIN_TRITON,
+            "host-side tensor descriptors, programmatic dependent launch"),),
         op_backend=True,
     ),
     "flash-attn": BackendSpec(
@@ -349,6 +402,7 @@ def not_supported_reasons(
 
 __all__ = [
     "BACKEND_SPECS",
+    "MIN_TRITON",
     "BRANCHES",
     "BackendSpec",
     "DeviceInfo",
@@ -359,6 +413,8 @@ __all__ = [
     "dtype_name",
     "get_spec",
     "module_status",
+    "module_version",
     "not_supported_reasons",
     "to_dtype",
+    "version_tuple",
 ]

@@ -219,6 +219,9 @@ def probe() -> dict[str, Any]:
     if not optional["flash-attn"]["installed"]:
         optional["flash-attn"]["note"] = ("flash-attn is not installed: no second dense "
                                           "baseline, and cmp/win cannot route to it")
+    too_old = BACKEND_SPECS["triton"].version_reasons()
+    if too_old:
+        optional["triton"]["note"] = "; ".join(too_old)
     main_dev = devices[1] if len(devices) > 1 else devices[0]
     dtype, shapes = default_case(main_dev)
     routing = policy.route(main_dev, dtype, shapes).to_dict()

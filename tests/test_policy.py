@@ -158,6 +158,72 @@ def test_triton_not_installed_is_a_reason(installed):
     assert r.branches["sel"].backend == "reference"
 
 
+@pytest.mark.parametrize("text, want", [
+    ("3.6.0", (3, 6, 0)), ("3.5.0+git1a2b3c", (3, 5, 0)), ("3.4.0rc1", (3, 4, 0)),
+    ("3.4", (3, 4)), ("  3.10.2 ", (3, 10, 2)), ("nightly", ()), ("", ()),
+])
+def test_version_tuple(text, want):
+    assert backends.version_tuple(text) == want
+
+
+@pytest.fixture
+def triton_version(monkeypatch):
+    """triton_version("3.3.1"): fake the installed Triton's version."""
+
+    def fake(version: str | None) -> None:
+        monkeypatch.setattr(backends, "module_version",
+                            lambda module: version if module == "triton" else None)
+
+    return fake
+
+
+@pytest.mark.parametrize("version", ["3.3.1", "3.2.0", "3.0.0"])
+def test_triton_older_than_the_kernels_need_routes_to_the_reference(installed, triton_version,
+                                                                     version, monkeypatch):
+    installed("triton")
+    triton_version(version)
+    spec = BACKEND_SPECS["triton"]
+    want = (f"triton {version} is older than {backends.MIN_TRITON}, the oldest release these "
+            f"kernels build with")
+    why = spec.not_supported_reasons(H100, "bfloat16", PAPER, flags=OFF)
+    assert len(why) == 1 and why[0].startswith(want), why
+    assert f"install 'triton>={backends.MIN_TRITON}' or use backend='reference'" in why[0]
+    r = route(H100, "bfloat16", PAPER, OFF)
+    assert r.op.backend == "reference" and want in r.op.reason
+    assert {c.backend for c in r.branches.values()} == {"reference"}
+    # the kernels' module imported already (the backend registered): still refused
+    monkeypatch.setitem(nsa.ops.BACKENDS, "triton", lambda *args, **kwargs: None)
+    assert spec.install_reasons() == why
+    # nothing is loaded for "auto"; the decode route gives the same sentence
+    assert nsa.ops.load_backend("auto") is False
+    from nsa.ops.decode import _triton_reasons
+
+    assert _triton_reasons(torch.zeros(1, 4, 8), None) == why
+
+
+@pytest.mark.parametrize("version", ["3.4.0", "3.5.1", "3.6.0", "4.0.0", None, "dev"])
+def test_triton_from_the_oldest_supported_release_routes_to_triton(installed, triton_version,
+                                                                   version):
+    """None / unparsable: a source build without metadata is given the benefit of the
+    doubt (its own compile errors will say more than a guess here)."""
+    installed("triton")
+    triton_version(version)
+    assert BACKEND_SPECS["triton"].version_reasons() == []
+    assert route(H100, "bfloat16", PAPER, OFF).op.backend == "triton"
+
+
+def test_triton_version_is_read_from_the_installed_metadata():
+    import importlib.metadata
+
+    import triton
+
+    backends.module_version.cache_clear()
+    got = backends.module_version("triton")
+    assert got == importlib.metadata.version("triton")
+    assert backends.version_tuple(got)[:2] == backends.version_tuple(triton.__version__)[:2]
+    assert backends.module_version("surely_not_a_module_nsa") is None
+
+
 def test_old_gpu_is_below_the_required_capability(installed):
     installed("triton")
     why = BACKEND_SPECS["triton"].not_supported_reasons(T4, "float16", PAPER, flags=OFF)

@@ -35,9 +35,13 @@ def load_backend(name: str) -> bool:
 
     ``nsa_attention`` does this on first use; modules call it at construction so that a
     ``torch.compile``d forward never traces an import. "auto" loads "triton" when Triton is
-    importable and quietly does nothing otherwise.
+    importable (and not older than the kernels need) and quietly does nothing otherwise.
     """
     if name == "auto":
+        from nsa.backends import BACKEND_SPECS
+
+        if BACKEND_SPECS["triton"].version_reasons():
+            return False
         try:
             return load_backend("triton")
         except ImportError:

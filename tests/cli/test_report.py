@@ -147,6 +147,24 @@ def test_env_on_a_faked_rtx_4090_prints_the_selection_policy(invoke, monkeypatch
     assert d["routing"]["branches"]["sel"]["backend"] == "triton"
 
 
+def test_env_on_an_h100_with_a_too_old_triton_says_why_the_kernels_are_off(invoke,
+                                                                            monkeypatch):
+    gpu = DeviceInfo("cuda", 0, "NVIDIA H100 80GB HBM3", (9, 0), 132)
+    monkeypatch.setattr(envmod, "list_devices", lambda: [DeviceInfo("cpu", name="cpu"), gpu])
+    monkeypatch.setattr(envmod, "probe_gpus", lambda: ([], {"available": False,
+                                                            "reason": "faked"}))
+    monkeypatch.setattr(backends, "module_version",
+                        lambda m: "3.3.1" if m == "triton" else None)
+    d = json.loads(invoke("env", "--json").stdout)
+    want = f"triton 3.3.1 is older than {backends.MIN_TRITON}"
+    assert d["routing"]["op"]["backend"] == "reference" and want in d["routing"]["op"]["reason"]
+    assert d["optional"]["triton"]["note"].startswith(want)
+    tri = next(b for b in d["backends"] if b["name"] == "triton")
+    assert all(not st["usable"] and st["reasons"][0].startswith(want)
+               for st in tri["devices"]["cuda:0"]["branches"].values())
+    assert want in " ".join(invoke("env").stdout.split())
+
+
 def test_suite_list_and_validate(invoke, write_suite, tmp_path):
     r = invoke("suite", "list", "--json")
     names = {s["name"] for s in json.loads(r.stdout)}

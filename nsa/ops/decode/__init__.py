@@ -23,6 +23,11 @@ DECODE_COLUMNS = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win")
 
 
 def _triton_reasons(q_t: Tensor, cache: NSACache) -> list[str]:
+    from nsa.backends import BACKEND_SPECS
+
+    too_old = BACKEND_SPECS["triton"].version_reasons()
+    if too_old:
+        return too_old
     try:
         from nsa.ops.decode.launch import decode_not_supported_reasons
     except ImportError as e:  # triton not installed
