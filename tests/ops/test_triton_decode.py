@@ -231,3 +231,28 @@ def test_decode_reasons_name_what_the_kernels_cannot_take():
     g = torch.rand(1, 4)
     with pytest.raises(ValueError, match="l'=64"):
         nsa_decode(q, wcache, g, g, g, backend="triton")
+
+
+@pytest.mark.parametrize("version, forced, want", [
+    ("3.6.0", None, True), ("3.5.1", None, True), ("3.5.0+git1a2b", None, True),
+    ("3.4.0", None, False),  # its gdc_* calls do not compile inside a jit function
+    ("3.4.0", True, True), ("3.6.0", False, False), (None, None, True),
+])
+def test_programmatic_dependent_launch_needs_a_triton_that_compiles_it(monkeypatch, version,
+                                                                       forced, want):
+    """The decode kernels' PDL launch options on an SM 9.0 device: on by default only with
+    Triton >= 3.5; the PDL switch still forces either way; never on a CPU tensor."""
+    from nsa.backends import DeviceInfo
+    from nsa.ops.decode import launch
+
+    h100 = DeviceInfo("cuda", 0, "NVIDIA H100 80GB HBM3", (9, 0), 132)
+    monkeypatch.setattr(launch, "device_info", lambda device: h100)
+    monkeypatch.setattr(launch, "module_version", lambda module: version)
+    monkeypatch.setattr(launch, "PDL", forced)
+    launch.pdl_supported.cache_clear()
+    try:
+        got = launch._chain(torch.device("cuda", 0))
+        assert got == ({"PDL": True, "launch_pdl": True} if want else {})
+        assert launch._chain(torch.device("cpu")) == {}
+    finally:
+        launch.pdl_supported.cache_clear()

@@ -5,10 +5,12 @@ allocates nothing and launches at most four kernels (CUDA-graph friendly)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from nsa.backends import device_info
+from nsa.backends import device_info, module_version, version_tuple
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import cdiv, dot_precision, interpreting, next_pow2
@@ -128,11 +130,27 @@ def _workspace(cache: NSACache, G: int, poison: bool) -> dict[str, Tensor]:
     return ws
 
 
+# Triton 3.4's gdc_launch_dependents / gdc_wait do not compile inside a jit function
+# (a TypeError about their `_semantic` argument, sm_90 compile of the decode kernels with
+# scripts/sm90_compile_captured.py); 3.5 and 3.6 compile them
+PDL_MIN_TRITON = (3, 5)
+
+
+@functools.cache
+def pdl_supported() -> bool:
+    """Whether the installed Triton compiles the kernels' programmatic-dependent-launch
+    calls (an unknown version, e.g. a source build, is given the benefit of the doubt)."""
+    have = version_tuple(module_version("triton") or "")
+    return not have or have >= PDL_MIN_TRITON
+
+
 def _chain(device: torch.device) -> dict:
     """Launch options of a kernel that waits for its predecessor inside (gdc_wait) and so
-    may be launched early: programmatic dependent launch on SM 9.0+ (PDL)."""
+    may be launched early: programmatic dependent launch on SM 9.0+ (PDL) with a Triton
+    that compiles it (:func:`pdl_supported`); ``PDL`` True / False forces it."""
     on = device.type == "cuda" and (
-        PDL if PDL is not None else (device_info(device).capability or (0, 0)) >= (9, 0))
+        PDL if PDL is not None else
+        (device_info(device).capability or (0, 0)) >= (9, 0) and pdl_supported())
     return {"PDL": True, "launch_pdl": True} if on else {}
 
 
