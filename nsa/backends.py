@@ -179,6 +179,14 @@ def module_version(module: str) -> str | None:
     return str(v) if v else None
 
 
+def triton_has_pdl() -> bool:
+    """Whether the installed Triton compiles the decode kernels' programmatic-dependent-
+    launch calls (>= PDL_MIN_TRITON; an unknown version, e.g. a source build, is given the
+    benefit of the doubt)."""
+    have = version_tuple(module_version("triton") or "")
+    return not have or have >= version_tuple(PDL_MIN_TRITON)
+
+
 def version_tuple(version: str) -> tuple[int, ...]:
     """(major, minor[, patch]) of a version string such as "3.5.0+git1a2b" or "3.4.0rc1";
     () if it does not start with numbers."""
@@ -342,6 +350,10 @@ class BackendSpec:
 # no gdc_wait / gdc_launch_dependents; 3.2 also lacks tl.gather. Every prefill kernel
 # compiles for sm_90 with 3.4, 3.5 and 3.6 (the scripts' --compile-only).
 MIN_TRITON = "3.4"
+# Triton 3.4's gdc_launch_dependents / gdc_wait do not compile inside a jit function
+# (a TypeError about their `_semantic` argument; scripts/sm90_compile_captured.py):
+# decode launches its kernels without programmatic dependent launch there
+PDL_MIN_TRITON = "3.5"
 
 # The declared backends, in the order they are listed to users.
 BACKEND_SPECS: dict[str, BackendSpec] = {
@@ -403,6 +415,7 @@ def not_supported_reasons(
 __all__ = [
     "BACKEND_SPECS",
     "MIN_TRITON",
+    "PDL_MIN_TRITON",
     "BRANCHES",
     "BackendSpec",
     "DeviceInfo",
@@ -416,5 +429,6 @@ __all__ = [
     "module_version",
     "not_supported_reasons",
     "to_dtype",
+    "triton_has_pdl",
     "version_tuple",
 ]

@@ -126,8 +126,32 @@ def describe(device_type: str, capability: tuple[int, int] | None,
          "why": ("measured faster for G <= 4 only (docs/perf-notes.md)" if cuda else
                  "the default off CUDA (cmp_forward(score_dot=True) takes the product)")},
         sel_path_row(cuda),
+        pdl_row(cuda, capability),
     ]
     return rows
+
+
+def pdl_row(cuda: bool, capability: tuple[int, int] | None) -> dict[str, str]:
+    """Whether the decode kernels are launched with programmatic dependent launch
+    (:func:`nsa.ops.decode.launch._chain`), for :func:`describe`."""
+    from nsa.backends import PDL_MIN_TRITON, module_version, triton_has_pdl
+
+    what, plain = "decode kernel launches", "plain launches"
+    if not cuda:
+        return {"what": what, "variant": plain, "why": "not a CUDA device"}
+    if capability is None or tuple(capability) < (9, 0):
+        sm = f"SM {capability[0]}.{capability[1]}" if capability else "unknown SM"
+        return {"what": what, "variant": plain,
+                "why": f"{sm}: programmatic dependent launch needs SM 9.0+"}
+    if not triton_has_pdl():
+        return {"what": what, "variant": plain,
+                "why": f"Triton {module_version('triton')} cannot compile the kernels' "
+                       f"gdc_* calls (needs {PDL_MIN_TRITON} or newer)"}
+    return {"what": what,
+            "variant": "programmatic dependent launch where the compressed splits are one "
+                       "wave (each kernel starts while the previous one drains)",
+            "why": "measured faster at batch 1 (docs/perf-notes.md, decode v4); "
+                   "nsa.ops.decode.launch.PDL forces it either way"}
 
 
 def sel_path_row(cuda: bool) -> dict[str, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import nsa.backends as backends
 import nsabench.env as envmod
 from nsa.backends import DeviceInfo
@@ -163,6 +165,33 @@ def test_env_on_an_h100_with_a_too_old_triton_says_why_the_kernels_are_off(invok
     assert all(not st["usable"] and st["reasons"][0].startswith(want)
                for st in tri["devices"]["cuda:0"]["branches"].values())
     assert want in " ".join(invoke("env").stdout.split())
+
+
+@pytest.mark.parametrize("version, variant, why", [
+    ("3.6.0", "programmatic dependent launch where", "measured faster at batch 1"),
+    ("3.4.0", "plain launches", "Triton 3.4.0 cannot compile the kernels' gdc_* calls "
+                                "(needs 3.5 or newer)"),
+])
+def test_env_says_whether_decode_uses_programmatic_dependent_launch(invoke, monkeypatch,
+                                                                     version, variant, why):
+    gpu = DeviceInfo("cuda", 0, "NVIDIA H100 80GB HBM3", (9, 0), 132)
+    monkeypatch.setattr(envmod, "list_devices", lambda: [DeviceInfo("cpu", name="cpu"), gpu])
+    monkeypatch.setattr(envmod, "probe_gpus", lambda: ([], {"available": False,
+                                                            "reason": "faked"}))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backends, "module_version",
+                        lambda m: version if m == "triton" else None)
+    rows = {r["what"]: r for r in json.loads(invoke("env", "--json").stdout)
+            ["kernel_variants"]["rows"]}
+    row = rows["decode kernel launches"]
+    assert row["variant"].startswith(variant) and why in row["why"], row
+    a100 = DeviceInfo("cuda", 0, "NVIDIA A100-SXM4-80GB", (8, 0), 108)
+    monkeypatch.setattr(envmod, "list_devices", lambda: [DeviceInfo("cpu", name="cpu"), a100])
+    rows = {r["what"]: r for r in json.loads(invoke("env", "--json").stdout)
+            ["kernel_variants"]["rows"]}
+    assert rows["decode kernel launches"] == {
+        "what": "decode kernel launches", "variant": "plain launches",
+        "why": "SM 8.0: programmatic dependent launch needs SM 9.0+"}
 
 
 def test_suite_list_and_validate(invoke, write_suite, tmp_path):

@@ -242,12 +242,13 @@ def test_programmatic_dependent_launch_needs_a_triton_that_compiles_it(monkeypat
                                                                        forced, want):
     """The decode kernels' PDL launch options on an SM 9.0 device: on by default only with
     Triton >= 3.5; the PDL switch still forces either way; never on a CPU tensor."""
+    import nsa.backends as backends
     from nsa.backends import DeviceInfo
     from nsa.ops.decode import launch
 
     h100 = DeviceInfo("cuda", 0, "NVIDIA H100 80GB HBM3", (9, 0), 132)
     monkeypatch.setattr(launch, "device_info", lambda device: h100)
-    monkeypatch.setattr(launch, "module_version", lambda module: version)
+    monkeypatch.setattr(backends, "module_version", lambda module: version)
     monkeypatch.setattr(launch, "PDL", forced)
     launch.pdl_supported.cache_clear()
     try:

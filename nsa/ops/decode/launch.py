@@ -10,7 +10,7 @@ import functools
 import torch
 from torch import Tensor
 
-from nsa.backends import device_info, module_version, version_tuple
+from nsa.backends import device_info, triton_has_pdl
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
 from nsa.ops.compression.launch import cdiv, dot_precision, interpreting, next_pow2
@@ -130,18 +130,11 @@ def _workspace(cache: NSACache, G: int, poison: bool) -> dict[str, Tensor]:
     return ws
 
 
-# Triton 3.4's gdc_launch_dependents / gdc_wait do not compile inside a jit function
-# (a TypeError about their `_semantic` argument, sm_90 compile of the decode kernels with
-# scripts/sm90_compile_captured.py); 3.5 and 3.6 compile them
-PDL_MIN_TRITON = (3, 5)
-
-
 @functools.cache
 def pdl_supported() -> bool:
     """Whether the installed Triton compiles the kernels' programmatic-dependent-launch
-    calls (an unknown version, e.g. a source build, is given the benefit of the doubt)."""
-    have = version_tuple(module_version("triton") or "")
-    return not have or have >= PDL_MIN_TRITON
+    calls (:func:`nsa.backends.triton_has_pdl`: Triton >= 3.5), read once."""
+    return triton_has_pdl()
 
 
 def _chain(device: torch.device) -> dict:
