@@ -145,10 +145,9 @@ def sel_backward(
         DK, DV, GP2, L, q.device, use_desc)
     warps_q, stages_q = dq_warps or warps_q, dq_stages or stages_q
     if dq_block_n is not None:
-        if dq_block_n < 16 or dq_block_n & (dq_block_n - 1):
-            raise ValueError("sel_backward: dq_block_n must be a power of two >= 16, got "
-                             f"{dq_block_n}")
-        bn_q = dq_block_n
+        from nsa.ops.selection.launch import tuning_tile
+
+        bn_q = tuning_tile("sel_backward", "dq_block_n", dq_block_n)
     prec = dot_precision(q.dtype, q.device)
     qk_scale = scale * LOG2E
     n_sel = idx.shape[-1]

@@ -130,6 +130,13 @@ def _sel_config(DK: int, DV: int, L_SEL: int, device: torch.device, desc: bool):
     return min(block, 32), 4, 2
 
 
+def tuning_tile(who: str, name: str, value: int) -> int:
+    """A keys-per-dot tuning argument, checked: a power of two of at least 16."""
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{who}: {name} must be a power of two >= 16, got {value}")
+    return value
+
+
 def sel_forward(
     q: Tensor,
     k: Tensor,
@@ -202,9 +209,7 @@ def sel_forward(
     use_desc = resolve_desc("sel_forward", use_desc, k, v, DK, DV)
     bn, warps, stages = _sel_config(DK, DV, cfg.l_sel, q.device, use_desc)
     if block_n is not None:
-        if block_n < 16 or block_n & (block_n - 1):
-            raise ValueError(f"sel_forward: block_n must be a power of two >= 16, got {block_n}")
-        bn = block_n
+        bn = tuning_tile("sel_forward", "block_n", block_n)
     # one position per program (G >= 16): 2 warps share the softmax reductions with less
     # traffic than 4
     warps = one_position_warps(PP, DK, DV, q.device.type == "cuda", warps, up_to=256)
