@@ -25,14 +25,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def compile_only() -> None:
-    import subprocess
-    import tempfile
 
     import triton
     from gpu_check_forward import (  # scripts/ is sys.path[0]
         loop_plain_loads,
         sm90_programs_per_sm,
     )
+    from script_modules import resource_usage
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -43,7 +42,6 @@ def compile_only() -> None:
         _sel_bwd_reduce_kernel,
     )
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     ptr = {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "K2", "V2", "OUT")},
            "GATE": "*fp32", "GATE2": "*fp32",  # gate_f32
            **{n: "*fp32" for n in ("LSE", "DELTA", "DKP", "DVP", "DQ", "DKO", "DVO", "DQX",
@@ -65,12 +63,7 @@ def compile_only() -> None:
         c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": stages})
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(c.asm["cubin"])
-        ru = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                            text=True).stdout
-        os.unlink(f.name)
-        regs = " ".join(x for x in ru.split() if x.split(":")[0] in ("REG", "STACK"))
+        ru, regs = resource_usage(c)
         mma = ("wgmma" if "wgmma" in c.asm["ptx"] else
                "mma.sync" if "mma.sync" in c.asm["ptx"] else "-")
         occ = sm90_programs_per_sm(ru, c.metadata.shared, warps)

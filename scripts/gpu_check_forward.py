@@ -271,10 +271,9 @@ def loop_plain_loads(ttgir: str) -> int:
 def compile_only() -> None:
     """Compile every kernel for sm_90 without a GPU; print registers, spills, smem, MMA,
     and loads left synchronous inside loops."""
-    import subprocess
-    import tempfile
 
     import triton
+    from script_modules import resource_usage
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -298,7 +297,6 @@ def compile_only() -> None:
     CL.interpreting = lambda: False
     CL.cuda_capability = WL.cuda_capability = lambda device: (9, 0)
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     not16 = {"stride_lh", "stride_st", "stride_it", "stride_ib", "stride_ih", "stride_sb",
              "stride_sh", "stride_lb", "stride_eb", "stride_eh", "stride_fb", "stride_fh",
              "stride_lt", "stride_lj", "stride_xb", "stride_xt", "stride_xh", "stride_xj"}
@@ -314,12 +312,7 @@ def compile_only() -> None:
         c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": stages})
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(c.asm["cubin"])
-        ru = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                            text=True).stdout
-        os.unlink(f.name)
-        regs = " ".join(x for x in ru.split() if x.split(":")[0] in ("REG", "STACK"))
+        ru, regs = resource_usage(c)
         mma = ("wgmma" if "wgmma" in c.asm["ptx"] else
                "mma.sync" if "mma.sync" in c.asm["ptx"] else "-")
         occ = sm90_programs_per_sm(ru, c.metadata.shared, warps)

@@ -18,21 +18,18 @@ forward, pointer loads and descriptor loads, against dense SDPA in the same run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from script_modules import load_script  # noqa: E402
+
 
 def _script(name: str):
     """Another script of this folder, as a module (its helpers, not its main)."""
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(name)
 
 
 def _check_forward():

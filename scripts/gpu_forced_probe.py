@@ -16,20 +16,17 @@ loading each shared block once per tile of P positions could reach. The tiles th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from script_modules import load_script  # noqa: E402
+
 
 def _check_forward():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check_forward", os.path.join(ROOT, "scripts", "gpu_check_forward.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gpu_check_forward")
 
 
 def shared_mask(idx, P):

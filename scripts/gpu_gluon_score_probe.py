@@ -194,7 +194,10 @@ def gluon_scores(q, k_cmp, lse, cfg, scale, scores, num_buf=3, map_scores=True):
 
 
 def compile_only() -> None:
+    """sm_90 compiles of the kernel with the mapping and of the row-sum bound (no GPU)."""
+
     import triton
+    from script_modules import resource_usage
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -203,28 +206,20 @@ def compile_only() -> None:
             f"{lay.swizzle_byte_width}, element_bitwidth=16, rank=2, transposed=False, "
             f"fp4_padded=False, cga_layout=[])>")
     fn = _score_pass_kernel
-    consts = dict(G=G, PP=PP, BLOCK_N=BLOCK_N, D=D, CMP_L=32, CMP_D=16, SEL_B=4, SEL_A=2,
-                  NUM_BUF=3, MAP=os.environ.get("MAP", "1") == "1", num_warps=4)
     ptrs = {"q_ptr": "*bf16", "k_desc": desc, "lse_ptr": "*fp32", "s_ptr": "*fp32",
             "qk_scale": "fp32"}
-    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
-    k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    ttgir = k.asm["ttgir"]
-    waits = [ln.split("{")[1].split("}")[0] for ln in ttgir.splitlines()
-             if "warp_group_dot_wait" in ln]
-    import subprocess
-    import tempfile
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        ru = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                            text=True).stdout
-    regs = " ".join(x for x in ru.split() if x.split(":")[0] in ("REG", "STACK"))
-    print(f"sm_90 compile: {regs}, shared {k.metadata.shared} B, wgmma waits {waits}, "
-          f"{k.asm['ptx'].count('wgmma.mma_async')} wgmma.mma_async in the PTX")
+    for map_scores in (True, False):
+        consts = dict(G=G, PP=PP, BLOCK_N=BLOCK_N, D=D, CMP_L=32, CMP_D=16, SEL_B=4, SEL_A=2,
+                      NUM_BUF=3, MAP=map_scores, num_warps=4)
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
+        k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        waits = [ln.split("{")[1].split("}")[0] for ln in k.asm["ttgir"].splitlines()
+                 if "warp_group_dot_wait" in ln]
+        _, regs = resource_usage(k)
+        print(f"sm_90 compile, {'mapping' if map_scores else 'row-sum bound'}: {regs}, "
+              f"shared {k.metadata.shared} B, wgmma waits {waits}, "
+              f"{k.asm['ptx'].count('wgmma.mma_async')} wgmma.mma_async in the PTX")
 
 
 def one_length(T: int, rounds: int) -> None:

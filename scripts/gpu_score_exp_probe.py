@@ -13,13 +13,13 @@ the MUFU variant and whether top-n picks the same blocks.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from script_modules import module_from_source  # noqa: E402
 
 LINE = "            p = tl.math.exp2(s - lse[:, None])\n"
 
@@ -67,13 +67,7 @@ def load_variant(name: str, src: str, coef: list[float]):
     consts = "".join(f"C{i} = tl.constexpr({c!r})\n" for i, c in enumerate(coef))
     body = body.replace("\n\n@triton.jit\ndef _n_visible", "\n" + consts + POLY
                         + "\n\n@triton.jit\ndef _n_visible", 1)
-    path = os.path.join(tempfile.mkdtemp(), f"cmp_variant_{abs(hash(name))}.py")
-    with open(path, "w") as f:
-        f.write(body)
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return module_from_source(body, f"cmp_variant_{abs(hash(name))}")
 
 
 def main() -> None:

@@ -22,13 +22,13 @@ It prints the median time per variant, the scores' relative difference from
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from script_modules import module_from_source  # noqa: E402
 
 START = "@triton.jit\ndef _scores_tile(p, carry"
 END = "@triton.jit\ndef _cmp_fwd_kernel("
@@ -72,13 +72,7 @@ BODIES = {
 def load_variant(name: str, src: str):
     a, b = src.index(START), src.index(END)
     body = src if name == "heads-first" else src[:a] + HEAD + BODIES[name] + "\n\n" + src[b:]
-    path = os.path.join(tempfile.mkdtemp(), f"cmp_map_{abs(hash(name))}.py")
-    with open(path, "w") as f:
-        f.write(body)
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return module_from_source(body, f"cmp_map_{abs(hash(name))}")
 
 
 def one_length(T: int, G: int, src: str, rounds: int) -> None:

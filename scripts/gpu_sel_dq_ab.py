@@ -13,12 +13,13 @@ both variants must be equal to float32 rounding.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+
+from script_modules import load_script  # noqa: E402
 
 
 def main() -> None:
@@ -26,10 +27,7 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check_forward", os.path.join(ROOT, "scripts", "gpu_check_forward.py"))
-    cf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cf)
+    cf = load_script("gpu_check_forward")
     import torch
 
     from nsa import NSAConfig

@@ -16,7 +16,6 @@ dense SDPA in the same run (per query head: the G < 16 target of PERF.md).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -24,13 +23,11 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from script_modules import load_script  # noqa: E402
+
 
 def _check_forward():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check_forward", os.path.join(ROOT, "scripts", "gpu_check_forward.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gpu_check_forward")
 
 
 def main() -> None:

@@ -153,10 +153,10 @@ def compile_all(launches: list[dict], overrides: dict) -> int:
     import importlib
 
     import triton
+    from script_modules import resource_usage
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     failed = 0
     for rec in launches:
         fn = getattr(importlib.import_module(rec["module"]), rec["name"])
@@ -187,12 +187,7 @@ def compile_all(launches: list[dict], overrides: dict) -> int:
             print(f"FAIL {label}: {type(exc).__name__} ({lines[0] if lines else ''}): "
                   f"{why[:400]}")
             continue
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            ru = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
-                                capture_output=True, text=True).stdout
-        regs = " ".join(x for x in ru.split() if x.split(":")[0] in ("REG", "STACK"))
+        _, regs = resource_usage(k)
         print(f"ok   {label}: w{opts['num_warps']} {regs} smem={k.metadata.shared // 1024}KB")
     return failed
 
