@@ -41,7 +41,7 @@ def graphed(fn):
 
 
 KNOBS = ("TILES_PER_SM", "SPLIT_TILES", "SEL_PER_SM", "P1_STAGES", "SPLIT_SCORES", "PDL",
-         "SUM_SCORES", "BLOCK_C")
+         "SUM_SCORES", "BLOCK_C", "TOPK")
 
 
 def set_variant(v: str, default) -> None:
@@ -51,7 +51,8 @@ def set_variant(v: str, default) -> None:
     through three bf16 dots with the overlap matrix instead of per-block sums, "x3" through
     one 3xTF32 dot, "cN" compressed tiles of N tokens (default 64), "ptr" / "desc"
     key/value tiles by pointer loads / tensor descriptors (the default: pointer loads),
-    "nopdl" the kernels launched without programmatic dependent launch."""
+    "nopdl" the kernels launched without programmatic dependent launch, "knock" the top-n
+    picks of p2 and p3 by serial max-reductions instead of Triton's top-k."""
     from nsa.ops import descriptors
 
     for k, val in zip(KNOBS, default[0], strict=True):
@@ -78,6 +79,8 @@ def set_variant(v: str, default) -> None:
             launch.BLOCK_C = int(o[1:])
         elif o == "nopdl":
             launch.PDL = False
+        elif o == "knock":
+            launch.TOPK = False
         elif o.startswith("st"):
             launch.P1_STAGES = int(o[2:])
         else:

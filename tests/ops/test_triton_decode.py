@@ -116,6 +116,18 @@ def test_decode_kernel_block_scores_by_overlap_dot(monkeypatch):
     assert run_steps(cfg, [21, 300], 2, torch.float32, 6) < 1e-5
 
 
+@pytest.mark.parametrize("lens", [[21, 300], [2100, 45]])
+def test_decode_top_n_by_bitonic_top_k(monkeypatch, lens):
+    """p2's and p3's picks by Triton's top-k network (the GPU default; the interpreter
+    takes the serial reductions): the reference's blocks, with n = 6 below the 16-slot
+    pick buffer, and (2100 tokens: 132 blocks of 16) over two chunks of candidates."""
+    from nsa.ops.decode import launch
+
+    monkeypatch.setattr(launch, "TOPK", True)
+    cfg = NSAConfig(l=8, d=4, l_sel=16, n=6, w=20, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
+    assert run_steps(cfg, lens, 1, torch.float32, 4) < 1e-5
+
+
 def test_decode_kernel_blocks_not_aligned_to_tiles():
     """l' = 3d: a tile of compressed tokens (64 d raw tokens) does not start on a block
     boundary, so the Eq. 9 weights differ from tile to tile (the aligned case builds them

@@ -112,15 +112,20 @@ def _partial(q, k, v, ok, scale, PM, PL, PO, CNT, slot, G: tl.constexpr, GP: tl.
 
 
 @triton.jit
-def _top_keys(key, N_SEL: tl.constexpr, NP: tl.constexpr):
+def _top_keys(key, N_SEL: tl.constexpr, NP: tl.constexpr, TOPK: tl.constexpr = False):
     """The N_SEL largest packed keys, descending, in [NP] (the floor key where none is
-    left). Keys are unique (they carry the block index), so one knock-out per pick."""
+    left). Keys are unique (they carry the block index), so one knock-out per pick; or,
+    with TOPK, Triton's bitonic top-k (the same keys in the same order: a fixed network
+    instead of N_SEL serial max-reductions, but element by element in the interpreter)."""
     slot = tl.arange(0, NP)
-    top_keys = tl.full([NP], ORD_NEG_INF_KEY, tl.int64)
-    for it in range(N_SEL):
-        top = tl.max(key, 0)
-        top_keys = tl.where(slot == it, top, top_keys)
-        key = tl.where(key == top, ORD_NEG_INF_KEY, key)
+    if TOPK:
+        top_keys = tl.where(slot < N_SEL, tl.topk(key, NP), ORD_NEG_INF_KEY)
+    else:
+        top_keys = tl.full([NP], ORD_NEG_INF_KEY, tl.int64)
+        for it in range(N_SEL):
+            top = tl.max(key, 0)
+            top_keys = tl.where(slot == it, top, top_keys)
+            key = tl.where(key == top, ORD_NEG_INF_KEY, key)
     return top_keys
 
 
@@ -255,7 +260,7 @@ def _sel_chunk(PM, PL, TM, PS, CAND, bh, c, t, n_vis, SPLITS, NTILE, NBCAP, NPAR
                SEL_L: tl.constexpr, BLOCK_C: tl.constexpr, SLOT_CMP: tl.constexpr,
                N_SEL: tl.constexpr, NP: tl.constexpr, N_INIT: tl.constexpr,
                N_LOCAL: tl.constexpr, JT: tl.constexpr, KP: tl.constexpr,
-               SPC: tl.constexpr, SUM_SCORES: tl.constexpr):
+               SPC: tl.constexpr, SUM_SCORES: tl.constexpr, TOPK: tl.constexpr):
     g = tl.arange(0, GP)
     gm = g < G
     slot0 = bh * NPART + SLOT_CMP
@@ -323,7 +328,7 @@ def _sel_chunk(PM, PL, TM, PS, CAND, bh, c, t, n_vis, SPLITS, NTILE, NBCAP, NPAR
     bits = prio.to(tl.int32, bitcast=True)
     ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
     key = ordered * 4294967296 + (4294967295 - j.to(tl.int64))
-    top = _top_keys(key, N_SEL, NP)
+    top = _top_keys(key, N_SEL, NP, TOPK)
     tl.store(CAND + bh * KP + c * NP + tl.arange(0, NP), top)
 
 
@@ -333,13 +338,14 @@ def _sel_blocks(q, KS, VS, PM, PL, PO, CNT, CAND, IDX, bh, b, h, u, t, NCH, NPAR
                 G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 D_K: tl.constexpr, D_V: tl.constexpr, SEL_L: tl.constexpr, LP: tl.constexpr,
                 N_SEL: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BPP: tl.constexpr,
-                SLOT_SEL: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr):
+                SLOT_SEL: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr,
+                TOPK: tl.constexpr):
     """Selected blocks u*BPP .. u*BPP + BPP - 1 (ascending block order) into one partial."""
     # the n best of all chunks' candidates, as ascending block indices (unused: BIG)
     kp = tl.arange(0, KP)
     keys = tl.load(CAND + bh * KP + kp, mask=kp < NCH * NP, other=ORD_NEG_INF_KEY,
                    cache_modifier=".cg")
-    top = _top_keys(keys, N_SEL, NP)
+    top = _top_keys(keys, N_SEL, NP, TOPK)
     valid = top >= ORD_NEG_INF_KEY + 4294967296  # a -inf score: no candidate was left
     blocks = tl.sort(tl.where(valid, (4294967295 - (top & 4294967295)).to(tl.int32), BIG), 0)
     slot = tl.arange(0, NP)
@@ -498,7 +504,7 @@ def _dec_p2(
     CMP_D: tl.constexpr, SEL_L: tl.constexpr, BLOCK_C: tl.constexpr,
     SLOT_CMP: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr, N_INIT: tl.constexpr,
     N_LOCAL: tl.constexpr, JT: tl.constexpr, KP: tl.constexpr, SPC: tl.constexpr,
-    PDL: tl.constexpr = False, SUM_SCORES: tl.constexpr = False,
+    PDL: tl.constexpr = False, SUM_SCORES: tl.constexpr = False, TOPK: tl.constexpr = False,
 ):
     if PDL:
         _pdl_enter()
@@ -508,7 +514,7 @@ def _dec_p2(
     n_vis = tl.minimum(tl.maximum(t + 1 - CMP_L + CMP_D, 0) // CMP_D, NCAP)
     _sel_chunk(PM, PL, TM, PS, CAND, bh, c, t, n_vis, SPLITS, NTILE, NBCAP, NPART, NTCAP,
                G, GP, CMP_L, CMP_D, SEL_L, BLOCK_C, SLOT_CMP, N_SEL, NP, N_INIT, N_LOCAL,
-               JT, KP, SPC, SUM_SCORES)
+               JT, KP, SPC, SUM_SCORES, TOPK)
 
 
 @triton.jit(do_not_specialize=["NCH", "NPART"])
@@ -521,7 +527,7 @@ def _dec_p3(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     SEL_L: tl.constexpr, LP: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     KP: tl.constexpr, BPP: tl.constexpr, SLOT_SEL: tl.constexpr, DOT_PREC: tl.constexpr,
-    USE_DESC: tl.constexpr = False, PDL: tl.constexpr = False,
+    USE_DESC: tl.constexpr = False, PDL: tl.constexpr = False, TOPK: tl.constexpr = False,
 ):
     if PDL:
         _pdl_enter()
@@ -534,7 +540,7 @@ def _dec_p3(
     _sel_blocks(q, KS, VS, PM, PL, PO, CNT, CAND, IDX, bh, b, h, u, t, NCH, NPART, scale,
                 stride_ksb, stride_ksn, stride_ksh, stride_vsb, stride_vsn, stride_vsh,
                 G, GP, DK, DV, D_K, D_V, SEL_L, LP, N_SEL, NP, KP, BPP, SLOT_SEL, DOT_PREC,
-                USE_DESC)
+                USE_DESC, TOPK)
 
 
 @triton.jit(do_not_specialize=["SPLITS", "NPART"])

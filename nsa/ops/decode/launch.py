@@ -36,6 +36,10 @@ SPLIT_SCORES = True  # p1's block scores as bf16 hi/mid/lo dots (else one 3xTF32
 # matrix, where the configuration allows (:func:`sum_scores_supported`); None: there
 SUM_SCORES: bool | None = None
 MAX_BLOCKS = 8192  # selection blocks the in-register top-n handles
+# the top-n picks of p2 and p3 by Triton's bitonic top-k (True) or by n serial
+# max-reductions (False); None: top-k on the GPU, the reductions in the CPU interpreter
+# (which runs top-k's network element by element)
+TOPK: bool | None = None
 # programmatic dependent launch of the step's kernels on SM 9.0+ (each may start while the
 # previous one drains; docs/perf-notes.md); None = where the device supports it
 PDL: bool | None = None
@@ -199,6 +203,7 @@ def triton_decode(
     # usable, it takes the 3xTF32 path); integer overlaps up to 256 are exact in bf16
     split_scores = SPLIT_SCORES and q.is_cuda and cfg.l <= 256
     sum_scores = SUM_SCORES is not False and sum_scores_supported(cfg)
+    topk = TOPK if TOPK is not None else not interpreting()
     gates = [g if g is not None else q for g in (g_cmp, g_sel, g_win)]  # unused if None
     stride_gb = next(g for g in (g_cmp, g_sel, g_win) if g is not None).stride(0)
     common = dict(H=H, G=G)
@@ -240,14 +245,14 @@ def triton_decode(
             cache.lengths, ws["pm"], ws["pl"], ws["tm"], ws["ps"], ws["cand"], ncap, splits,
             ntile, ws["nbcap"], npart, ws["ntcap"], **common, GP=GP, **blocks,
             SLOT_CMP=slots["SLOT_CMP"], N_SEL=cfg.n, **pick, SPC=SPC, SUM_SCORES=sum_scores,
-            num_warps=WARPS["p2"],
+            TOPK=topk, num_warps=WARPS["p2"],
             **chain,
         )
         _dec_p3[(B * H, n_sp)](
             q, ks, vs, cache.lengths, *part, ws["cand"], ws["idx"], *qs, *kss, nch, npart,
             scale, **common, **shape, SEL_L=cfg.l_sel, LP=LP, N_SEL=cfg.n, NP=NP,
             KP=ws["kp"], BPP=bpp, SLOT_SEL=n_wt_slots, DOT_PREC=prec, USE_DESC=desc,
-            num_warps=WARPS["p3"], **chain,
+            TOPK=topk, num_warps=WARPS["p3"], **chain,
         )
     _dec_p4[(B * HQ,)](
         *part, *gates, out, ws["reads"], cache.reads_total, out.stride(0), out.stride(1),
