@@ -263,26 +263,10 @@ def _sel_chunk(PM, PL, TM, PS, CAND, bh, c, t, n_vis, SPLITS, NTILE, NBCAP, NPAR
                SPC: tl.constexpr, SUM_SCORES: tl.constexpr, TOPK: tl.constexpr):
     g = tl.arange(0, GP)
     gm = g < G
-    slot0 = bh * NPART + SLOT_CMP
-    # log-sum-exp per head over the compressed splits (online over chunks of SPC splits)
-    mx = tl.full([GP], NEG_INF, tl.float32)
-    ls = tl.zeros([GP], tl.float32)
-    for c0 in range(0, SPLITS, SPC):
-        s = c0 + tl.arange(0, SPC)
-        r = (slot0 + s)[:, None] * G + g[None, :]
-        okc = (s[:, None] < SPLITS) & gm[None, :]
-        m_s = tl.load(PM + r, mask=okc, other=NEG_INF, cache_modifier=".cg")
-        l_s = tl.load(PL + r, mask=okc, other=0.0, cache_modifier=".cg")
-        new = tl.maximum(mx, tl.max(m_s, 0))
-        new_safe = tl.where(new > NEG_INF, new, 0.0)
-        a = tl.where(m_s > NEG_INF, tl.exp(m_s - new_safe[None, :]), 0.0)
-        ls = ls * tl.where(mx > NEG_INF, tl.exp(mx - new_safe), 0.0) + tl.sum(a * l_s, 0)
-        mx = new
-    mx_safe = tl.where(mx > NEG_INF, mx, 0.0)
-    inv_l = tl.where(ls > 0, 1.0 / tl.where(ls > 0, ls, 1.0), 0.0)
     # group block scores of blocks c*JT ..: a block gets the partials of the (at most two)
     # tiles holding compressed tokens that overlap it (layer = tile parity), each turned
-    # into probabilities by exp(m_tile - M) / L
+    # into probabilities by exp(m_tile - M) / L; loaded before the log-sum-exp pass below,
+    # so their loads do not wait for its loop
     LB: tl.constexpr = SEL_L // CMP_D
     LC: tl.constexpr = CMP_L // CMP_D
     nb = t // SEL_L + 1
@@ -316,6 +300,23 @@ def _sel_chunk(PM, PL, TM, PS, CAND, bh, c, t, n_vis, SPLITS, NTILE, NBCAP, NPAR
                  cache_modifier=".cg")
     mb = tl.load(TM + (bh * NTCAP + s_b[None, :]) * G + g[:, None], mask=two, other=NEG_INF,
                  cache_modifier=".cg")
+    slot0 = bh * NPART + SLOT_CMP
+    # log-sum-exp per head over the compressed splits (online over chunks of SPC splits)
+    mx = tl.full([GP], NEG_INF, tl.float32)
+    ls = tl.zeros([GP], tl.float32)
+    for c0 in range(0, SPLITS, SPC):
+        s = c0 + tl.arange(0, SPC)
+        r = (slot0 + s)[:, None] * G + g[None, :]
+        okc = (s[:, None] < SPLITS) & gm[None, :]
+        m_s = tl.load(PM + r, mask=okc, other=NEG_INF, cache_modifier=".cg")
+        l_s = tl.load(PL + r, mask=okc, other=0.0, cache_modifier=".cg")
+        new = tl.maximum(mx, tl.max(m_s, 0))
+        new_safe = tl.where(new > NEG_INF, new, 0.0)
+        a = tl.where(m_s > NEG_INF, tl.exp(m_s - new_safe[None, :]), 0.0)
+        ls = ls * tl.where(mx > NEG_INF, tl.exp(mx - new_safe), 0.0) + tl.sum(a * l_s, 0)
+        mx = new
+    mx_safe = tl.where(mx > NEG_INF, mx, 0.0)
+    inv_l = tl.where(ls > 0, 1.0 / tl.where(ls > 0, ls, 1.0), 0.0)
     fa = tl.where(ma > NEG_INF, tl.exp(ma - mx_safe[:, None]), 0.0)
     fb = tl.where(mb > NEG_INF, tl.exp(mb - mx_safe[:, None]), 0.0)
     score = tl.sum((fa * pa + fb * pb) * inv_l[:, None], 0)
