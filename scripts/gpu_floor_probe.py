@@ -50,22 +50,6 @@ def _nop_kernel(OUT, PDL: tl.constexpr):
         tl.store(OUT, 0.0)
 
 
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def graph_ms(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench(g.replay)
-
-
 READ_CONFIGS = [(per_sm, block, warps) for per_sm in (1, 2, 4, 8, 16)
                 for block, warps in ((2048, 4), (2048, 8), (8192, 8))]
 
@@ -88,6 +72,8 @@ def best_read(nbytes: int, iters: int, sms: int, timer) -> tuple[float, str]:
 
 def main() -> None:
     import torch.nn.functional as F
+    from gpu_check_forward import bench  # scripts/ is sys.path[0] when run as a script
+    from gpu_check_forward import graph_bench as graph_ms
 
     from nsa.backends import triton_has_pdl
 

@@ -105,17 +105,25 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=60))
     if args.cprofile:
-        import cProfile
-        import pstats
+        cprofile_tables(call, 50, args.rows)
 
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(50):
-            call()
-        pr.disable()
-        torch.cuda.synchronize()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(args.rows)
-        pstats.Stats(pr).sort_stats("cumulative").print_stats(args.rows)
+
+def cprofile_tables(call, n: int, rows: int) -> None:
+    """cProfile's tables (internal, then cumulative time; ``rows`` lines each) of n
+    queued calls of ``call``."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        call()
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(rows)
+    pstats.Stats(pr).sort_stats("cumulative").print_stats(rows)
 
 
 if __name__ == "__main__":

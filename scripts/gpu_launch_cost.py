@@ -148,17 +148,9 @@ def main() -> None:
         call()
         walls.append(1e6 * (time.perf_counter() - t0))
     if args.cprofile:
-        import cProfile
-        import pstats
+        from gpu_host_profile import cprofile_tables  # scripts/ is sys.path[0]
 
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(20):
-            call()
-        pr.disable()
-        torch.cuda.synchronize()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(args.cprofile)
-        pstats.Stats(pr).sort_stats("cumulative").print_stats(args.cprofile)
+        cprofile_tables(call, 20, args.cprofile)
     recs = record(call)
     torch.cuda.synchronize()
     print(f"GPU: {torch.cuda.get_device_name()}; {args.scenario}: {len(recs)} launches per call, "
