@@ -116,14 +116,19 @@ def test_decode_kernel_block_scores_by_overlap_dot(monkeypatch):
     assert run_steps(cfg, [21, 300], 2, torch.float32, 6) < 1e-5
 
 
-@pytest.mark.parametrize("lens", [[21, 300], [2100, 45]])
-def test_decode_top_n_by_bitonic_top_k(monkeypatch, lens):
+@pytest.mark.parametrize("lens,chunk", [([21, 300], None), ([2100, 45], None),
+                                        ([300, 45], 4)])
+def test_decode_top_n_by_bitonic_top_k(monkeypatch, lens, chunk):
     """p2's and p3's picks by Triton's top-k network (the GPU default; the interpreter
-    takes the serial reductions): the reference's blocks, with n = 6 below the 16-slot
-    pick buffer, and (2100 tokens: 132 blocks of 16) over two chunks of candidates."""
+    takes the serial reductions): the reference's blocks, with n = 6 below the 8-slot
+    pick buffer, and (2100 tokens: 132 blocks of 16) over two chunks of candidates. With
+    chunks of 4 blocks, fewer than the 8 pick slots (as chunks of 128 blocks are for
+    n > 128), p2 cannot take the network and picks by the reductions."""
     from nsa.ops.decode import launch
 
     monkeypatch.setattr(launch, "TOPK", True)
+    if chunk:
+        monkeypatch.setattr(launch, "_chunk_blocks", lambda nbcap: chunk)
     cfg = NSAConfig(l=8, d=4, l_sel=16, n=6, w=20, n_heads=4, n_kv_heads=2, d_k=16, d_v=16)
     assert run_steps(cfg, lens, 1, torch.float32, 4) < 1e-5
 
