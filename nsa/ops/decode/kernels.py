@@ -116,9 +116,10 @@ def _top_keys(key, N_SEL: tl.constexpr, NP: tl.constexpr, TOPK: tl.constexpr = F
     """The N_SEL largest packed keys, descending, in [NP] (the floor key where none is
     left). Keys are unique (they carry the block index), so one knock-out per pick; or,
     with TOPK, Triton's bitonic top-k (the same keys in the same order: a fixed network
-    instead of N_SEL serial max-reductions, but element by element in the interpreter)."""
+    instead of N_SEL serial max-reductions, but element by element in the interpreter),
+    where ``key`` holds at least NP keys (the network returns NP of them)."""
     slot = tl.arange(0, NP)
-    if TOPK:
+    if TOPK and NP <= key.shape[0]:
         top_keys = tl.where(slot < N_SEL, tl.topk(key, NP), ORD_NEG_INF_KEY)
     else:
         top_keys = tl.full([NP], ORD_NEG_INF_KEY, tl.int64)

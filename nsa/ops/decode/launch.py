@@ -203,8 +203,6 @@ def triton_decode(
     # usable, it takes the 3xTF32 path); integer overlaps up to 256 are exact in bf16
     split_scores = SPLIT_SCORES and q.is_cuda and cfg.l <= 256
     sum_scores = SUM_SCORES is not False and sum_scores_supported(cfg)
-    # (p2's top-k network needs its chunk of JT blocks to hold NP keys: n > 128 picks
-    # from a chunk by the reductions)
     topk = TOPK if TOPK is not None else not interpreting()
     gates = [g if g is not None else q for g in (g_cmp, g_sel, g_win)]  # unused if None
     stride_gb = next(g for g in (g_cmp, g_sel, g_win) if g is not None).stride(0)
@@ -247,7 +245,7 @@ def triton_decode(
             cache.lengths, ws["pm"], ws["pl"], ws["tm"], ws["ps"], ws["cand"], ncap, splits,
             ntile, ws["nbcap"], npart, ws["ntcap"], **common, GP=GP, **blocks,
             SLOT_CMP=slots["SLOT_CMP"], N_SEL=cfg.n, **pick, SPC=SPC, SUM_SCORES=sum_scores,
-            TOPK=topk and NP <= ws["jt"], num_warps=WARPS["p2"],
+            TOPK=topk, num_warps=WARPS["p2"],
             **chain,
         )
         _dec_p3[(B * H, n_sp)](
