@@ -356,12 +356,13 @@ def compile_only() -> None:
             print(f"sel blocks G={G:2d} d={d} w4 s3: " + one(
                 _sel_fwd_blocks_kernel, {**bf, "KEYS": "*i32", "OFF": "*i32", "PO": "*bf16",
                                          "PL": "*fp32"}, c, 4, 3))
-            c = dict(G=G, GP2=G2, PP=max(1, 64 // G2), DV=D, D_V=d, N_SEL=16,
+            mrows = 128 if D <= 128 else 64  # the launcher's merge tile
+            c = dict(G=G, GP2=G2, PP=max(1, mrows // G2), DV=D, D_V=d, N_SEL=16, NJ=16,
                      WRITE_OUT=True, WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True,
                      STORE_LSE=True)
-            print(f"sel merge  G={G:2d} d={d} w4: " + one(
+            print(f"sel merge  G={G:2d} d={d} w4 s2: " + one(
                 _sel_merge_kernel, {**bf, "PO": "*bf16", "PL": "*fp32", "IDX": "*i32",
-                                    "LSE": "*fp32"}, c, 4, 1))
+                                    "LSE": "*fp32"}, c, 4, 2))
     c = dict(CMP_L=32, CMP_D=16, L_SEL=64, SEL_B=4, SEL_A=2, N_SEL=16, N_INIT=1, N_LOCAL=2,
              K_FREE=13, P=16, NOUT=16, ROWS=16, CH=128)
     print("topn n=16: " + one(_topn_kernel, {"SCORES": "*fp32", "IDX": "*i32"}, c, 4, 1))

@@ -580,13 +580,16 @@ def _sel_merge_kernel(
     stride_lb, stride_lh,
     T,
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, DV: tl.constexpr,
-    D_V: tl.constexpr, N_SEL: tl.constexpr,
+    D_V: tl.constexpr, N_SEL: tl.constexpr, NJ: tl.constexpr,
     WRITE_OUT: tl.constexpr, WRITE_BRANCH: tl.constexpr,
     HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """O_sel of every row from its n block partials (slots whose index is -1 are never
-    read): log-sum-exp weighted sum in slot order, then the same stores as the
-    group-centric kernel (:func:`_sel_epilogue`)."""
+    read): every slot's log-sum-exp first, each partial's weight against the row's
+    largest, then the weighted sum in slot order (no rescaling inside the loop, so its
+    partial loads pipeline; a slot of weight 0 is not read), then the same stores as the
+    group-centric kernel (:func:`_sel_epilogue`). NJ = N_SEL rounded up to a power of
+    two."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -599,21 +602,23 @@ def _sel_merge_kernel(
     i_row = IDX + b * stride_ib + t64 * stride_it + h * stride_ih
     po_row = PO + b * stride_pb + t64 * stride_pt + h * stride_ph + g_loc * stride_pg
     pl_row = PL + b * stride_xb + t64 * stride_xt + h * stride_xh + g_loc
-    m_i = tl.full([PP * GP2], float("-inf"), tl.float32)
-    l_i = tl.zeros([PP * GP2], tl.float32)
+    # every slot's index and log-sum-exp first, the weights against the row's maximum,
+    # then the partials: the loop carries no rescale, so its loads pipeline
+    offs_j = tl.arange(0, NJ)
+    j_ok = row_ok[:, None] & (offs_j[None, :] < N_SEL)
+    live_j = j_ok & (tl.load(i_row[:, None] + offs_j[None, :], mask=j_ok, other=-1) >= 0)
+    l_all = tl.load(pl_row[:, None] + offs_j[None, :] * stride_xj, mask=live_j,
+                    other=float("-inf"))
+    m_i = tl.max(l_all, 1)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    w_all = tl.math.exp2(l_all - m_safe[:, None])
+    l_i = tl.sum(w_all, 1)
     acc = tl.zeros([PP * GP2, DV], tl.float32)
     for j in range(N_SEL):
-        live = row_ok & (tl.load(i_row + j, mask=row_ok, other=-1) >= 0)
-        lj = tl.load(pl_row + j * stride_xj, mask=live, other=float("-inf"))
+        w = tl.sum(tl.where(offs_j[None, :] == j, w_all, 0.0), 1)
         oj = tl.load(po_row[:, None] + j * stride_pj + offs_dv[None, :],
-                     mask=live[:, None] & dv_ok, other=0.0).to(tl.float32)
-        m_new = tl.maximum(m_i, lj)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        w = tl.math.exp2(lj - m_safe)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + oj * w[:, None]
-        m_i = m_new
+                     mask=(w > 0)[:, None] & dv_ok, other=0.0).to(tl.float32)
+        acc += oj * w[:, None]
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
     _sel_epilogue(

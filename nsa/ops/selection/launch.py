@@ -396,15 +396,19 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
 
     ptrs, strides, flags = _epilogue_args(q, out, o_branch, o_cmp, o_win, g_sel, g_cmp, g_win,
                                           lse)
-    # H200, 16k, graph replays of the whole forward: G = 2 1.233 ms with 64 rows on 1
-    # stage, 1.096 with 128 rows on 2 (G = 1 0.706 / 0.699; 64k G = 1 4.108 / 4.075)
-    rows, m_stages = MERGE_TILE or (((128, 2) if GP2 <= 2 else (64, 1)) if on_gpu
-                                    else (16, 1))
+    # 128 rows on 2 stages. H200, selected forward + combine, ms at 16k / 64k, the merge
+    # with its slot weights first (scripts/gpu_block_tune.py): G = 4 1.247 / 4.895 (64
+    # rows on 1 stage 1.368 / 5.388; one online log-sum-exp step per slot, the merge
+    # before, 1.514 / 5.961 on 64 x 1, 1.258 / 4.941 on 128 x 2), G = 8 2.368 / 9.387
+    # (online 64 x 1 2.469 / 10.568), G = 1 0.410 / 1.526 (online 128 x 2 0.406 / 1.541)
+    # Past 128 value columns 64 rows: 128 spill ~3.5 KB per thread (sm_90 compile).
+    rows, m_stages = MERGE_TILE or (((128 if DV <= 128 else 64), 2) if on_gpu else (16, 1))
     pp = max(1, rows // GP2)
     _sel_merge_kernel[(cdiv(T, pp), H, B)](
         po, pl, block_indices, *ptrs,
         *po.stride()[:5], *pl.stride()[:4], *_t3(block_indices), *strides,
-        T, G=G, GP2=GP2, PP=pp, DV=DV, D_V=d_v, N_SEL=n, num_warps=4, num_stages=m_stages,
+        T, G=G, GP2=GP2, PP=pp, DV=DV, D_V=d_v, N_SEL=n, NJ=next_pow2(n),
+        num_warps=4, num_stages=m_stages,
         **flags,
     )
 

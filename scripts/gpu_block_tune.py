@@ -1,0 +1,137 @@
+"""Block-centric selected attention (G <= 8 on the GPU): its merge and its block kernel.
+
+    python scripts/gpu_block_tune.py                      # T = 16k, 64k; G = 1, 4, 8
+    python scripts/gpu_block_tune.py --Ts 16384 --groups 4
+    python scripts/gpu_block_tune.py --smoke              # CPU interpreter, tiny shapes
+
+Paper shape but for the group size (H=4, HQ=4*G, d=128, bf16, l=32, d=16, l'=64, n=16,
+w=512), block indices from the kernels' own selection on random inputs. For each (T, G)
+it prints the per-kernel GPU time of the default path (torch.profiler), then the median
+time (triton.testing.do_bench) of the selected forward with the gate combine
+(``sel_forward(mode="block")``: index, block kernel, merge) for merge tiles (rows and
+pipeline stages per program) and block-kernel variants (rows, warps, stages), each with
+its relative difference from the default's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from script_modules import load_script  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--Ts", default="16384,65536")
+    ap.add_argument("--groups", default="1,4,8")
+    ap.add_argument("--merge-only", action="store_true",
+                    help="time the merge tiles only, not the block-kernel variants")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU interpreter, tiny shapes (numbers meaningless)")
+    args = ap.parse_args()
+    cf = load_script("gpu_check_forward")
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        cf.DEVICE = "cpu"
+    import torch
+
+    import nsa.ops.selection.launch as SL
+    from nsa import NSAConfig
+    from nsa.ops.compression import cmp_forward
+    from nsa.ops.selection import sel_forward, select_topn
+    from nsa.ops.window import win_forward
+
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
+    H, d = 4, 128
+    Ts = [int(x) for x in args.Ts.split(",")]
+    groups = [int(x) for x in args.groups.split(",")]
+    if args.smoke:
+        cfg = NSAConfig(l=32, d=16, l_sel=64, n=4, n_initial=1, n_local=2, w=64)
+        Ts, H, d, groups = [300], 1, 32, [1, 3]
+    cuda = cf.DEVICE == "cuda"
+    gpu = torch.cuda.get_device_name() if cuda else "cpu (smoke)"
+    print(f"GPU: {gpu}; torch {torch.__version__}", flush=True)
+    merges = {"64x1": (64, 1), "64x2": (64, 2), "128x2": (128, 2), "32x2": (32, 2),
+              "128x3": (128, 3)}
+    blocks = {"rows 64 w4 s3": (64, 4, 3), "rows 64 w8 s3": (64, 8, 3),
+              "rows 32 w4 s3": (32, 4, 3), "rows 64 w4 s2": (64, 4, 2),
+              "rows 128 w8 s2": (128, 8, 2)}
+    if args.merge_only:
+        blocks = {}
+    if args.smoke:
+        merges = {"16x1": (16, 1), "32x2": (32, 2)}
+        blocks = {"rows 16 w4 s1": (16, 4, 1)}
+    def run_case(T: int, G: int) -> dict:
+        HQ = H * G
+        dtype = torch.bfloat16 if cuda else torch.float32
+        inp = cf.make(T, HQ, H, d, d, cfg, dtype)
+        scale = d ** -0.5
+        q, kc, vc = inp["q"], inp["k_cmp"], inp["v_cmp"]
+        o_cmp, scores = cmp_forward(q, kc, vc, cfg, scale)
+        idx = select_topn(scores, T, kc.shape[1], cfg)
+        o_win = win_forward(q, inp["k_win"], inp["v_win"], cfg.w, scale)
+        del scores
+
+        def sel(**kw):
+            return sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale,
+                               g_sel=inp["g_sel"], o_cmp=o_cmp, g_cmp=inp["g_cmp"],
+                               o_win=o_win, g_win=inp["g_win"], mode="block", **kw)[1]
+
+        ref = sel().float()
+        row = {"T": T, "G": G}
+        if cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            sel()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    sel()
+                torch.cuda.synchronize()
+            per = defaultdict(float)
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    per[ev.name] += ev.device_time / 3e3
+            row["kernels"] = {k: v for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+        for name, tile in merges.items():
+            SL.MERGE_TILE = tile
+            out = sel().float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            row["merge " + name] = (cf.bench(sel), err)
+        SL.MERGE_TILE = None
+        for name, (bm, w, st) in blocks.items():
+            kw = dict(block_rows=bm, num_warps=w, num_stages=st)
+            out = sel(**kw).float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            row["block " + name] = (cf.bench(lambda kw=kw: sel(**kw)), err)
+        return row
+
+    rows = []
+    for T in Ts:
+        for G in groups:
+            row = run_case(T, G)
+            rows.append(row)
+            print(f"T={T} G={G}: kernels " + ", ".join(
+                f"{k} {v:.3f}" for k, v in row.get("kernels", {}).items()), flush=True)
+            print("   " + "; ".join(f"{k}={v[0]:.3f}ms (rel {v[1]:.1e})"
+                                    for k, v in row.items() if isinstance(v, tuple)),
+                  flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
+    names = [k for k in rows[0] if isinstance(rows[0][k], tuple)]
+    print(f"\n## Block path: selected forward + combine ({gpu}, bf16, H={H}, d={d}, "
+          f"n={cfg.n}; median ms; defaults: merge 128x2, block rows 64 w4 s3)")
+    print("| variant | " + " | ".join(f"T={r['T']} G={r['G']}" for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for k in names:
+        print(f"| {k} | " + " | ".join(f"{r[k][0]:.3f}" for r in rows) + " |")
+
+
+if __name__ == "__main__":
+    main()
