@@ -89,9 +89,20 @@ def _routing(q: Tensor, d_k: int, d_v: int, G: int) -> tuple[tuple[str, ...], bo
     on Triton; e.g. SM 8.9 sends it to the reference) for q's device and dtype. Both
     depend only on these sizes, the device and the routing flags, so they are computed
     once per combination: every call used to spend ~0.1 ms of host time here."""
+    return _routing_now(q.device, q.dtype, d_k, d_v, G)
+
+
+@torch.compiler.assume_constant_result
+def _routing_now(device: torch.device, dtype: torch.dtype, d_k: int, d_v: int,
+                 G: int) -> tuple[tuple[str, ...], bool]:
+    """:func:`_routing_for` with the routing flags read now. Under torch.compile the
+    answer is a constant of the traced graph, computed when it is traced: Dynamo would
+    otherwise trace into the capability checks, whose module lookups (importlib) it
+    refuses under fullgraph=True, and it cannot pass the flags object through to a
+    constant function unchanged."""
     from nsa.policy import read_flags
 
-    return _routing_for(q.device, q.dtype, d_k, d_v, G, read_flags())
+    return _routing_for(device, dtype, d_k, d_v, G, read_flags())
 
 
 @functools.lru_cache(maxsize=256)

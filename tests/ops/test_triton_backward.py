@@ -588,3 +588,33 @@ def test_module_parameter_grads_match_the_reference_module():
         errs[name] = rel(gt, gr)
     bad = {k: f"{e:.2e}" for k, e in errs.items() if not e < 1e-4}
     assert not bad, bad
+
+
+def test_compile_fullgraph_takes_the_routing_as_a_constant(monkeypatch):
+    """torch.compile(fullgraph=True) of a model on the Triton backend: Dynamo must not
+    trace into the routing checks (capability, installed modules, policy), whose module
+    lookups it refuses under fullgraph (seen with torch 2.11 on the GPU); the answer is
+    computed once, eagerly, as a constant of the graph. Compiled and eager forwards
+    agree."""
+    import nsa.ops.triton_backend as TB
+    from nsa.model import TinyLM
+
+    real = TB._routing_for
+
+    def untraced(*args):
+        # a no-op when run as Python; a graph break, so an error under fullgraph=True,
+        # where Dynamo traces it
+        torch._dynamo.graph_break()
+        return real(*args)
+
+    monkeypatch.setattr(TB, "_routing_for", untraced)
+    cfg = NSAConfig(l=8, d=4, l_sel=16, n=3, w=20, hidden_size=64, n_heads=4, n_kv_heads=2,
+                    d_k=16, d_v=16)
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    m = TinyLM(cfg, n_layers=1, backend="triton")
+    tok = torch.randint(0, 256, (2, 41))
+    eager = m(tok)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")(tok)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
