@@ -9,8 +9,9 @@ w=512), block indices from the kernels' own selection on random inputs. For each
 it prints the per-kernel GPU time of the default path (torch.profiler), then the median
 time (triton.testing.do_bench) of the selected forward with the gate combine
 (``sel_forward(mode="block")``: index, block kernel, merge) for merge tiles (rows and
-pipeline stages per program) and block-kernel variants (rows, warps, stages), each with
-its relative difference from the default's output.
+pipeline stages per program) and block-kernel variants (rows, warps, stages, and whether
+the next step's query rows are gathered during this step), each with its relative
+difference from the default's output.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--groups", default="1,4,8")
     ap.add_argument("--merge-only", action="store_true",
                     help="time the merge tiles only, not the block-kernel variants")
+    ap.add_argument("--prefetch-only", action="store_true",
+                    help="only the block kernel with and without its query-row prefetch")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU interpreter, tiny shapes (numbers meaningless)")
     args = ap.parse_args()
@@ -59,14 +62,17 @@ def main() -> None:
     print(f"GPU: {gpu}; torch {torch.__version__}", flush=True)
     merges = {"64x1": (64, 1), "64x2": (64, 2), "128x2": (128, 2), "32x2": (32, 2),
               "128x3": (128, 3)}
-    blocks = {"rows 64 w4 s3": (64, 4, 3), "rows 64 w8 s3": (64, 8, 3),
-              "rows 32 w4 s3": (32, 4, 3), "rows 64 w4 s2": (64, 4, 2),
-              "rows 128 w8 s2": (128, 8, 2)}
+    blocks = {"rows 64 w4 s3": (64, 4, 3, False), "rows 64 w4 s3 prefetch": (64, 4, 3, True),
+              "rows 64 w8 s3": (64, 8, 3, False), "rows 32 w4 s3": (32, 4, 3, False),
+              "rows 64 w4 s2": (64, 4, 2, False), "rows 128 w8 s2": (128, 8, 2, False)}
     if args.merge_only:
         blocks = {}
+    if args.prefetch_only:
+        merges = {}
+        blocks = {k: v for k, v in blocks.items() if k.startswith("rows 64 w4 s3")}
     if args.smoke:
         merges = {"16x1": (16, 1), "32x2": (32, 2)}
-        blocks = {"rows 16 w4 s1": (16, 4, 1)}
+        blocks = {"rows 16 w4 s1": (16, 4, 1, False), "rows 16 w4 s1 prefetch": (16, 4, 1, True)}
     def run_case(T: int, G: int) -> dict:
         HQ = H * G
         dtype = torch.bfloat16 if cuda else torch.float32
@@ -105,11 +111,13 @@ def main() -> None:
             err = ((out - ref).norm() / ref.norm()).item()
             row["merge " + name] = (cf.bench(sel), err)
         SL.MERGE_TILE = None
-        for name, (bm, w, st) in blocks.items():
+        for name, (bm, w, st, pf) in blocks.items():
+            SL.BLOCK_PREFETCH = pf  # True / False force it
             kw = dict(block_rows=bm, num_warps=w, num_stages=st)
             out = sel(**kw).float()
             err = ((out - ref).norm() / ref.norm()).item()
             row["block " + name] = (cf.bench(lambda kw=kw: sel(**kw)), err)
+        SL.BLOCK_PREFETCH = False  # the default
         return row
 
     rows = []
@@ -126,7 +134,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     names = [k for k in rows[0] if isinstance(rows[0][k], tuple)]
     print(f"\n## Block path: selected forward + combine ({gpu}, bf16, H={H}, d={d}, "
-          f"n={cfg.n}; median ms; defaults: merge 128x2, block rows 64 w4 s3)")
+          f"n={cfg.n}; median ms; defaults: merge 128x2, block rows 64 w4 s3 without prefetch)")
     print("| variant | " + " | ".join(f"T={r['T']} G={r['G']}" for r in rows) + " |")
     print("|---|" + "---|" * len(rows))
     for k in names:

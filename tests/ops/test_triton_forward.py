@@ -315,7 +315,8 @@ def test_sel_block_path_against_reference(blocks, B, G, H, T, dk, dv, dtype, seg
     """Block-centric selected attention against float64, and its log-sum-exps against the
     group-centric kernel's; the partial buffers start as NaN, so a slot the merge reads
     without a kernel writing it (an unused -1 slot) shows. The index comes from the
-    counting sort or from torch.sort (``counting``)."""
+    counting sort or from torch.sort (``counting``). The block kernel runs with and
+    without gathering the next step's query rows ahead (same outputs, bit for bit)."""
     import nsa.ops.selection.launch as SL
 
     monkeypatch.setattr(SL, "PARTIAL_FILL", float("nan"))
@@ -334,16 +335,19 @@ def test_sel_block_path_against_reference(blocks, B, G, H, T, dk, dv, dtype, seg
     want, _ = R.sel_attention(R._to_groups(q.double(), H), k.double(), v.double(), idx, pos,
                               cfg, scale)
     idx32 = idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
-    lses = []
-    for mode in ("block", "group"):
+    lses, outs = [], []
+    for mode, prefetch in (("block", True), ("block", False), ("group", None)):
+        monkeypatch.setattr(SL, "BLOCK_PREFETCH", prefetch)
         o, lse = nan_like((B, T, HQ, dv), dtype), nan_like((B, HQ, T), torch.float32)
         sel_forward(q, k, v, idx32, cfg, scale, o_branch=o, lse=lse, mode=mode, seg_len=seg)
-        assert rel(o, R._from_groups(want)) < TOL[dtype], mode
-        if mode == "block":
+        assert rel(o, R._from_groups(want)) < TOL[dtype], (mode, prefetch)
+        if mode == "block" and prefetch:
             assert len(sorts) == (0 if counting else 1)
         lses.append(lse)
+        outs.append(o)
     assert torch.isfinite(lses[0]).all()
-    assert (lses[0] - lses[1]).abs().max() < 1e-4
+    assert torch.equal(outs[0], outs[1]) and torch.equal(lses[0], lses[1])
+    assert (lses[0] - lses[2]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("counting", [True, False])

@@ -485,7 +485,7 @@ def _sel_fwd_blocks_kernel(
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, SEG: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Block-centric selected attention over the selection's entries sorted by block
     (``KEYS`` = block * E + t * n + j, ``OFF`` = each block's first entry; see
@@ -524,15 +524,38 @@ def _sel_fwd_blocks_kernel(
             v = tl.load(v_base + (offs_n * stride_vt)[:, None] + offs_dv[None, :],
                         mask=key_ok[:, None] & dv_ok, other=0.0)
         key0 = blk.to(tl.int64) * E
+        if PREFETCH:
+            # the first step's rows, and the second step's keys
+            ok_c = (g_loc < G) & (cur + p_loc < end)
+            key_c = tl.load(e_base + cur + p_loc, mask=ok_c, other=0)
+            ent_c = tl.where(ok_c, key_c.to(tl.int64) - key0, 0).to(tl.int32)
+            q_c = tl.load(q_base + ((ent_c // N_SEL) * stride_qt + hq * stride_qh)[:, None]
+                          + offs_dk[None, :], mask=ok_c[:, None] & dk_ok, other=0.0)
+            ok_n = (g_loc < G) & (cur + PP + p_loc < end)
+            key_n = tl.load(e_base + cur + PP + p_loc, mask=ok_n, other=0)
         for p0 in range(cur, end, PP):
-            e = p0 + p_loc
-            row_ok = (g_loc < G) & (e < end)
-            key = tl.load(e_base + e, mask=row_ok, other=0)
-            ent = tl.where(row_ok, key.to(tl.int64) - key0, 0).to(tl.int32)
+            if PREFETCH:
+                # this step's rows were loaded a step ago; issue the next step's query rows
+                # (their keys arrived a step ago) and the keys of the step after it, so the
+                # gathers' latency overlaps this step's dots
+                row_ok = ok_c
+                ent = ent_c
+                q = q_c
+                ok_c = ok_n
+                ent_c = tl.where(ok_n, key_n.to(tl.int64) - key0, 0).to(tl.int32)
+                q_c = tl.load(q_base + ((ent_c // N_SEL) * stride_qt + hq * stride_qh)[:, None]
+                              + offs_dk[None, :], mask=ok_n[:, None] & dk_ok, other=0.0)
+                ok_n = (g_loc < G) & (p0 + 2 * PP + p_loc < end)
+                key_n = tl.load(e_base + p0 + 2 * PP + p_loc, mask=ok_n, other=0)
+            else:
+                e = p0 + p_loc
+                row_ok = (g_loc < G) & (e < end)
+                key = tl.load(e_base + e, mask=row_ok, other=0)
+                ent = tl.where(row_ok, key.to(tl.int64) - key0, 0).to(tl.int32)
+                q = tl.load(q_base + ((ent // N_SEL) * stride_qt + hq * stride_qh)[:, None]
+                            + offs_dk[None, :], mask=row_ok[:, None] & dk_ok, other=0.0)
             t = ent // N_SEL  # the query position and its slot j
             j = ent % N_SEL
-            q = tl.load(q_base + (t * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :],
-                        mask=row_ok[:, None] & dk_ok, other=0.0)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, DV], tl.float32)

@@ -38,6 +38,12 @@ from nsa.policy import SEL_BLOCK_MAX_G, SEL_BLOCK_MAX_PARTIAL_BYTES, SEL_MODES, 
 SEL_MODE: str | None = None
 # the block path's merge tile, (rows, pipeline stages); None: the defaults (tuning)
 MERGE_TILE: tuple[int, int] | None = None
+# the block kernel gathers the next step's query rows during this step's dots: True /
+# False force it; None: the measured rule (at head dims <= 128, except where the group
+# rounds up to 2 heads). Off by default until the GPU tests have run with it (its timing
+# run below did not check outputs; the CPU tests check it bit for bit against the plain
+# gather)
+BLOCK_PREFETCH: bool | None = False
 # tests: fill the counting sort's table with this value before its kernels run
 INDEX_TABLE_FILL: int | None = None
 # tests: fill the partial buffers with this value before the kernels run (None: no fill)
@@ -373,6 +379,13 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
     # on 2 stages 1.95 / 3.46 / 6.10 / 12.1, on 3 stages 2.39 / 4.23 / 7.70 / 14.8 (spills)
     bm = block_rows or (64 if on_gpu else 16)
     bn = min(max(16, next_pow2(cfg.l_sel)), 64)
+    # H200, selected forward + combine at 16k / 64k, ms, with / without the prefetch (two
+    # runs, within 0.5%): G = 1 0.395 / 0.405, 1.472 / 1.541; G = 2 0.690 / 0.679, 2.698 /
+    # 2.643-2.653; G = 4 1.248 / 1.234, 4.757-4.784 / 4.871-4.889; G = 8 2.324 / 2.356,
+    # 9.067-9.110 / 9.303-9.350 (scripts/gpu_block_tune.py --prefetch-only)
+    # (measured at d = 128; past 128 head columns its sm_90 compile spills 840 bytes
+    # against 320, so those keep the plain gather)
+    prefetch = BLOCK_PREFETCH if BLOCK_PREFETCH is not None else GP2 != 2 and DK <= 128
     warps = num_warps or 4
     stages = num_stages or (3 if on_gpu else 1)
     prec = dot_precision(q.dtype, q.device)
@@ -388,7 +401,7 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
             *po.stride()[:5], *pl.stride()[:4],
             T, nb, T * n, scale * LOG2E,
             G=G, GP2=GP2, PP=max(1, bm_ // GP2), SEG=seg, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
-            L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=n, DOT_PREC=prec,
+            L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=n, DOT_PREC=prec, PREFETCH=prefetch,
             num_warps=warps, num_stages=st,
         )
 
