@@ -16,10 +16,8 @@ difference from the default's output.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections import defaultdict
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -28,35 +26,19 @@ from script_modules import load_script  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--Ts", default="16384,65536")
-    ap.add_argument("--groups", default="1,4,8")
-    ap.add_argument("--merge-only", action="store_true",
-                    help="time the merge tiles only, not the block-kernel variants")
-    ap.add_argument("--prefetch-only", action="store_true",
-                    help="only the block kernel with and without its query-row prefetch")
-    ap.add_argument("--smoke", action="store_true",
-                    help="CPU interpreter, tiny shapes (numbers meaningless)")
-    args = ap.parse_args()
+    def extra(ap):
+        ap.add_argument("--merge-only", action="store_true",
+                        help="time the merge tiles only, not the block-kernel variants")
+        ap.add_argument("--prefetch-only", action="store_true",
+                        help="only the block kernel with and without its query-row prefetch")
+
     cf = load_script("gpu_check_forward")
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-        cf.DEVICE = "cpu"
+    args, cfg, H, d, Ts, groups = cf.tuning_setup(__doc__, "16384,65536", "1,4,8", 1, [1, 3],
+                                                  extra)
     import torch
 
     import nsa.ops.selection.launch as SL
-    from nsa import NSAConfig
-    from nsa.ops.compression import cmp_forward
-    from nsa.ops.selection import sel_forward, select_topn
-    from nsa.ops.window import win_forward
 
-    cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    H, d = 4, 128
-    Ts = [int(x) for x in args.Ts.split(",")]
-    groups = [int(x) for x in args.groups.split(",")]
-    if args.smoke:
-        cfg = NSAConfig(l=32, d=16, l_sel=64, n=4, n_initial=1, n_local=2, w=64)
-        Ts, H, d, groups = [300], 1, 32, [1, 3]
     cuda = cf.DEVICE == "cuda"
     gpu = torch.cuda.get_device_name() if cuda else "cpu (smoke)"
     print(f"GPU: {gpu}; torch {torch.__version__}", flush=True)
@@ -73,38 +55,17 @@ def main() -> None:
     if args.smoke:
         merges = {"16x1": (16, 1), "32x2": (32, 2)}
         blocks = {"rows 16 w4 s1": (16, 4, 1, False), "rows 16 w4 s1 prefetch": (16, 4, 1, True)}
+
     def run_case(T: int, G: int) -> dict:
-        HQ = H * G
-        dtype = torch.bfloat16 if cuda else torch.float32
-        inp = cf.make(T, HQ, H, d, d, cfg, dtype)
-        scale = d ** -0.5
-        q, kc, vc = inp["q"], inp["k_cmp"], inp["v_cmp"]
-        o_cmp, scores = cmp_forward(q, kc, vc, cfg, scale)
-        idx = select_topn(scores, T, kc.shape[1], cfg)
-        o_win = win_forward(q, inp["k_win"], inp["v_win"], cfg.w, scale)
-        del scores
+        case = cf.combine_case(T, G, H, d, cfg)
 
         def sel(**kw):
-            return sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale,
-                               g_sel=inp["g_sel"], o_cmp=o_cmp, g_cmp=inp["g_cmp"],
-                               o_win=o_win, g_win=inp["g_win"], mode="block", **kw)[1]
+            return case["sel"](mode="block", **kw)
 
         ref = sel().float()
         row = {"T": T, "G": G}
         if cuda:
-            from torch.profiler import ProfilerActivity, profile
-
-            sel()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    sel()
-                torch.cuda.synchronize()
-            per = defaultdict(float)
-            for ev in prof.events():
-                if ev.device_type == torch.autograd.DeviceType.CUDA:
-                    per[ev.name] += ev.device_time / 3e3
-            row["kernels"] = {k: v for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+            row["kernels"] = cf.kernel_ms(sel)
         for name, tile in merges.items():
             SL.MERGE_TILE = tile
             out = sel().float()

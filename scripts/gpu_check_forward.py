@@ -112,6 +112,22 @@ def block_scores(T, G, H, d, cfg):
     return scores, inp["k_cmp"].shape[1]
 
 
+def _selection_inputs(T, G, H, d, cfg, seed=0):
+    """(inputs of :func:`make`, scale, the compressed kernel's output, the kernels' own
+    top-n) on random paper-shape data."""
+    import torch
+
+    from nsa.ops.compression import cmp_forward
+    from nsa.ops.selection import select_topn
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    inp = make(T, H * G, H, d, d, cfg, dtype, seed=seed)
+    scale = d ** -0.5
+    o_cmp, scores = cmp_forward(inp["q"], inp["k_cmp"], inp["v_cmp"], cfg, scale)
+    idx = select_topn(scores, T, inp["k_cmp"].shape[1], cfg)
+    return inp, scale, o_cmp, idx
+
+
 def selected_case(T, G, H, d, cfg, seed=0):
     """Inputs of the selected branch on random paper-shape data (as :func:`block_scores`):
     a dict with ``inp`` (:func:`make`), ``scale``, ``o_cmp`` and ``idx`` (the compressed
@@ -120,16 +136,10 @@ def selected_case(T, G, H, d, cfg, seed=0):
     what the selected forward and backward take."""
     import torch
 
-    from nsa.ops.compression import cmp_forward
-    from nsa.ops.selection import sel_forward, select_topn
+    from nsa.ops.selection import sel_forward
 
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    inp = make(T, H * G, H, d, d, cfg, dtype, seed=seed)
-    scale = d ** -0.5
+    inp, scale, o_cmp, idx = _selection_inputs(T, G, H, d, cfg, seed)
     q = inp["q"]
-    o_cmp, scores = cmp_forward(q, inp["k_cmp"], inp["v_cmp"], cfg, scale)
-    idx = select_topn(scores, T, inp["k_cmp"].shape[1], cfg)
-    del scores
     lse = torch.empty(1, H * G, T, device=q.device, dtype=torch.float32)
     o_sel = sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale, lse=lse,
                         mode="group")[0]
@@ -139,14 +149,60 @@ def selected_case(T, G, H, d, cfg, seed=0):
                 delta=delta)
 
 
-def tuning_setup(doc: str, Ts: str, groups: str, smoke_H: int, smoke_groups: list[int]):
+def combine_case(T, G, H, d, cfg, seed=0):
+    """The selected forward with the gate combine on random paper-shape data: a dict with
+    ``inp`` (:func:`make`), ``scale``, ``idx`` (the kernels' own top-n), ``o_cmp``,
+    ``o_win`` and ``sel(**kw)``, which runs ``sel_forward`` with every branch's output and
+    gate and returns the combined output (``kw``: its options, e.g. ``mode``)."""
+    from nsa.ops.selection import sel_forward
+    from nsa.ops.window import win_forward
+
+    inp, scale, o_cmp, idx = _selection_inputs(T, G, H, d, cfg, seed)
+    q = inp["q"]
+    o_win = win_forward(q, inp["k_win"], inp["v_win"], cfg.w, scale)
+
+    def sel(**kw):
+        return sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale,
+                           g_sel=inp["g_sel"], o_cmp=o_cmp, g_cmp=inp["g_cmp"],
+                           o_win=o_win, g_win=inp["g_win"], **kw)[1]
+
+    return dict(inp=inp, scale=scale, idx=idx, o_cmp=o_cmp, o_win=o_win, sel=sel)
+
+
+def kernel_ms(fn, calls: int = 3) -> dict[str, float]:
+    """GPU time per call of every kernel ``fn`` launches (torch.profiler, after one warm
+    call), largest first."""
+    from collections import defaultdict
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name] += ev.device_time / (1e3 * calls)
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
+def tuning_setup(doc: str, Ts: str, groups: str, smoke_H: int, smoke_groups: list[int],
+                 extra=None):
     """Argument parsing and paper-shape setup shared by the tuning scripts:
     (args, cfg, H, d, Ts, groups). --smoke runs them on the CPU interpreter (set before
-    any kernel is defined) with T = 700, d = 32 and the given heads and groups."""
+    any kernel is defined) with T = 700, d = 32 and the given heads and groups. ``extra``:
+    a function that adds the script's own arguments to the parser."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--Ts", default=Ts)
     ap.add_argument("--groups", default=groups)
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU interpreter, tiny shapes (numbers meaningless)")
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
     global DEVICE
     if args.smoke:

@@ -51,11 +51,9 @@ def main() -> None:
 
     import nsa.ops.selection.launch as SL
     from nsa import NSAConfig, nsa_attention
-    from nsa.ops.compression import cmp_forward
-    from nsa.ops.selection import sel_forward, select_topn
+    from nsa.ops.selection import sel_forward
     from nsa.ops.selection.bwd_launch import sel_backward
     from nsa.ops.selection.launch import entries_by_block
-    from nsa.ops.window import win_forward
 
     bench = cf.bench
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
@@ -69,19 +67,9 @@ def main() -> None:
     print(f"GPU: {gpu}; torch {torch.__version__}", flush=True)
     def run_case(T: int, G: int) -> dict:
         HQ = H * G
-        dtype = torch.bfloat16 if cf.DEVICE == "cuda" else torch.float32
-        inp = cf.make(T, HQ, H, d, d, cfg, dtype)
-        scale = d ** -0.5
-        q, kc, vc = inp["q"], inp["k_cmp"], inp["v_cmp"]
-        o_cmp, scores = cmp_forward(q, kc, vc, cfg, scale)
-        idx = select_topn(scores, T, kc.shape[1], cfg)
-        o_win = win_forward(q, inp["k_win"], inp["v_win"], cfg.w, scale)
-        del scores
-
-        def sel(**kw):
-            return sel_forward(q, inp["k_sel"], inp["v_sel"], idx, cfg, scale,
-                               g_sel=inp["g_sel"], o_cmp=o_cmp, g_cmp=inp["g_cmp"],
-                               o_win=o_win, g_win=inp["g_win"], **kw)[1]
+        case = cf.combine_case(T, G, H, d, cfg)
+        inp, scale, idx, sel = case["inp"], case["scale"], case["idx"], case["sel"]
+        q = inp["q"]
 
         ref = sel(mode="group")
         variants = {"group": dict(mode="group"), "block": dict(mode="block")}
