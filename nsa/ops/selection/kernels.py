@@ -472,6 +472,25 @@ def _sel_fwd_kernel(
 
 
 @triton.jit
+def _entry_keys(e_base, start, end, p_loc, g_loc, G: tl.constexpr):
+    """(rows in use, sort keys) of the block kernel's step over entries start + p_loc."""
+    e = start + p_loc
+    ok = (g_loc < G) & (e < end)
+    return ok, tl.load(e_base + e, mask=ok, other=0)
+
+
+@triton.jit
+def _entry_rows(key, ok, key0, q_base, hq, offs_dk, dk_ok, stride_qt, stride_qh,
+                N_SEL: tl.constexpr):
+    """(entry t * n + j within its block, the gathered query rows of position t) of the
+    block kernel's step, from the sort keys ``key`` of block key0 / E."""
+    ent = tl.where(ok, key.to(tl.int64) - key0, 0).to(tl.int32)
+    q = tl.load(q_base + ((ent // N_SEL) * stride_qt + hq * stride_qh)[:, None]
+                + offs_dk[None, :], mask=ok[:, None] & dk_ok, other=0.0)
+    return ent, q
+
+
+@triton.jit
 def _sel_fwd_blocks_kernel(
     Q, K, V, KEYS, OFF, PO, PL,
     stride_qb, stride_qt, stride_qh,
@@ -526,13 +545,10 @@ def _sel_fwd_blocks_kernel(
         key0 = blk.to(tl.int64) * E
         if PREFETCH:
             # the first step's rows, and the second step's keys
-            ok_c = (g_loc < G) & (cur + p_loc < end)
-            key_c = tl.load(e_base + cur + p_loc, mask=ok_c, other=0)
-            ent_c = tl.where(ok_c, key_c.to(tl.int64) - key0, 0).to(tl.int32)
-            q_c = tl.load(q_base + ((ent_c // N_SEL) * stride_qt + hq * stride_qh)[:, None]
-                          + offs_dk[None, :], mask=ok_c[:, None] & dk_ok, other=0.0)
-            ok_n = (g_loc < G) & (cur + PP + p_loc < end)
-            key_n = tl.load(e_base + cur + PP + p_loc, mask=ok_n, other=0)
+            ok_c, key_c = _entry_keys(e_base, cur, end, p_loc, g_loc, G)
+            ent_c, q_c = _entry_rows(key_c, ok_c, key0, q_base, hq, offs_dk, dk_ok,
+                                     stride_qt, stride_qh, N_SEL)
+            ok_n, key_n = _entry_keys(e_base, cur + PP, end, p_loc, g_loc, G)
         for p0 in range(cur, end, PP):
             if PREFETCH:
                 # this step's rows were loaded a step ago; issue the next step's query rows
@@ -542,18 +558,13 @@ def _sel_fwd_blocks_kernel(
                 ent = ent_c
                 q = q_c
                 ok_c = ok_n
-                ent_c = tl.where(ok_n, key_n.to(tl.int64) - key0, 0).to(tl.int32)
-                q_c = tl.load(q_base + ((ent_c // N_SEL) * stride_qt + hq * stride_qh)[:, None]
-                              + offs_dk[None, :], mask=ok_n[:, None] & dk_ok, other=0.0)
-                ok_n = (g_loc < G) & (p0 + 2 * PP + p_loc < end)
-                key_n = tl.load(e_base + p0 + 2 * PP + p_loc, mask=ok_n, other=0)
+                ent_c, q_c = _entry_rows(key_n, ok_n, key0, q_base, hq, offs_dk, dk_ok,
+                                         stride_qt, stride_qh, N_SEL)
+                ok_n, key_n = _entry_keys(e_base, p0 + 2 * PP, end, p_loc, g_loc, G)
             else:
-                e = p0 + p_loc
-                row_ok = (g_loc < G) & (e < end)
-                key = tl.load(e_base + e, mask=row_ok, other=0)
-                ent = tl.where(row_ok, key.to(tl.int64) - key0, 0).to(tl.int32)
-                q = tl.load(q_base + ((ent // N_SEL) * stride_qt + hq * stride_qh)[:, None]
-                            + offs_dk[None, :], mask=row_ok[:, None] & dk_ok, other=0.0)
+                row_ok, key = _entry_keys(e_base, p0, end, p_loc, g_loc, G)
+                ent, q = _entry_rows(key, row_ok, key0, q_base, hq, offs_dk, dk_ok,
+                                     stride_qt, stride_qh, N_SEL)
             t = ent // N_SEL  # the query position and its slot j
             j = ent % N_SEL
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
