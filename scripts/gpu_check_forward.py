@@ -409,7 +409,7 @@ def compile_only() -> None:
         if G <= 8:  # the block-centric path (launcher defaults on the GPU)
             c = dict(G=G, GP2=G2, PP=max(1, 64 // G2), SEG=512, DK=D, DV=D, D_K=d, D_V=d,
                      L_SEL=64, BLOCK_N=64, N_SEL=16, DOT_PREC="tf32",
-                     PREFETCH=False)  # the default (launch.BLOCK_PREFETCH)
+                     PREFETCH=G2 != 2 and D <= 128)  # the launcher's rule
             print(f"sel blocks G={G:2d} d={d} w4 s3: " + one(
                 _sel_fwd_blocks_kernel, {**bf, "KEYS": "*i32", "OFF": "*i32", "PO": "*bf16",
                                          "PL": "*fp32"}, c, 4, 3))
