@@ -8,10 +8,12 @@ Importing this module registers the backend. Kernels (each beside its launcher):
   group-centric selected-block attention, whose epilogue fuses the gate combine;
 * :mod:`nsa.ops.window`: sliding-window flash attention.
 
-Launch order for one call: compressed branch (+ scores) -> top-n -> window -> selected
-attention, which reads O_cmp and O_win and writes ``out = g_cmp*O_cmp + g_sel*O_sel +
-g_win*O_win`` in q's dtype (bf16, fp16 or fp32). Without a selection branch the combine
-is one elementwise PyTorch pass.
+Launch order for one call: compressed branch (+ scores) -> top-n -> selected attention,
+which reads O_cmp and O_win and writes ``out = g_cmp*O_cmp + g_sel*O_sel + g_win*O_win``
+in q's dtype (bf16, fp16 or fp32). The window branch runs in line after the compressed
+one, or on CUDA on a side stream that the chain joins right before that combine
+(``WINDOW_SIDE_STREAM``). Without a selection branch the combine is one elementwise
+PyTorch pass.
 
 Backward: :mod:`nsa.ops.triton_autograd` wraps the forward in the custom op
 ``nsa::triton_fwd`` (opaque to ``torch.compile``) whose backward launches the Triton
@@ -48,6 +50,28 @@ from nsa.ops.window import win_forward
 CMP_SCORE_MODE = "fused"
 
 MAX_GROUP = 128  # one GQA group must fit the M dimension of one program
+
+# The window branch on a second CUDA stream, overlapping the compressed -> top-n ->
+# selected chain (True / False force it; None: on CUDA). See docs/perf-notes.md.
+WINDOW_SIDE_STREAM: bool | None = None
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The side stream of ``device`` for the window branch (one per device, kept), or None
+    where the window runs in line (off by WINDOW_SIDE_STREAM, or not CUDA). The side
+    stream waits for an event of the caller's stream and is joined back before the call
+    returns, so CUDA graph capture sees a fork and a join."""
+    on = WINDOW_SIDE_STREAM
+    if on is None:
+        on = device.type == "cuda"
+    if not on or device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
 
 
 def triton_not_supported_reasons(
@@ -235,13 +259,33 @@ def forward_kernels(
     lse_sel = lse_buf(save and g_sel is not None)
     lse_win = lse_buf(save and g_win is not None)
     o_cmp = scores = None
+    # the window branch depends on nothing the others compute: on CUDA it runs on a side
+    # stream beside the compressed -> top-n -> selected chain, which waits for it only
+    # right before the launch that combines the branches (WINDOW_SIDE_STREAM)
+    side = (_side_stream(q.device) if g_win is not None and (g_cmp is not None or need_scores
+                                                             or g_sel is not None) else None)
+    o_win = join_win = None
+    if side is not None:
+        main = torch.cuda.current_stream(q.device)
+        inputs_ready = main.record_event()
+        o_win = q.new_empty(B, T, HQ, d_v)
     if g_cmp is not None or need_scores:
         o_cmp, scores = cmp_forward(q, k_cmp, v_cmp, cfg, scale, want_o=g_cmp is not None,
                                     want_scores=need_scores, lse=lse_cmp,
                                     mode=CMP_SCORE_MODE)
-    o_win = win_forward(q, k_win, v_win, cfg.w, scale, lse=lse_win) if g_win is not None else None
+    if side is not None:
+        side.wait_event(inputs_ready)  # q, k, v as they were before the compressed branch
+        with torch.cuda.stream(side):
+            win_forward(q, k_win, v_win, cfg.w, scale, o=o_win, lse=lse_win)
+
+        def join_win() -> None:
+            main.wait_stream(side)
+    elif g_win is not None:
+        o_win = win_forward(q, k_win, v_win, cfg.w, scale, lse=lse_win)
     idx = o_sel = None
     if g_sel is None:
+        if join_win is not None:
+            join_win()
         out = _combine(q.dtype, (o_cmp, g_cmp), (o_win, g_win))
     else:
         if block_indices is None:
@@ -255,6 +299,7 @@ def forward_kernels(
             q, k_sel, v_sel, idx, cfg, scale,
             o_branch=q.new_empty(B, T, HQ, d_v) if (save or want_o_sel) else None,
             g_sel=g_sel, o_cmp=o_cmp, g_cmp=g_cmp, o_win=o_win, g_win=g_win, lse=lse_sel,
+            before_combine=join_win,
         )
     return dict(out=out, idx=idx, o_cmp=o_cmp, o_sel=o_sel, o_win=o_win,
                 lse_cmp=lse_cmp, lse_sel=lse_sel, lse_win=lse_win)

@@ -117,6 +117,56 @@ def test_topn_on_gpu_equals_reference_on_tied_scores():
     assert torch.equal(out.long(), want)
 
 
+@pytest.mark.parametrize("G,branches", [(1, "csw"), (16, "csw"), (4, "cw"), (16, "sw")])
+def test_window_side_stream_matches_in_line(G, branches, monkeypatch):
+    """The window branch on its side stream gives the in-line outputs bit for bit: eager
+    (from a caller's own stream), training gradients, and a CUDA graph replay (the side
+    stream forks from the capture and joins it). A missing join would combine unwritten
+    window rows."""
+    import nsa.ops.triton_backend as TB
+
+    inp = inputs(3001, 2, G, 128, 128, torch.bfloat16, seed=5)
+    for b, name in (("c", "g_cmp"), ("s", "g_sel"), ("w", "g_win")):
+        if b not in branches:
+            inp[name] = None
+    leaves = {k: v for k, v in inp.items() if v is not None}
+    dout = torch.randn(1, 3001, 2 * G, 128, device="cuda").to(torch.bfloat16)
+
+    def run():
+        out = nsa_attention(**inp, config=CFG, backend="triton")
+        ls = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+        # deterministic: the default sums the selected key/value gradients with atomics
+        o = nsa_attention(**{**inp, **ls}, config=CFG, backend="triton", deterministic=True)
+        grads = torch.autograd.grad(o, list(ls.values()), dout, allow_unused=True)
+        return [out, *(g_ for g_ in grads if g_ is not None)]
+
+    monkeypatch.setattr(TB, "WINDOW_SIDE_STREAM", False)
+    want = run()
+    monkeypatch.setattr(TB, "WINDOW_SIDE_STREAM", True)
+    user = torch.cuda.Stream()
+    user.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(user):
+        for _ in range(3):
+            got = run()
+            assert len(got) == len(want)
+            for i, (w, g_) in enumerate(zip(want, got, strict=True)):
+                assert torch.equal(w, g_), f"output {i} of {len(want)} differs"
+    torch.cuda.current_stream().wait_stream(user)
+    fwd = lambda: nsa_attention(**inp, config=CFG, backend="triton")  # noqa: E731
+    user.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(user):
+        fwd()
+    torch.cuda.current_stream().wait_stream(user)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fwd()
+    for _ in range(3):
+        static.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, want[0])
+
+
 def test_kernels_write_every_output_element():
     """Direct launches into NaN-filled outputs at an awkward length."""
     from nsa.ops.compression import cmp_forward

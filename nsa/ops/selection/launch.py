@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -167,6 +168,7 @@ def sel_forward(
     seg_len: int | None = None,
     partial_dtype: torch.dtype | None = None,
     block_n: int | None = None,
+    before_combine: Callable[[], None] | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Selected-block attention, optionally fused with the gate combine.
 
@@ -188,7 +190,9 @@ def sel_forward(
     :func:`sel_forward_mode` for the default). ``block_rows``, ``seg_len``,
     ``partial_dtype``: the block path's rows per dot, positions per program and partial
     output dtype (tuning runs; defaults measured). ``block_n``: the group path's keys per
-    dot (a power of two of at least 16; tuning runs).
+    dot (a power of two of at least 16; tuning runs). ``before_combine``: called right
+    before the launch that reads ``o_cmp``/``o_win`` (the caller's stream join when a
+    branch was computed on another CUDA stream).
     """
     q, k, v = map(last_dim_contiguous, (q, k, v))
     B, T, HQ, d_k = q.shape
@@ -209,7 +213,7 @@ def sel_forward(
         _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel, o_cmp,
                             g_cmp, o_win, g_win, lse, block_rows=block_rows, seg_len=seg_len,
                             partial_dtype=partial_dtype, num_warps=num_warps,
-                            num_stages=num_stages)
+                            num_stages=num_stages, before_combine=before_combine)
         return o_branch, out
     use_desc = resolve_desc("sel_forward", use_desc, k, v, DK, DV)
     bn, warps, stages = _sel_config(DK, DV, cfg.l_sel, q.device, use_desc)
@@ -221,6 +225,9 @@ def sel_forward(
     warps, stages = num_warps or warps, num_stages or stages
     ptrs, strides, flags = _epilogue_args(q, out, o_branch, o_cmp, o_win, g_sel, g_cmp, g_win,
                                           lse)
+
+    if before_combine is not None:
+        before_combine()
 
     def launch(_bm, stages_):
         kd, vd = ((kv_desc(k, T, bn, DK), kv_desc(v, T, bn, DV)) if use_desc else (k, v))
@@ -348,7 +355,7 @@ def _block_starts(B: int, H: int, nb: int, span: int, kdt: torch.dtype,
 
 def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel, o_cmp,
                         g_cmp, o_win, g_win, lse, *, block_rows, seg_len, partial_dtype,
-                        num_warps, num_stages):
+                        num_warps, num_stages, before_combine=None):
     """Block-centric selected attention: inverted index, per-block partials, merge."""
     B, T, HQ, d_k = q.shape
     H, d_v = k.shape[2], v.shape[-1]
@@ -416,6 +423,8 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
     # Past 128 value columns 64 rows: 128 spill ~3.5 KB per thread (sm_90 compile).
     rows, m_stages = MERGE_TILE or (((128 if DV <= 128 else 64), 2) if on_gpu else (16, 1))
     pp = max(1, rows // GP2)
+    if before_combine is not None:
+        before_combine()
     _sel_merge_kernel[(cdiv(T, pp), H, B)](
         po, pl, block_indices, *ptrs,
         *po.stride()[:5], *pl.stride()[:4], *_t3(block_indices), *strides,
