@@ -48,6 +48,9 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
         Col("dense fwd ms", "dense_fwd_ms", optional=True),
         Col("speedup fwd", "speedup_fwd", optional=True),
         Col("NSA fwd us per query head", "nsa_fwd_us_per_head", optional=True),
+        Col("NSA fwd ms (CUDA graph)", "nsa_fwd_graph_ms", optional=True),
+        Col("NSA fwd us per query head (CUDA graph)", "nsa_fwd_graph_us_per_head",
+            optional=True),
         Col("NSA fwd+bwd ms", "nsa_fwd_bwd_ms", optional=True),
         Col("dense fwd+bwd ms", "dense_fwd_bwd_ms", optional=True),
         Col("speedup fwd+bwd", "speedup_fwd_bwd", optional=True),
@@ -68,6 +71,7 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
         Col("sel fwd ms", "sel_fwd_ms", optional=True),
         Col("win fwd ms", "win_fwd_ms", optional=True),
         Col("fwd+bwd not measured", "fwd_bwd_error", optional=True),
+        Col("CUDA graph not measured", "nsa_fwd_graph_error", optional=True),
     ]),
     "decode": ("Decode: one step against dense decode (same run)", [
         *CASE_COLS, Col("backend", "backend"), *_param_cols("dtype", "S", "B", "H", "G", "d_k"),

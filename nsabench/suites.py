@@ -120,6 +120,10 @@ KIND_PARAMS: dict[str, dict[str, Param]] = {
         "modes": _p("str_list", list(PREFILL_MODES), "fwd and/or fwd_bwd",
                     choices=PREFILL_MODES),
         "branches": _p("bool", True, "also time each branch alone (forward)", grid=False),
+        "graph": _p("bool", True, "CUDA, triton backend: also time the NSA forward replayed "
+                                  "from a CUDA graph, the GPU's work without the host's "
+                                  "launch cost",
+                    grid=False),
         "deterministic": _p("bool", False, "fwd_bwd: bitwise-reproducible backward "
                                            "(nsa_attention(deterministic=True))", grid=False),
         "fla": _p("bool", False, "also time fla-core's parallel_nsa and NSA in the "

@@ -44,30 +44,37 @@ def main(paths: list[str]) -> None:
         elif kind == "prefill":
             peaks = {c["id"]: c.get("metrics") or {}
                      for c in json.loads((p / "results.json").read_text())["cases"]}
+            table = rows(p, "prefill")
+            graph = "NSA fwd ms (CUDA graph)" in table[0]  # runs since the graph timing
             print("| T | G | d_k | NSA fwd ms | dense fwd ms | dense / NSA | NSA fwd+bwd ms | "
                   "dense fwd+bwd ms | dense / NSA | fwd+bwd peak GiB NSA / dense | "
-                  "fwd per query head / G = 16 |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|")
-            table = rows(p, "prefill")
-            # forward time per query head against the G = 16 row of the same T and d_k
+                  "fwd per query head / G = 16 |"
+                  + (" NSA fwd ms, CUDA graph | same, per query head / G = 16 |" if graph
+                     else ""))
+            print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if graph else ""))
+
+            def per_head(r, ref, col):
+                # forward time per query head against the G = 16 row of the same T and d_k
+                if ref is None or r["G"] == "16":
+                    return "—"
+                try:
+                    return f"{float(r[col]) * 16 / (float(ref[col]) * int(r['G'])):.2f}x"
+                except ValueError:
+                    return "—"
+
             g16 = {(r["T"], r["d_k"]): r for r in table if r["G"] == "16"}
             for r in table:
                 m = peaks.get(r["case"], {})
                 peak = (f"{m['nsa_fwd_bwd_peak_gib']:.2f} / {m['dense_fwd_bwd_peak_gib']:.2f}"
                         if "nsa_fwd_bwd_peak_gib" in m else "—")
                 ref = g16.get((r["T"], r["d_k"]))
-                per_head = "—"
-                if ref is not None and r["G"] != "16":
-                    try:
-                        ratio = (float(r["NSA fwd ms"]) * 16
-                                 / (float(ref["NSA fwd ms"]) * int(r["G"])))
-                        per_head = f"{ratio:.2f}x"
-                    except ValueError:
-                        pass
+                extra = (f" {fmt(r['NSA fwd ms (CUDA graph)'])} | "
+                         f"{per_head(r, ref, 'NSA fwd ms (CUDA graph)')} |" if graph else "")
                 print(f"| {r['T']} | {r['G']} | {r['d_k']} | {fmt(r['NSA fwd ms'])} | "
                       f"{fmt(r['dense fwd ms'])} | {fmt(r['speedup fwd'])}x | "
                       f"{fmt(r['NSA fwd+bwd ms'])} | {fmt(r['dense fwd+bwd ms'])} | "
-                      f"{fmt(r['speedup fwd+bwd'])}x | {peak} | {per_head} |")
+                      f"{fmt(r['speedup fwd+bwd'])}x | {peak} | "
+                      f"{per_head(r, ref, 'NSA fwd ms')} |" + extra)
         elif kind == "train":
             print("| case | T | B | steps | processes | NSA val loss | dense val loss | "
                   "NSA / dense | NSA tokens/s | dense tokens/s |")

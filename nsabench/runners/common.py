@@ -248,6 +248,32 @@ class Timing:
     timer: str
 
 
+def graph_bench(fn, device: torch.device, **tp) -> tuple[Timing | None, str | None]:
+    """:func:`bench` of ``fn`` replayed from a CUDA graph: the GPU time of its work without
+    the host's Python and launch cost. (timing, None), or (None, why) where it cannot be
+    captured (not CUDA; a backend that synchronises with the host). Warmed up on a side
+    stream first, as capture requires; the graph and its memory pool are freed after."""
+    if device.type != "cuda":
+        return None, "CUDA graphs need a CUDA device"
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    graph = None
+    try:
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench(graph.replay, device, **tp), None
+    except Exception as exc:  # recorded, not fatal: the eager timings stand
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    finally:
+        del graph
+        sync(device)
+        torch.cuda.empty_cache()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

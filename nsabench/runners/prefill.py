@@ -26,6 +26,7 @@ from nsabench.runners.common import (
     fla_parallel_nsa,
     fla_status,
     flash_attn_status,
+    graph_bench,
     make_inputs,
     resolve_backend,
     speedup,
@@ -80,9 +81,18 @@ def run(spec: CaseSpec, device: torch.device) -> dict[str, Any]:
             d = bench(dense_fwd, device, **tp)
             # per query head (B * HQ of them): how small groups compare with G = 16 at
             # the same T (PERF.md's G < 16 target)
+            heads = p["B"] * p["H"] * p["G"]
             m.update(nsa_fwd_ms=t.ms, dense_fwd_ms=d.ms, speedup_fwd=speedup(d.ms, t.ms),
-                     nsa_fwd_us_per_head=1e3 * t.ms / (p["B"] * p["H"] * p["G"]),
+                     nsa_fwd_us_per_head=1e3 * t.ms / heads,
                      timer_fwd=t.timer, samples_fwd=t.n)
+            if p["graph"] and device.type == "cuda" and backend == "triton":
+                # the same call without the host: where the eager time is well above
+                # this, the call is launch-bound and a CUDA graph would recover the rest
+                g, why = graph_bench(lambda: nsa_attention(**nsa_args()), device, **tp)
+                if g is None:
+                    m["nsa_fwd_graph_error"] = why
+                else:
+                    m.update(nsa_fwd_graph_ms=g.ms, nsa_fwd_graph_us_per_head=1e3 * g.ms / heads)
             if fa_why is None:
                 from flash_attn import flash_attn_func
 

@@ -39,6 +39,8 @@ def test_prefill_times_nsa_dense_and_each_branch(invoke, write_suite, tmp_path):
         assert m["timer_fwd"] == m["timer_fwd_bwd"] == "time.perf_counter"
         assert m["threads"] == 1
         assert m["flash_attn"].startswith("not used")
+        # CUDA-graph timing is CUDA-only: on the CPU neither a time nor an error
+        assert "nsa_fwd_graph_ms" not in m and "nsa_fwd_graph_error" not in m
     folder = run_folder(out)
     rows = list(csv.DictReader((folder / "prefill.csv").open()))
     assert [int(r["T"]) for r in rows] == [48, 96]
@@ -86,3 +88,12 @@ def test_bad_mode_is_a_usage_error_naming_the_option(invoke, write_suite, tmp_pa
     assert r.exit_code == 2
     assert "--mode" in r.stderr and "'backward'" in r.stderr and "fwd+bwd" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_graph_bench_needs_cuda():
+    import torch
+
+    from nsabench.runners.common import graph_bench
+
+    t, why = graph_bench(lambda: None, torch.device("cpu"))
+    assert t is None and "CUDA" in why
