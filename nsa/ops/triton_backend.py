@@ -11,9 +11,9 @@ Importing this module registers the backend. Kernels (each beside its launcher):
 Launch order for one call: compressed branch (+ scores) -> top-n -> selected attention,
 which reads O_cmp and O_win and writes ``out = g_cmp*O_cmp + g_sel*O_sel + g_win*O_win``
 in q's dtype (bf16, fp16 or fp32). The window branch runs in line after the compressed
-one, or on CUDA on a side stream that the chain joins right before that combine
-(``WINDOW_SIDE_STREAM``). Without a selection branch the combine is one elementwise
-PyTorch pass.
+one, or, while a CUDA graph is captured, on a side stream that the chain joins right
+before that combine (``WINDOW_SIDE_STREAM``). Without a selection branch the combine is
+one elementwise PyTorch pass.
 
 Backward: :mod:`nsa.ops.triton_autograd` wraps the forward in the custom op
 ``nsa::triton_fwd`` (opaque to ``torch.compile``) whose backward launches the Triton
@@ -52,20 +52,22 @@ CMP_SCORE_MODE = "fused"
 MAX_GROUP = 128  # one GQA group must fit the M dimension of one program
 
 # The window branch on a second CUDA stream, overlapping the compressed -> top-n ->
-# selected chain (True / False force it; None: on CUDA). See docs/perf-notes.md.
+# selected chain (True / False force it on CUDA; None: only while a CUDA graph is being
+# captured). H200: 1-1.5% less GPU time at 16k, within noise at 8k and 64k, but the fork
+# and join cost the host ~0.1 ms per eager call, which launch-bound small calls pay in
+# full (16k, G = 1: 0.685 -> 0.78 ms by do_bench). See docs/perf-notes.md, v10.
 WINDOW_SIDE_STREAM: bool | None = None
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The side stream of ``device`` for the window branch (one per device, kept), or None
-    where the window runs in line (off by WINDOW_SIDE_STREAM, or not CUDA). The side
-    stream waits for an event of the caller's stream and is joined back before the call
-    returns, so CUDA graph capture sees a fork and a join."""
-    on = WINDOW_SIDE_STREAM
-    if on is None:
-        on = device.type == "cuda"
-    if not on or device.type != "cuda":
+    where the window runs in line (not CUDA; WINDOW_SIDE_STREAM False, or None outside a
+    CUDA graph capture). The side stream waits for an event of the caller's stream and is
+    joined back before the call returns, so a capture sees a fork and a join."""
+    if device.type != "cuda" or WINDOW_SIDE_STREAM is False:
+        return None
+    if WINDOW_SIDE_STREAM is None and not torch.cuda.is_current_stream_capturing():
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _SIDE_STREAMS.get(index)
@@ -259,9 +261,9 @@ def forward_kernels(
     lse_sel = lse_buf(save and g_sel is not None)
     lse_win = lse_buf(save and g_win is not None)
     o_cmp = scores = None
-    # the window branch depends on nothing the others compute: on CUDA it runs on a side
-    # stream beside the compressed -> top-n -> selected chain, which waits for it only
-    # right before the launch that combines the branches (WINDOW_SIDE_STREAM)
+    # the window branch depends on nothing the others compute: in a CUDA graph it runs on
+    # a side stream beside the compressed -> top-n -> selected chain, which waits for it
+    # only right before the launch that combines the branches (WINDOW_SIDE_STREAM)
     side = (_side_stream(q.device) if g_win is not None and (g_cmp is not None or need_scores
                                                              or g_sel is not None) else None)
     o_win = join_win = None

@@ -120,9 +120,9 @@ def test_topn_on_gpu_equals_reference_on_tied_scores():
 @pytest.mark.parametrize("G,branches", [(1, "csw"), (16, "csw"), (4, "cw"), (16, "sw")])
 def test_window_side_stream_matches_in_line(G, branches, monkeypatch):
     """The window branch on its side stream gives the in-line outputs bit for bit: eager
-    (from a caller's own stream), training gradients, and a CUDA graph replay (the side
-    stream forks from the capture and joins it). A missing join would combine unwritten
-    window rows."""
+    (forced on, from a caller's own stream), training gradients, and a CUDA graph replay
+    (on by default while capturing: the side stream forks from the capture and joins it).
+    A missing join would combine unwritten window rows."""
     import nsa.ops.triton_backend as TB
 
     inp = inputs(3001, 2, G, 128, 128, torch.bfloat16, seed=5)
@@ -152,9 +152,13 @@ def test_window_side_stream_matches_in_line(G, branches, monkeypatch):
             for i, (w, g_) in enumerate(zip(want, got, strict=True)):
                 assert torch.equal(w, g_), f"output {i} of {len(want)} differs"
     torch.cuda.current_stream().wait_stream(user)
-    # capture (the calls above on a side stream were the warm-up)
+    # the default: in line for eager calls, the side stream inside a capture (the calls
+    # above on a side stream were the warm-up)
+    monkeypatch.setattr(TB, "WINDOW_SIDE_STREAM", None)
+    assert TB._side_stream(torch.device("cuda")) is None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        assert TB._side_stream(torch.device("cuda")) is not None
         static = nsa_attention(**inp, config=CFG, backend="triton")
     for _ in range(3):
         static.fill_(float("nan"))
