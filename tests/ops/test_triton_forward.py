@@ -725,3 +725,16 @@ def test_routing_is_memoised_per_environment(monkeypatch):
     assert tb._routing(q.half(), 16, 16, 1) == ((), True)
     assert any("bfloat16" in r for r in tb._routing(q.bfloat16(), 16, 16, 1)[0])
     assert any("G=200" in r for r in tb._routing(q, 16, 16, 200)[0])
+
+
+def test_window_side_stream_switch_is_ignored_off_cuda(rng, monkeypatch):
+    """WINDOW_SIDE_STREAM=True (force the window onto a side CUDA stream) must not touch
+    CUDA for CPU tensors: the window runs in line and the output is the in-line one."""
+    import nsa.ops.triton_backend as tb
+
+    cfg = NSAConfig(n=3, w=40, **PAPER)
+    inp = op_inputs(rng, cfg, 140, 1, 2, 16, 16, torch.float32)
+    want = nsa_attention(**inp, config=cfg, backend="triton")
+    monkeypatch.setattr(tb, "WINDOW_SIDE_STREAM", True)
+    assert tb._side_stream(torch.device("cpu")) is None
+    assert torch.equal(nsa_attention(**inp, config=cfg, backend="triton"), want)
