@@ -83,19 +83,17 @@ def bench(fn) -> float:
 
 
 def graph_bench(fn) -> float:
-    """:func:`bench` of ``fn`` captured in a CUDA graph (warmed up on a side stream first):
-    the GPU time of its work without the host's launch cost."""
+    """The median time of ``fn`` replayed from a CUDA graph (``nsa prefill``'s own
+    capture-and-time, :func:`nsabench.runners.common.graph_bench`): the GPU time of its
+    work without the host's launch cost."""
     import torch
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench(g.replay)
+    from nsabench.runners.common import graph_bench as capture_and_time
+
+    t, why = capture_and_time(fn, torch.device("cuda"))
+    if t is None:
+        raise RuntimeError(f"graph_bench: {why}")
+    return t.ms
 
 
 def block_scores(T, G, H, d, cfg):
