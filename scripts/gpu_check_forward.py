@@ -373,46 +373,57 @@ def compile_only() -> None:
         return (f"w{warps} s{stages} smem={c.metadata.shared // 1024}KB {regs} {mma} {occ} "
                 f"loop-loads={loop_plain_loads(c.asm['ttgir'])}")
 
-    bf = {n: "*bf16" for n in ("Q", "K", "V", "O", "OB", "OC", "OW", "GS", "GC", "GW")}
-    for G, d in ((16, 128), (4, 128), (1, 128), (4, 192), (16, 256), (3, 64)):
+    bf = {n: "*bf16" for n in ("Q", "K", "K2", "V", "O", "OB", "OC", "OW", "GS", "GC", "GW")}
+    # (G, d_k, d_v); the paper's head dims are d_k = 192, d_v = 128
+    for G, d, dv in ((16, 128, 128), (4, 128, 128), (1, 128, 128), (4, 192, 192),
+                     (16, 192, 128), (16, 256, 256), (3, 64, 64)):
         G2 = 1 << (G - 1).bit_length()
         D = 1 << (d - 1).bit_length()
-        desc = d == D  # the launchers' defaults on SM 9.0 (nsa.ops.descriptors)
+        DVt = 1 << (dv - 1).bit_length()
+        DK, DK2 = CL.head_dim_split(d)  # the compressed, window and group kernels' tiles
+        # the launchers' defaults on SM 9.0 (nsa.ops.descriptors): every tile full
+        desc = d == DK + DK2 and dv == DVt
+
+        def tdesc(bn, DK=DK, DK2=DK2, DVt=DVt, desc=desc):
+            if not desc:
+                return {}
+            return {"K": f"tensordesc<bf16[1,{bn},1,{DK}]>",
+                    "K2": f"tensordesc<bf16[1,{bn},1,{DK2 or DK}]>",
+                    "V": f"tensordesc<bf16[1,{bn},1,{DVt}]>"}
+
         for p1, p2 in ((True, True), (True, False), (False, True)):
-            bm, bn, w, st = CL._cmp_config(D, D, G2, 4, _Cuda(), pass2_only=not p1)
-            c = dict(G=G, GP2=G2, PP=max(1, bm // G2), BLOCK_N=bn, DK=D, DV=D, D_K=d, D_V=d,
-                     CMP_L=32, CMP_D=16, SEL_B=4, SEL_A=2, PASS1=p1, PASS2=p2, DO_PV=True,
-                     STORE_LSE=not p2, DOT_PREC="tf32", USE_DESC=desc, SCORE_DOT=G2 <= 4,
-                     BJ2=max(16, 1 << (bn // 4).bit_length()))
-            td = {n: f"tensordesc<bf16[1,{bn},1,{D}]>" for n in ("K", "V")} if desc else {}
-            print(f"cmp  G={G:2d} d={d} pass1={p1:d} pass2={p2:d} desc={desc:d}: " + one(
-                _cmp_fwd_kernel, {**bf, "LSE": "*fp32", "SCORES": "*fp32", **td}, c, w, st),
-                flush=True)
-        bm, bn, w, st = WL._win_config(D, D, G2, _Cuda(), desc)
-        c = dict(G=G, GP2=G2, PP=max(1, bm // G2), BLOCK_N=bn, DK=D, DV=D,
-                 D_K=d, D_V=d, STORE_LSE=True, DOT_PREC="tf32", USE_DESC=desc)
-        td = {n: f"tensordesc<bf16[1,{bn},1,{D}]>" for n in ("K", "V")} if desc else {}
-        print(f"win  G={G:2d} d={d} desc={desc:d}: " + one(
-            _win_fwd_kernel, {**bf, "LSE": "*fp32", **td}, c, w, st))
-        for desc in (False, True) if d == D else (False,):
-            bn, w, st = _sel_config(D, D, 64, _Cuda(), desc)
-            w = one_position_warps(max(1, 16 // G2), D, D, True, w, up_to=256)
-            c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=D, DV=D, D_K=d, D_V=d, L_SEL=64,
+            bm, bn, w, st = CL._cmp_config(DK, DVt, G2, 4, _Cuda(), pass2_only=not p1, DK2=DK2)
+            c = dict(G=G, GP2=G2, PP=max(1, bm // G2), BLOCK_N=bn, DK=DK, DV=DVt, D_K=d,
+                     D_V=dv, CMP_L=32, CMP_D=16, SEL_B=4, SEL_A=2, PASS1=p1, PASS2=p2,
+                     DO_PV=True, STORE_LSE=not p2, DOT_PREC="tf32", USE_DESC=desc,
+                     SCORE_DOT=G2 <= 4, BJ2=max(16, 1 << (bn // 4).bit_length()), DK2=DK2)
+            print(f"cmp  G={G:2d} d={d}/{dv} pass1={p1:d} pass2={p2:d} desc={desc:d}: " + one(
+                _cmp_fwd_kernel, {**bf, "LSE": "*fp32", "SCORES": "*fp32", **tdesc(bn)}, c, w,
+                st), flush=True)
+        bm, bn, w, st = WL._win_config(DK, DVt, G2, _Cuda(), desc, DK2)
+        c = dict(G=G, GP2=G2, PP=max(1, bm // G2), BLOCK_N=bn, DK=DK, DV=DVt,
+                 D_K=d, D_V=dv, STORE_LSE=True, DOT_PREC="tf32", USE_DESC=desc, DK2=DK2)
+        print(f"win  G={G:2d} d={d}/{dv} desc={desc:d}: " + one(
+            _win_fwd_kernel, {**bf, "LSE": "*fp32", **tdesc(bn)}, c, w, st))
+        for dsc in (False, True) if desc else (False,):
+            bn, w, st = _sel_config(DK, DVt, 64, _Cuda(), dsc)
+            w = one_position_warps(max(1, 16 // G2), DK, DVt, True, w, up_to=256)
+            c = dict(G=G, GP2=G2, PP=max(1, 16 // G2), DK=DK, DV=DVt, D_K=d, D_V=dv, L_SEL=64,
                      BLOCK_N=bn, N_SEL=16, NP=16, WRITE_OUT=True,
                      WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True, STORE_LSE=True,
-                     DOT_PREC="tf32", USE_DESC=desc)
-            td = {n: f"tensordesc<bf16[1,{bn},1,{D}]>" for n in ("K", "V")} if desc else {}
-            print(f"sel  desc={desc:d} G={G:2d} d={d} w{w} s{st}: " + one(
-                _sel_fwd_kernel, {**bf, "IDX": "*i32", "LSE": "*fp32", **td}, c, w, st))
+                     DOT_PREC="tf32", USE_DESC=dsc, DK2=DK2)
+            print(f"sel  desc={dsc:d} G={G:2d} d={d}/{dv} w{w} s{st}: " + one(
+                _sel_fwd_kernel, {**bf, "IDX": "*i32", "LSE": "*fp32",
+                                  **tdesc(bn, desc=dsc)}, c, w, st))
         if G <= 8:  # the block-centric path (launcher defaults on the GPU)
-            c = dict(G=G, GP2=G2, PP=max(1, 64 // G2), SEG=512, DK=D, DV=D, D_K=d, D_V=d,
+            c = dict(G=G, GP2=G2, PP=max(1, 64 // G2), SEG=512, DK=D, DV=DVt, D_K=d, D_V=dv,
                      L_SEL=64, BLOCK_N=64, N_SEL=16, DOT_PREC="tf32",
                      PREFETCH=G2 != 2 and D <= 128)  # the launcher's rule
             print(f"sel blocks G={G:2d} d={d} w4 s3: " + one(
                 _sel_fwd_blocks_kernel, {**bf, "KEYS": "*i32", "OFF": "*i32", "PO": "*bf16",
                                          "PL": "*fp32"}, c, 4, 3))
-            mrows = 128 if D <= 128 else 64  # the launcher's merge tile
-            c = dict(G=G, GP2=G2, PP=max(1, mrows // G2), DV=D, D_V=d, N_SEL=16, NJ=16,
+            mrows = 128 if DVt <= 128 else 64  # the launcher's merge tile
+            c = dict(G=G, GP2=G2, PP=max(1, mrows // G2), DV=DVt, D_V=dv, N_SEL=16, NJ=16,
                      WRITE_OUT=True, WRITE_BRANCH=False, HAS_CMP=True, HAS_WIN=True,
                      STORE_LSE=True)
             print(f"sel merge  G={G:2d} d={d} w4 s2: " + one(

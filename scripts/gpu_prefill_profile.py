@@ -4,12 +4,13 @@
     python scripts/gpu_prefill_profile.py --T 8192 --mode fwd
     python scripts/gpu_prefill_profile.py --smoke          # CPU interpreter, tiny shapes
 
-Paper shape: B=1, HQ=64, H=4 (G=16 unless --G), d_k=d_v=128, l=32, d=16, l'=64, n=16,
-w=512, random normal inputs. After warm-up, three calls of ``nsa_attention(backend=
-"triton")`` (and ``.backward`` with a random dout in fwd+bwd mode) run under the profiler;
-it prints every GPU kernel and memory operation with its calls per NSA call and time per
-call, the sum of those times, and the wall time per call from CUDA events around the
-same calls: the difference is what the GPU waits for between kernels (host time).
+Paper shape: B=1, HQ=64, H=4 (G=16 unless --G), d_k=d_v=128 (unless --dk / --dv), l=32,
+d=16, l'=64, n=16, w=512, random normal inputs. After warm-up, three calls of
+``nsa_attention(backend="triton")`` (and ``.backward`` with a random dout in fwd+bwd mode)
+run under the profiler; it prints every GPU kernel and memory operation with its calls
+per NSA call and time per call, the sum of those times, and the wall time per call from
+CUDA events around the same calls: the difference is what the GPU waits for between
+kernels (host time).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--G", type=int, default=16)
     ap.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
+    ap.add_argument("--dk", type=int, default=128, help="key/query head dim (paper: 192)")
+    ap.add_argument("--dv", type=int, default=128, help="value head dim")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU interpreter, tiny shapes (numbers meaningless)")
     args = ap.parse_args()
@@ -43,26 +46,26 @@ def main() -> None:
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
-    T, H, G, d = args.T, 4, args.G, 128
+    T, H, G, dk, dv = args.T, 4, args.G, args.dk, args.dv
     if args.smoke:
         cfg = NSAConfig(l=32, d=16, l_sel=64, n=4, n_initial=1, n_local=2, w=64)
-        T, H, G, d = 200, 1, 2, 16
+        T, H, G, dk, dv = 200, 1, 2, 16, 16
     HQ = H * G
     g = torch.Generator(device=dev).manual_seed(0)
 
     def r(*s):
         return torch.randn(*s, generator=g, device=dev).to(dtype)
 
-    inp = dict(q=r(1, T, HQ, d), k_sel=r(1, T, H, d), v_sel=r(1, T, H, d),
-               k_win=r(1, T, H, d), v_win=r(1, T, H, d),
-               k_cmp=compress_mean(r(1, T, H, d), cfg.l, cfg.d),
-               v_cmp=compress_mean(r(1, T, H, d), cfg.l, cfg.d),
+    inp = dict(q=r(1, T, HQ, dk), k_sel=r(1, T, H, dk), v_sel=r(1, T, H, dv),
+               k_win=r(1, T, H, dk), v_win=r(1, T, H, dv),
+               k_cmp=compress_mean(r(1, T, H, dk), cfg.l, cfg.d),
+               v_cmp=compress_mean(r(1, T, H, dv), cfg.l, cfg.d),
                **{f"g_{b}": torch.rand(1, T, HQ, generator=g, device=dev).to(dtype)
                   for b in ("cmp", "sel", "win")})
     train = args.mode == "fwd+bwd"
     if train:
         inp = {k: v.requires_grad_(True) for k, v in inp.items()}
-    dout = r(1, T, HQ, d)
+    dout = r(1, T, HQ, dv)
 
     def call():
         out = nsa_attention(**inp, config=cfg, backend="triton")
@@ -95,7 +98,7 @@ def main() -> None:
             per[e.name][0] += 1
             per[e.name][1] += e.device_time_total / 1e3  # ms
     name = torch.cuda.get_device_name() if cuda else "cpu (smoke)"
-    print(f"## NSA {args.mode}, T={T}, G={G}, d={d}, bf16 ({name}; per NSA call)")
+    print(f"## NSA {args.mode}, T={T}, G={G}, d_k={dk}, d_v={dv}, bf16 ({name}; per NSA call)")
     print("| kernel | calls | ms |")
     print("|---|---|---|")
     total = 0.0

@@ -1,8 +1,10 @@
 """Tile variants of the compressed, window and selected forward kernels for head dims above
-128 (d_k = 192 pads to 256), timed one by one on a GPU; each variant's output is compared
-with the default's.
+128 (d_k = 192 as two tiles of 128 + 64 columns, d_v = 192 pads to 256), timed one by one
+on a GPU; each variant's output is compared with the default's.
 
-    python scripts/gpu_wide_head_tune.py [--T 16384] [--dims 192,256]
+    python scripts/gpu_wide_head_tune.py [--T 16384] [--dims 192/128,192,256]
+
+``--dims``: comma-separated d_k/d_v pairs (a single number: d_k = d_v).
 
 Paper shape otherwise (HQ=64, H=4, bf16, l=32, d=16, l'=64, n=16, w=512). Variants are
 (BLOCK_M, BLOCK_N, num_warps, num_stages); the defaults live in
@@ -18,14 +20,14 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-VARIANTS = [None, (64, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 4, 2),
-            (64, 64, 8, 2)]
+VARIANTS = [None, (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3),
+            (128, 32, 4, 2), (128, 64, 4, 2), (64, 64, 8, 2)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--T", type=int, default=16384)
-    ap.add_argument("--dims", default="192,256")
+    ap.add_argument("--dims", default="192/128,192,256")
     a = ap.parse_args()
 
     import torch
@@ -40,8 +42,9 @@ def main() -> None:
 
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
     print(f"{torch.cuda.get_device_name()}, T={a.T}, HQ=64, H=4, bf16", flush=True)
-    for d in (int(x) for x in a.dims.split(",")):
-        inp = make(a.T, 64, 4, d, d, cfg, torch.bfloat16)
+    for dims in a.dims.split(","):
+        d, dv = (int(x) for x in (dims.split("/") if "/" in dims else (dims, dims)))
+        inp = make(a.T, 64, 4, d, dv, cfg, torch.bfloat16)
         q, scale = inp["q"], d ** -0.5
         ref_c = cmp_forward(q, inp["k_cmp"], inp["v_cmp"], cfg, scale)[0]
         ref_w = win_forward(q, inp["k_win"], inp["v_win"], cfg.w, scale)
@@ -61,7 +64,7 @@ def main() -> None:
                     cells.append(f"{kname} {do_bench(fn):7.3f} ms (rel {err:.1e})")
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     cells.append(f"{kname} failed {type(exc).__name__}: {str(exc)[:80]}")
-            print(f"d={d} {name:>12}: " + "; ".join(cells), flush=True)
+            print(f"d={d}/{dv} {name:>12}: " + "; ".join(cells), flush=True)
         # the selected forward + combine (group path): warps and stages
         o_cmp, scores = cmp_forward(q, inp["k_cmp"], inp["v_cmp"], cfg, scale)
         idx = select_topn(scores, a.T, inp["k_cmp"].shape[1], cfg)
@@ -77,13 +80,14 @@ def main() -> None:
             out = sel(num_warps=w, num_stages=st)
             err = ((out.float() - ref_s.float()).norm() / ref_s.float().norm()).item()
             ms = do_bench(lambda: sel(num_warps=w, num_stages=st))
-            print(f"d={d} sel warps={w or 'default'} stages={st or 'default'}: {ms:7.3f} ms "
-                  f"(rel {err:.1e})", flush=True)
+            print(f"d={d}/{dv} sel warps={w or 'default'} stages={st or 'default'}: "
+                  f"{ms:7.3f} ms (rel {err:.1e})", flush=True)
         ms = do_bench(lambda: nsa_attention(**inp, config=cfg, backend="triton"))
         qt, kt, vt = (inp[k].transpose(1, 2).contiguous() for k in ("q", "k_sel", "v_sel"))
         md = do_bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
                                                              enable_gqa=True))
-        print(f"d={d} NSA forward {ms:.3f} ms, dense {md:.3f} ms ({md / ms:.2f}x)", flush=True)
+        print(f"d={d}/{dv} NSA forward {ms:.3f} ms, dense {md:.3f} ms ({md / ms:.2f}x)",
+              flush=True)
         torch.cuda.empty_cache()
 
 

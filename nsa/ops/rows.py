@@ -41,3 +41,19 @@ def _softmax_step(s, m_i, l_i):
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(s - m_safe[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _k2_tile(K2, k_base, k2_cols, dk2_ok, b32, start, h, N, stride_kn, offs_n,
+             BLOCK_N: tl.constexpr, DK: tl.constexpr, DK2: tl.constexpr,
+             USE_DESC: tl.constexpr):
+    """K^T tile [DK2, BLOCK_N] of the head dim's second tile (columns DK..DK+DK2) at key
+    ``start`` (keys from N on read as zeros): by the second descriptor K2, else by pointers
+    from ``k_base`` (the key rows of one batch and head; ``k2_cols``: the tile's offsets)."""
+    if USE_DESC:
+        kb = K2.load([b32, tl.cast(start, tl.int32), h, DK])
+        kt2 = tl.trans(tl.reshape(kb, [BLOCK_N, DK2]))
+    else:
+        kt2 = tl.load(k_base + start * stride_kn + k2_cols,
+                      mask=dk2_ok & ((start + offs_n)[None, :] < N), other=0.0)
+    return kt2

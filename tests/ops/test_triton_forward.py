@@ -101,6 +101,11 @@ def ref_cmp(q, kc, vc, H, cfg, scale):
     (PAPER, 4, 1, 330, 32, 32, torch.float16, "fused", 16, "dot"),
     (EQUAL, 1, 2, 150, 16, 16, torch.float32, "fused", None, "dot"),
     (dict(l=32, d=8, l_sel=32), 2, 1, 181, 32, 32, torch.float32, "fused", 16, "dot"),
+    # head dims as two tiles (head_dim_split): 48 = 32 + 16, 40 = 32 + 16 masked
+    (PAPER, 3, 2, 403, 48, 16, torch.float32, "fused", 16, False),
+    (PAPER, 3, 2, 403, 48, 16, torch.float32, "fused", 16, True),
+    (PAPER, 4, 1, 330, 40, 32, torch.float16, "two_pass", 16, False),
+    (PAPER, 3, 1, 290, 48, 32, torch.float32, "fused", None, "dot"),
 ])
 def test_cmp_kernel_outputs_and_block_scores(blocks, G, H, T, dk, dv, dtype, mode, block_n,
                                              desc, rng):
@@ -222,6 +227,10 @@ def ref_indices(rng, B, H, T, cfg) -> torch.Tensor:
     (PAPER, 16, 2, 97, 32, 32, torch.float32, None, True),
     (PAPER, 3, 1, 150, 16, 32, torch.float16, None, True),
     (EQUAL, 2, 2, 101, 32, 16, torch.float32, 2, True),
+    # head dims as two tiles (head_dim_split): 48 = 32 + 16, 40 = 32 + 16 masked
+    (PAPER, 16, 2, 97, 48, 32, torch.float32, None, False),
+    (PAPER, 16, 2, 97, 48, 32, torch.float32, None, True),
+    (PAPER, 3, 1, 190, 40, 16, torch.float16, None, False),  # union path
 ])
 def test_sel_kernel_against_reference(blocks, G, H, T, dk, dv, dtype, pp, desc, rng):
     cfg = NSAConfig(n=4, w=32, **blocks)
@@ -492,6 +501,10 @@ def test_sel_kernel_fuses_the_gate_combine(dtype, mode, rng):
     # key/value tiles through tensor descriptors
     (3, 2, 203, 37, 32, 16, torch.float32, None, None, True),
     (2, 1, 190, 50, 16, 16, torch.float16, 32, 16, True),
+    # head dims as two tiles (head_dim_split): 48 = 32 + 16, 40 = 32 + 16 masked
+    (3, 2, 203, 37, 48, 32, torch.float32, None, None, False),
+    (3, 2, 203, 37, 48, 32, torch.float32, None, None, True),
+    (2, 1, 190, 50, 40, 16, torch.float16, 32, 16, False),
 ])
 def test_win_kernel_against_reference(G, H, T, w, dk, dv, dtype, bm, bn, desc, rng):
     B, HQ = 1, G * H
@@ -548,6 +561,10 @@ def clear_rows(inp, cfg, gap=1e-5) -> torch.Tensor:
     # the block-centric selected path (the GPU default for G <= 8) end to end
     (PAPER, 4, 48, 237, 1, 3, 32, 16, torch.float32, "block"),
     (EQUAL, 5, 24, 133, 2, 2, 32, 32, torch.float16, "block"),
+    # the paper's d_k = 192: two head-dim tiles (128 + 64) in the compressed, window and
+    # group kernels (the block path pads to 256)
+    (PAPER, 3, 40, 150, 1, 2, 192, 16, torch.float32, None),
+    (PAPER, 3, 40, 150, 1, 2, 192, 16, torch.float32, "block"),
 ])
 def test_op_matches_reference(blocks, n, w, T, H, G, dk, dv, dtype, mode, rng, monkeypatch):
     import nsa.ops.selection.launch as SL

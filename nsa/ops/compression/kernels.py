@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.ops.rows import _softmax_step, _tile_rows
+from nsa.ops.rows import _k2_tile, _softmax_step, _tile_rows
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _scores_tile(p, carry, s_ptrs, kt_i, pos_ok, NB,
 
 @triton.jit
 def _cmp_fwd_kernel(
-    Q, K, V, O, LSE, SCORES,
+    Q, K, K2, V, O, LSE, SCORES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -120,7 +120,7 @@ def _cmp_fwd_kernel(
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_B: tl.constexpr, SEL_A: tl.constexpr,
     PASS1: tl.constexpr, PASS2: tl.constexpr, DO_PV: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False, SCORE_DOT: tl.constexpr = False,
-    BJ2: tl.constexpr = 32,
+    BJ2: tl.constexpr = 32, DK2: tl.constexpr = 0,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     n_tiles_t = tl.cdiv(T, PP)
@@ -136,12 +136,21 @@ def _cmp_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
 
     q_base = Q + b * stride_qb + t0.to(tl.int64) * stride_qt
-    q_ptrs = q_base + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+    q_rows = q_base + (p_loc * stride_qt + hq * stride_qh)[:, None]
+    q = tl.load(q_rows + offs_dk[None, :], mask=row_ok[:, None] & (offs_dk[None, :] < D_K),
+                other=0.0)
+    if DK2 > 0:  # head dim as two tiles (d_k = 192: 128 + 64 columns); K2: the second's
+        offs_dk2 = DK + tl.arange(0, DK2)
+        q2 = tl.load(q_rows + offs_dk2[None, :], mask=row_ok[:, None] & (offs_dk2[None, :] < D_K),
+                     other=0.0)
+        k2_cols = offs_dk2[:, None] + offs_n[None, :] * stride_kn
+        dk2_ok = offs_dk2[:, None] < D_K
 
     if not USE_DESC:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
+    else:
+        k_base = K2  # not read: the descriptors load every tile
     b32 = b.to(tl.int32)
     k_cols = offs_dk[:, None] + offs_n[None, :] * stride_kn  # K^T tile [DK, BLOCK_N]
     v_rows = offs_n[:, None] * stride_vn + offs_dv[None, :]  # V tile [BLOCK_N, DV]
@@ -169,7 +178,12 @@ def _cmp_fwd_kernel(
             else:
                 kt = tl.load(k_base + start * stride_kn + k_cols,
                              mask=dk_ok & (cols[None, :] < N), other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+            s = tl.dot(q, kt, input_precision=DOT_PREC)
+            if DK2 > 0:
+                s = tl.dot(q2, _k2_tile(K2, k_base, k2_cols, dk2_ok, b32, start, h, N,
+                                        stride_kn, offs_n, BLOCK_N, DK, DK2, USE_DESC),
+                           s, input_precision=DOT_PREC)
+            s = s * qk_scale
             if start >= n_full:
                 s = tl.where(cols[None, :] < n_vis[:, None], s, float("-inf"))
             p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
@@ -214,7 +228,12 @@ def _cmp_fwd_kernel(
             else:
                 kt = tl.load(k_base + kt_i * BLOCK_N * stride_kn + k_cols,
                              mask=dk_ok & (cols[None, :] < N), other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+            s = tl.dot(q, kt, input_precision=DOT_PREC)
+            if DK2 > 0:
+                s = tl.dot(q2, _k2_tile(K2, k_base, k2_cols, dk2_ok, b32, kt_i * BLOCK_N, h, N,
+                                        stride_kn, offs_n, BLOCK_N, DK, DK2, USE_DESC),
+                           s, input_precision=DOT_PREC)
+            s = s * qk_scale
             p = tl.math.exp2(s - lse[:, None])
             if kt_i * BLOCK_N >= n_full:
                 p = tl.where(cols[None, :] < n_vis[:, None], p, 0.0)

@@ -80,6 +80,21 @@ def head_dim_tile(d: int) -> int:
     return max(16, next_pow2(d))
 
 
+def head_dim_split(d: int) -> tuple[int, int]:
+    """(DK, DK2): a query/key head dim as a tile of DK columns plus a second tile of DK2
+    columns at column DK (0: none), each a power of two >= 16, where two tiles cover it
+    with fewer padded columns than one: d = 192 is 128 + 64 (one tile: 256, a third
+    wasted in every product and load), 96 is 64 + 32, 48 is 32 + 16; powers of two and
+    d <= 32 keep one tile. Kernels with a ``DK2`` constexpr compute Q K^T as the sum of
+    the two tiles' products."""
+    one = head_dim_tile(d)
+    if d <= 32 or d == one:
+        return one, 0
+    lo = one // 2
+    rest = max(16, next_pow2(d - lo))
+    return (lo, rest) if lo + rest < one else (one, 0)
+
+
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     """fp32 inputs use 3xTF32 on the GPU (near-fp32 accuracy); half types ignore the flag."""
     return "tf32x3" if dtype == torch.float32 and device.type == "cuda" else "tf32"
@@ -135,8 +150,10 @@ def score_layout_ok(cfg: NSAConfig) -> list[str]:
 # ----------------------------------------------------------------------------- configs
 
 
-def _cmp_config(DK: int, DV: int, GP2: int, SEL_B: int, device: torch.device, pass2_only=False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the compressed-branch kernel."""
+def _cmp_config(DK: int, DV: int, GP2: int, SEL_B: int, device: torch.device, pass2_only=False,
+                DK2: int = 0):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the compressed-branch kernel (``DK2``:
+    the head dim's second tile, :func:`head_dim_split`)."""
     if interpreting() or device.type != "cuda":
         bm, bn, warps, stages = 64, 32, 4, 1
     else:
@@ -149,7 +166,12 @@ def _cmp_config(DK: int, DV: int, GP2: int, SEL_B: int, device: torch.device, pa
         # fewer heads per position the rows are more positions (G = 8: 9.88 against 9.68 /
         # 9.81 ms; G = 1 at 16k: 0.121 against 0.092, fewer programs), so 64 rows stay there
         # (the two-pass mode's score kernel keeps its own measured 64 x 128 tile)
-        if big <= 128:
+        if DK2 and big <= 128:
+            # head dim as two tiles (d_k = 192: 128 + 64): 64 query rows (128 would hold
+            # [128, 192] of q and the [128, 128] accumulator in registers), 2 stages of 64-key
+            # tiles (80 KB at 192 + 128 columns: two programs per SM)
+            bm, bn, warps, stages = 64, 64, 4, 2
+        elif big <= 128:
             if major >= 9 and GP2 >= 16 and not pass2_only:
                 bm, bn, warps, stages = 128, 64, 4, 2
             else:
@@ -219,7 +241,7 @@ def cmp_forward(
     d_v = v_cmp.shape[-1]
     G = HQ // H
     GP2 = rows_per_position(G)
-    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    (DK, DK2), DV = head_dim_split(d_k), head_dim_tile(d_v)
     SEL_B, SEL_A = cfg.l_sel // cfg.d, cfg.l // cfg.d
     NB = cfg.num_sel_blocks(T)
     if want_scores:
@@ -232,12 +254,12 @@ def cmp_forward(
         scores = torch.empty(B, H, T, NB, device=q.device, dtype=torch.float32)
     if not want_o and not want_scores:
         return None, None
-    use_desc = resolve_desc("cmp_forward", use_desc, k_cmp, v_cmp, DK, DV)
+    use_desc = resolve_desc("cmp_forward", use_desc, k_cmp, v_cmp, DK + DK2, DV)
     if score_dot is None:
         score_dot = CMP_SCORE_DOT
     if score_dot is None:
         score_dot = q.device.type == "cuda" and not interpreting() and GP2 <= 4
-    bm, bn, warps, stages = _cmp_config(DK, DV, GP2, SEL_B, q.device)
+    bm, bn, warps, stages = _cmp_config(DK, DV, GP2, SEL_B, q.device, DK2=DK2)
     bm, bn = block_m or bm, block_n or bn
     warps, stages = num_warps or warps, num_stages or stages
     prec = dot_precision(q.dtype, q.device)
@@ -258,8 +280,9 @@ def cmp_forward(
         grid = (cdiv(T, pp), H, B)
         kd, vd = ((kv_desc(k_cmp, N, bn_, DK), kv_desc(v_cmp, N, bn_, DV)) if use_desc
                   else (k_cmp, v_cmp))
+        kd2 = kv_desc(k_cmp, N, bn_, DK2) if use_desc and DK2 else kd
         _cmp_fwd_kernel[grid](
-            q, kd, vd, o_arg, lse, s_arg,
+            q, kd, kd2, vd, o_arg, lse, s_arg,
             q.stride(0), q.stride(1), q.stride(2),
             k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
             v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2),
@@ -272,7 +295,7 @@ def cmp_forward(
             G=G, GP2=GP2, PP=pp, BLOCK_N=bn_, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             CMP_L=cfg.l, CMP_D=cfg.d, SEL_B=SEL_B, SEL_A=SEL_A,
             PASS1=pass1, PASS2=pass2, DO_PV=want_o, STORE_LSE=store_lse,
-            DOT_PREC=prec, USE_DESC=use_desc, SCORE_DOT=score_dot,
+            DOT_PREC=prec, USE_DESC=use_desc, SCORE_DOT=score_dot, DK2=DK2,
             BJ2=max(16, next_pow2(bn_ // SEL_B + 1)), num_warps=warps_, num_stages=stages_,
         )
 
@@ -283,7 +306,8 @@ def cmp_forward(
     else:
         shrink_on_oor(lambda m, st: launch(m, bn, warps, st, True, False, True),
                       bm, stages, min_bm)
-        bm2, bn2, warps2, stages2 = _cmp_config(DK, DV, GP2, SEL_B, q.device, pass2_only=True)
+        bm2, bn2, warps2, stages2 = _cmp_config(DK, DV, GP2, SEL_B, q.device, pass2_only=True,
+                                                DK2=DK2)
         bm2, bn2 = block_m or bm2, block_n or bn2
         shrink_on_oor(lambda m, st: launch(m, bn2, warps2, st, False, True, False),
                       bm2, stages2, min_bm)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.ops.rows import _group_rows, _softmax_step, _tile_rows
+from nsa.ops.rows import _group_rows, _k2_tile, _softmax_step, _tile_rows
 
 _KEY_NONE = tl.constexpr(-9223372036854775808)  # int64 min: "no candidate"
 _KEY_FULL = tl.constexpr(9223372036854775807)  # int64 max: a slot that is not in use
@@ -386,7 +386,7 @@ def _sel_epilogue(
 
 @triton.jit
 def _sel_fwd_kernel(
-    Q, K, V, IDX, O, OB, OC, OW, GS, GC, GW, LSE,
+    Q, K, K2, V, IDX, O, OB, OC, OW, GS, GC, GW, LSE,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -405,7 +405,7 @@ def _sel_fwd_kernel(
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     WRITE_OUT: tl.constexpr, WRITE_BRANCH: tl.constexpr,
     HAS_CMP: tl.constexpr, HAS_WIN: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False, DK2: tl.constexpr = 0,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
@@ -419,13 +419,22 @@ def _sel_fwd_kernel(
     dk_ok = offs_dk[:, None] < D_K
     dv_ok = offs_dv[None, :] < D_V
 
-    q_ptrs = (Q + b * stride_qb + t0.to(tl.int64) * stride_qt
-              + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :])
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+    q_rows = (Q + b * stride_qb + t0.to(tl.int64) * stride_qt
+              + (p_loc * stride_qt + hq * stride_qh)[:, None])
+    q = tl.load(q_rows + offs_dk[None, :], mask=row_ok[:, None] & (offs_dk[None, :] < D_K),
+                other=0.0)
+    if DK2 > 0:  # head dim as two tiles (d_k = 192: 128 + 64 columns); K2: the second's
+        offs_dk2 = DK + tl.arange(0, DK2)
+        q2 = tl.load(q_rows + offs_dk2[None, :], mask=row_ok[:, None] & (offs_dk2[None, :] < D_K),
+                     other=0.0)
+        k2_cols = offs_dk2[:, None] + offs_n[None, :] * stride_kt
+        dk2_ok = offs_dk2[:, None] < D_K
 
     if not USE_DESC:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
+    else:
+        k_base = K2  # not read: the descriptors load every tile
     k_cols = offs_dk[:, None] + offs_n[None, :] * stride_kt  # K^T tile [DK, BLOCK_N]
     v_rows = offs_n[:, None] * stride_vt + offs_dv[None, :]
     i_base, flat, order, row_idx, n_blocks = _block_list(
@@ -447,7 +456,12 @@ def _sel_fwd_kernel(
             else:
                 kt = tl.load(k_base + s0 * stride_kt + k_cols,
                              mask=dk_ok & (kpos[None, :] < T), other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+            s = tl.dot(q, kt, input_precision=DOT_PREC)
+            if DK2 > 0:
+                s = tl.dot(q2, _k2_tile(K2, k_base, k2_cols, dk2_ok, b.to(tl.int32), s0, h, T,
+                                        stride_kt, offs_n, BLOCK_N, DK, DK2, USE_DESC),
+                           s, input_precision=DOT_PREC)
+            s = s * qk_scale
             ok = (member[:, None] & (kpos[None, :] <= t_row[:, None])
                   & (c0 + offs_n < L_SEL)[None, :])
             p, alpha, m_new, l_i = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)

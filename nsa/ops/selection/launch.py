@@ -13,6 +13,7 @@ from nsa.ops.compression.launch import (
     LOG2E,
     cdiv,
     dot_precision,
+    head_dim_split,
     head_dim_tile,
     interpreting,
     last_dim_contiguous,
@@ -202,7 +203,10 @@ def sel_forward(
     PP = positions_per_program or max(1, 16 // GP2)
     if PP & (PP - 1):
         raise ValueError(f"sel_forward: positions_per_program must be a power of two, got {PP}")
-    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    DV = head_dim_tile(d_v)
+    # the group path takes a head dim as two tiles where that pads less (d_k = 192: 128 +
+    # 64); the block path keeps one padded tile (head_dim_tile)
+    DK, DK2 = head_dim_split(d_k)
     write_out = g_sel is not None
     if not write_out and o_branch is None:
         o_branch = torch.empty(B, T, HQ, d_v, device=q.device, dtype=q.dtype)
@@ -215,7 +219,7 @@ def sel_forward(
                             partial_dtype=partial_dtype, num_warps=num_warps,
                             num_stages=num_stages, before_combine=before_combine)
         return o_branch, out
-    use_desc = resolve_desc("sel_forward", use_desc, k, v, DK, DV)
+    use_desc = resolve_desc("sel_forward", use_desc, k, v, DK + DK2, DV)
     bn, warps, stages = _sel_config(DK, DV, cfg.l_sel, q.device, use_desc)
     if block_n is not None:
         bn = tuning_tile("sel_forward", "block_n", block_n)
@@ -231,14 +235,15 @@ def sel_forward(
 
     def launch(_bm, stages_):
         kd, vd = ((kv_desc(k, T, bn, DK), kv_desc(v, T, bn, DV)) if use_desc else (k, v))
+        kd2 = kv_desc(k, T, bn, DK2) if use_desc and DK2 else kd
         _sel_fwd_kernel[(cdiv(T, PP), H, B)](
-            q, kd, vd, block_indices, *ptrs,
+            q, kd, kd2, vd, block_indices, *ptrs,
             *_t3(q), *_t3(k), *_t3(v), *_t3(block_indices), *strides,
             T, scale * LOG2E,
             G=G, GP2=GP2, PP=PP, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=block_indices.shape[-1],
             NP=next_pow2(block_indices.shape[-1]), DOT_PREC=dot_precision(q.dtype, q.device),
-            USE_DESC=use_desc, num_warps=warps, num_stages=stages_, **flags,
+            USE_DESC=use_desc, DK2=DK2, num_warps=warps, num_stages=stages_, **flags,
         )
 
     shrink_on_oor(launch, 16, stages, 16)

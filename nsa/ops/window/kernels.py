@@ -18,7 +18,7 @@ from nsa.ops.rows import _softmax_step, _tile_rows
 
 @triton.jit
 def _win_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, K2, V, O, LSE,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -28,6 +28,7 @@ def _win_fwd_kernel(
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, BLOCK_N: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
+    DK2: tl.constexpr = 0,
 ):
     BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
@@ -41,9 +42,15 @@ def _win_fwd_kernel(
     dk_ok = offs_dk[:, None] < D_K
     dv_ok = offs_dv[None, :] < D_V
 
-    q_ptrs = (Q + b * stride_qb + t0.to(tl.int64) * stride_qt
-              + (p_loc * stride_qt + hq * stride_qh)[:, None] + offs_dk[None, :])
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+    q_rows = (Q + b * stride_qb + t0.to(tl.int64) * stride_qt
+              + (p_loc * stride_qt + hq * stride_qh)[:, None])
+    q = tl.load(q_rows + offs_dk[None, :], mask=row_ok[:, None] & (offs_dk[None, :] < D_K),
+                other=0.0)
+    if DK2 > 0:  # head dim as two tiles (d_k = 192: 128 + 64 columns); K2: the second's
+        offs_dk2 = DK + tl.arange(0, DK2)
+        q2 = tl.load(q_rows + offs_dk2[None, :], mask=row_ok[:, None] & (offs_dk2[None, :] < D_K),
+                     other=0.0)
+        dk2_ok = offs_dk2[:, None] < D_K
     if not USE_DESC:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
@@ -63,6 +70,9 @@ def _win_fwd_kernel(
         # 64-bit pointers walk the key tiles (token offsets may pass 2^31 elements)
         kt_ptrs = k_base + lo.to(tl.int64) * stride_kt + k_cols
         v_ptrs = v_base + lo.to(tl.int64) * stride_vt + v_rows
+        if DK2 > 0:
+            kt2_ptrs = (k_base + lo.to(tl.int64) * stride_kt + offs_dk2[:, None]
+                        + offs_n[None, :] * stride_kt)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
@@ -74,7 +84,15 @@ def _win_fwd_kernel(
             kt = tl.trans(tl.reshape(K.load([b32, start, h, 0]), [BLOCK_N, DK]))
         else:
             kt = tl.load(kt_ptrs, mask=dk_ok & (kpos[None, :] < T), other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, kt, input_precision=DOT_PREC)
+        if DK2 > 0:
+            if USE_DESC:
+                kt2 = tl.trans(tl.reshape(K2.load([b32, start, h, DK]), [BLOCK_N, DK2]))
+            else:
+                kt2 = tl.load(kt2_ptrs, mask=dk2_ok & (kpos[None, :] < T), other=0.0)
+                kt2_ptrs += BLOCK_N * stride_kt
+            s = tl.dot(q2, kt2, s, input_precision=DOT_PREC)
+        s = s * qk_scale
         if (start < mid_lo) | (start >= mid_hi):
             ok = (kpos[None, :] <= t_row[:, None]) & (kpos[None, :] > t_row[:, None] - W)
             s = tl.where(ok, s, float("-inf"))

@@ -10,6 +10,7 @@ from nsa.ops.compression.launch import (
     cdiv,
     cuda_capability,
     dot_precision,
+    head_dim_split,
     head_dim_tile,
     last_dim_contiguous,
     rows_per_position,
@@ -19,14 +20,20 @@ from nsa.ops.descriptors import kv_desc, resolve_desc
 from nsa.ops.window.kernels import _win_fwd_kernel
 
 
-def _win_config(DK: int, DV: int, GP2: int, device: torch.device, desc: bool = False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def _win_config(DK: int, DV: int, GP2: int, device: torch.device, desc: bool = False,
+                DK2: int = 0):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); ``DK2``: the head dim's second tile
+    (:func:`nsa.ops.compression.launch.head_dim_split`)."""
     if device.type != "cuda":
         bm, bn, warps, stages = 64, 32, 4, 1
     else:
         major, _ = cuda_capability(device)
         big = max(DK, DV)
-        if big <= 64:
+        if DK2 and big <= 128:
+            # head dim as two tiles (d_k = 192: 128 + 64): 2 stages of 64-key tiles (80 KB at
+            # 192 + 128 columns: two programs per SM; 3 stages would take 120 KB)
+            bm, bn, warps, stages = 64, 64, 4, 2
+        elif big <= 64:
             bm, bn, warps, stages = 128, 64, 4, 3
         elif big <= 128 and desc:
             # H200, 64k: 64 x 64 on 4 warps 3.43 / 0.82 / 0.20 ms for G = 16 / 4 / 1, against
@@ -61,11 +68,11 @@ def win_forward(
     H, d_v = k.shape[2], v.shape[-1]
     G = HQ // H
     GP2 = rows_per_position(G)
-    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    (DK, DK2), DV = head_dim_split(d_k), head_dim_tile(d_v)
     if o is None:
         o = torch.empty(B, T, HQ, d_v, device=q.device, dtype=q.dtype)
-    use_desc = resolve_desc("win_forward", use_desc, k, v, DK, DV)
-    bm, bn, warps, stages = _win_config(DK, DV, GP2, q.device, use_desc)
+    use_desc = resolve_desc("win_forward", use_desc, k, v, DK + DK2, DV)
+    bm, bn, warps, stages = _win_config(DK, DV, GP2, q.device, use_desc, DK2)
     bm, bn = block_m or bm, block_n or bn
     warps, stages = num_warps or warps, num_stages or stages
 
@@ -74,8 +81,9 @@ def win_forward(
     def launch(bm_, stages_):
         PP = max(1, bm_ // GP2)
         kd, vd = (kv_desc(k, T, bn, DK), kv_desc(v, T, bn, DV)) if use_desc else (k, v)
+        kd2 = kv_desc(k, T, bn, DK2) if use_desc and DK2 else kd
         _win_fwd_kernel[(cdiv(T, PP), H, B)](
-            q, kd, vd, o, lse_arg,
+            q, kd, kd2, vd, o, lse_arg,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -84,7 +92,7 @@ def win_forward(
             T, w, scale * LOG2E,
             G=G, GP2=GP2, PP=PP, BLOCK_N=bn, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             STORE_LSE=lse is not None, DOT_PREC=dot_precision(q.dtype, q.device),
-            USE_DESC=use_desc, num_warps=warps, num_stages=stages_,
+            USE_DESC=use_desc, DK2=DK2, num_warps=warps, num_stages=stages_,
         )
 
     shrink_on_oor(launch, bm, stages, max(16, GP2))
