@@ -41,11 +41,14 @@ def main() -> None:
                     help="with --flash-only: the dK/dV kernel's variants only")
     ap.add_argument("--branches", default="cmp,win", help="flash branches to tune")
     ap.add_argument("--G", type=int, default=16, help="query heads per KV head")
-    ap.add_argument("--D", type=int, default=128, help="head dim (d_k = d_v)")
+    ap.add_argument("--D", type=int, default=128, help="head dim (d_k; also d_v unless --DV)")
+    ap.add_argument("--DV", type=int, default=None, help="value head dim (paper: --D 192 --DV "
+                                                         "128)")
     a = ap.parse_args()
     T = a.T
     cfg = NSAConfig(l=32, d=16, l_sel=64, n=16, n_initial=1, n_local=2, w=512)
     B, H, G, D = 1, 4, a.G, a.D
+    DV = a.DV or D
     HQ = G * H
     dt = torch.bfloat16
     scale = D ** -0.5
@@ -54,12 +57,12 @@ def main() -> None:
     def r(*s):
         return torch.randn(*s, generator=g, device="cuda").to(dt)
 
-    x = dict(q=r(B, T, HQ, D), k_sel=r(B, T, H, D), v_sel=r(B, T, H, D), k_win=r(B, T, H, D),
-             v_win=r(B, T, H, D), k_cmp=compress_mean(r(B, T, H, D), cfg.l, cfg.d),
-             v_cmp=compress_mean(r(B, T, H, D), cfg.l, cfg.d),
+    x = dict(q=r(B, T, HQ, D), k_sel=r(B, T, H, D), v_sel=r(B, T, H, DV), k_win=r(B, T, H, D),
+             v_win=r(B, T, H, DV), k_cmp=compress_mean(r(B, T, H, D), cfg.l, cfg.d),
+             v_cmp=compress_mean(r(B, T, H, DV), cfg.l, cfg.d),
              **{f"g_{b}": torch.rand(B, T, HQ, generator=g, device="cuda").to(dt)
                 for b in ("cmp", "sel", "win")})
-    dout = r(B, T, HQ, D)
+    dout = r(B, T, HQ, DV)
     fk = forward_kernels(**x, block_indices=None, cfg=cfg, scale=scale, save=True,
                          want_o_sel=False)
     dq = torch.zeros(x["q"].shape, device="cuda", dtype=torch.float32)
@@ -71,14 +74,15 @@ def main() -> None:
     gc, dc = prep(fk["o_cmp"], "g_cmp")
     gw, dw = prep(fk["o_win"], "g_win")
     gs, ds = prep(fk["o_sel"], "g_sel")
-    print(f"{torch.cuda.get_device_name()}, T={T}, paper shape but G={G}, d={D} (H=4, bf16)")
+    print(f"{torch.cuda.get_device_name()}, T={T}, paper shape but G={G}, d_k={D}, d_v={DV} (H=4, "
+          "bf16)")
     branches = {
         "cmp": dict(k=x["k_cmp"], v=x["v_cmp"], gate=gc, lse=fk["lse_cmp"], delta=dc,
                     mask=MASK_CMP, cmp_l=cfg.l, cmp_d=cfg.d),
         "win": dict(k=x["k_win"], v=x["v_win"], gate=gw, lse=fk["lse_win"], delta=dw,
                     mask=MASK_WIN, w=cfg.w),
     }
-    kv_variants = [(32, 64, 4, 3), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2),
+    kv_variants = [(32, 64, 4, 3), (32, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2),
                    (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2),
                    (64, 64, 8, 3)]
     dq_variants = [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2),
@@ -127,7 +131,8 @@ def main() -> None:
     import nsa.ops.selection.bwd_launch as BL
 
     default_cfg = BL._sel_bwd_config
-    for bm, bn, w, st in [(64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 64, 4, 3),
+    for bm, bn, w, st in [(32, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3),
+                          (64, 64, 4, 3),
                           (128, 64, 8, 2), (128, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2),
                           (128, 32, 8, 2), (64, 64, 8, 1)]:
         def cfg_fn(*args, bm=bm, bn=bn, w=w, st=st, **kw):

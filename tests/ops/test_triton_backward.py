@@ -425,6 +425,160 @@ def test_grads_shorter_than_one_compressed_block(rng):
     assert got["g_cmp"] is not None and (got["g_cmp"] == 0).all()
 
 
+# ----------------------------------------------------------------------------- split head dim
+
+
+# d_k as two tiles (nsa.ops.compression.launch.head_dim_split): 48 = 32 + 16 columns, 40 =
+# 32 + 16 with the second tile's last 8 columns masked. Same columns as CASES.
+SPLIT_CASES = [
+    (PAPER, (3, 1, 1, 40), 1, 150, 2, 1, 48, 16),  # G = 1, H = 2, d_v < d_k
+    (PAPER, (3, 1, 1, 40), 2, 83, 1, 3, 40, 32),  # batch 2, masked second tile
+    (EQUAL, (4, 1, 2, 32), 1, 83, 1, 16, 48, 32),  # l = l' = d, G = 16
+]
+
+
+def admit_head_dim(monkeypatch) -> None:
+    """Let nsa_attention(backend="triton") take d_k = 48 / 40 on the CPU: the routing lists
+    the model head dims (64, 128, 192, 256, powers of two); these are the interpreter-sized
+    stand-ins of 192's split (128 + 64), routed as their one-tile width (64) would be."""
+    import nsa.ops.triton_backend as TB
+    from nsa.ops.compression.launch import head_dim_tile
+
+    real = TB._routing
+    monkeypatch.setattr(TB, "_routing",
+                        lambda q, d_k, d_v, G: real(q, head_dim_tile(d_k), d_v, G))
+
+
+def spy_split(monkeypatch) -> list[int]:
+    """Record the head dims the backward launchers split (flashbwd and selection); admits
+    them (:func:`admit_head_dim`)."""
+    import nsa.ops.flashbwd.launch as FB
+    import nsa.ops.selection.bwd_launch as SB
+    from nsa.ops.compression.launch import head_dim_split
+
+    admit_head_dim(monkeypatch)
+    seen = []
+    for mod in (FB, SB):
+        monkeypatch.setattr(mod, "head_dim_split",
+                            lambda d, _r=head_dim_split: seen.append(d) or _r(d))
+    return seen
+
+
+@pytest.mark.parametrize("blocks,sel,B,T,H,G,dk,dv", SPLIT_CASES)
+def test_grads_with_a_split_head_dim_fp32(blocks, sel, B, T, H, G, dk, dv, rng, monkeypatch):
+    """The backward kernels with q/k columns as two tiles (DK + DK2: every product over
+    d_k the sum of two, dQ/dK stored per tile): every input's gradient against the float64
+    reference, selected dQ group-centric."""
+    from nsa.ops.compression.launch import head_dim_split
+
+    assert head_dim_split(dk) == (32, 16)
+    seen = spy_split(monkeypatch)
+    n, ni, nl, w = sel
+    cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
+    inp, dout = make(rng, cfg, B, T, H, G, dk, dv, torch.float32)
+    ref, raux, want = reference(inp, cfg, dout)
+    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices)
+    assert seen and set(seen) == {dk}
+    assert rel(out, ref) < TOL[torch.float32]
+    check_grads(got, want, torch.float32, TOL[torch.float32])
+    assert_unseen_cmp_grads_zero(got, cfg, T)
+
+
+@pytest.mark.parametrize("case,dq_atomic,det", [(0, True, False), (1, False, False),
+                                                (2, True, True)])
+def test_grads_of_the_block_centric_selected_path_with_a_split_head_dim(case, dq_atomic, det,
+                                                                         rng, monkeypatch):
+    """Mode "block" with d_k as two tiles: the key-centric kernel's dQ atomics / per-slot
+    partials (NaN-poisoned) and its deterministic dK partials per column range, summed by
+    the reduce kernels per tile."""
+    import nsa.ops.selection.bwd_launch as SB
+    import nsa.ops.selection.launch as SL
+
+    monkeypatch.setattr(SL, "SEL_MODE", "block")
+    monkeypatch.setattr(SL, "PARTIAL_FILL", float("nan"))
+    monkeypatch.setattr(SB, "DQ_ATOMIC", dq_atomic)
+    monkeypatch.setattr(SB, "_sel_bwd_dq_kernel", [])  # the group dQ must not run
+    seen = spy_split(monkeypatch)
+    blocks, (n, ni, nl, w), B, T, H, G, dk, dv = SPLIT_CASES[case]
+    cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
+    inp, dout = make(rng, cfg, B, T, H, G, dk, dv, torch.float32)
+    ref, raux, want = reference(inp, cfg, dout)
+    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices,
+                                   deterministic=det)
+    assert seen and set(seen) == {dk}
+    assert rel(out, ref) < TOL[torch.float32]
+    check_grads(got, want, torch.float32, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_grads_with_descriptor_loads_and_a_split_head_dim(case, rng, monkeypatch):
+    """Descriptors forced on: at d_k = 48 the dQ kernels read the keys' second tile through
+    a descriptor of its own (a [1, rows, 1, 16] box loaded at column 32); at d_k = 40 (the
+    two tiles cover 48 columns) they fall back to pointer loads. Gradients as the
+    reference's either way."""
+    import nsa.ops.descriptors as D
+    import nsa.ops.flashbwd.launch as FB
+    import nsa.ops.selection.bwd_launch as SB
+
+    made = []
+    build = D.kv_desc
+
+    def spy(tag):
+        def kv(x, rows, block_rows, tile):
+            made.append((tag, tile))
+            return build(x, rows, block_rows, tile)
+        return kv
+
+    admit_head_dim(monkeypatch)
+    monkeypatch.setattr(D, "USE_DESC", True)
+    for mod, tag in ((SB, "sel_dq"), (FB, "flash_dq")):
+        monkeypatch.setattr(mod, "kv_desc", spy(tag))
+    blocks, (n, ni, nl, w), B, T, H, G, dk, dv = SPLIT_CASES[case]
+    cfg = NSAConfig(n=n, n_initial=ni, n_local=nl, w=w, **blocks)
+    inp, dout = make(rng, cfg, B, T, H, G, dk, dv, torch.float32)
+    inp = {k: (x.contiguous() if torch.is_tensor(x) else x) for k, x in inp.items()}
+    ref, raux, want = reference(inp, cfg, dout)
+    out, _, got = forward_backward(inp, cfg, dout, "triton", block_indices=raux.block_indices)
+    if dk == 48:
+        assert {(t, c) for t in ("sel_dq", "flash_dq") for c in (32, 16, dv)} == set(made)
+    else:
+        assert made == []
+    assert rel(out, ref) < TOL[torch.float32]
+    check_grads(got, want, torch.float32, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mask,G", [(0, 4), (1, 2)])
+def test_flash_backward_split_head_dim_descriptors_equal_pointers(mask, G, rng):
+    """d_k = 48 as two tiles: the flash dK/dV kernel's q rows and the dQ kernel's key tiles
+    by descriptors (a second descriptor per tensor for columns 32..47) give the pointer
+    loads' dQ, dK, dV; at d_k = 40 descriptors are refused, by name."""
+    from nsa.ops.flashbwd import MASK_CMP, flash_backward
+
+    B, T, H, dk, dv = 2, 150, 1, 48, 32
+    q = torch.randn(B, T, G * H, dk, generator=rng)
+    k, v = torch.randn(B, T, H, dk, generator=rng), torch.randn(B, T, H, dv, generator=rng)
+    if mask == MASK_CMP:
+        k, v = compress_mean(k, 32, 16), compress_mean(v, 32, 16)
+    dout = torch.randn(B, T, G * H, dv, generator=rng)
+    gate = torch.rand(B, T, G * H, generator=rng)
+    lse = torch.randn(B, G * H, T, generator=rng) + 4.0  # any finite lse: a linear map
+    delta = torch.randn(B, T, G * H, generator=rng)
+    res = []
+    for desc in (False, True):
+        dq = torch.full(q.shape, float("nan"))
+        dk_, dv_ = flash_backward(q, k, v, dout, gate, lse, delta, dq, 0.25, mask=mask, w=40,
+                                  cmp_l=32, cmp_d=16, accumulate_dq=False, use_desc=desc,
+                                  use_desc_rows=desc)
+        res.append((dq, dk_, dv_))
+    for a, b in zip(*res, strict=True):
+        assert torch.isfinite(a).all() and rel(b, a) < 1e-6
+    with pytest.raises(ValueError, match="head dim 40"):
+        flash_backward(q[..., :40], k[..., :40], v, dout, gate, lse, delta,
+                       torch.zeros(q[..., :40].shape), 0.25, mask=mask, w=40, cmp_l=32,
+                       cmp_d=16, use_desc=True)
+
+
+
 # ----------------------------------------------------------------------------- selection
 
 

@@ -14,6 +14,7 @@ from nsa.ops.compression.launch import (
     LOG2E,
     cdiv,
     dot_precision,
+    head_dim_split,
     head_dim_tile,
     interpreting,
     rows_per_position,
@@ -30,17 +31,27 @@ MASK_WIN = 1
 PAIR_DQ = True
 
 
-def _configs(DK: int, DV: int, GP2: int, device: torch.device):
+def _configs(DK: int, DV: int, GP2: int, device: torch.device, DK2: int = 0):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, same of the dQ kernel.
 
     Measured on an H200 at the paper shape, T = 64k (scripts/gpu_tune_backward.py,
     docs/perf-notes.md): dK/dV 32 x 64 on 4 warps, 3 stages (compressed 26.5 ms, window
     7.8 ms; 64 x 64 on 8 warps took 59.7 / 16.0 ms), dQ 64 x 64 on 4 warps, 2 stages
     (15.5 / 4.9 ms; 128 x 32 on 8 warps 26.8 / 7.9 ms).
+
+    ``DK2``: the second q/k tile where the kernels take the head dim as two
+    (:func:`head_dim_split`; ``DK`` the first). At the paper's d_k = 192 (128 + 64), d_v =
+    128, H200, 16k, G = 16 (scripts/gpu_tune_backward.py --D 192 --DV 128, ms, compressed /
+    window): dK/dV 32 x 128 on 8 warps, 3 stages 2.94 / 1.96 against 5.30 / 4.05 for the
+    wide-head tile (32 x 32, 4 warps, 2 stages) and 4.76 / 3.09 for the d <= 128 one; dQ
+    128 x 64 on 8 warps, 3 stages 1.94 / 1.94 against 2.36 / 2.23 (64 x 32, 4 warps) and
+    3.08 / 3.10 (64 x 64, 4 warps).
     """
     if interpreting() or device.type != "cuda":
         return (32, 32, 4, 1), (32, 32, 4, 1)
-    if max(DK, DV) <= 128:
+    if DK2 and max(DK, DV) <= 128:
+        kv, dq = (32, 128, 8, 3), (128, 64, 8, 3)
+    elif max(DK, DV) <= 128:
         kv, dq = (32, 64, 4, 3), (64, 64, 4, 2)
     else:
         kv, dq = (32, 32, 4, 2), (64, 32, 4, 2)
@@ -110,19 +121,20 @@ def flash_backward(
     NK, H, d_v = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
     GP2 = rows_per_position(G)
-    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    # q/k head dim as one or two power-of-two tiles (d_k = 192: 128 + 64 columns)
+    (DK, DK2), DV = head_dim_split(d_k), head_dim_tile(d_v)
     if gate.stride() != delta.stride():
         raise ValueError("flash_backward: delta must have the gate's strides")
     gate = gate_f32(gate)
-    (bm1, bn1, warps1, stages1), _ = _configs(DK, DV, GP2, q.device)
+    (bm1, bn1, warps1, stages1), _ = _configs(DK, DV, GP2, q.device, DK2)
     bm1, bn1, warps1 = kv_config or (bm1, bn1, warps1)
     stages1 = num_stages or stages1
-    use_desc = resolve_desc("flash_backward", use_desc, k, v, DK, DV)
+    use_desc = resolve_desc("flash_backward", use_desc, k, v, DK + DK2, DV)
     # rows by descriptor: a box holds whole groups only. H200, paper shape, 64k: the
     # compressed dK/dV took 27.2 ms with them against 26.8 with pointer loads (window 8.1
     # / 8.2), so they are off unless asked for (here or by USE_DESC / NSA_KV_DESC=1)
     use_desc_rows = resolve_desc(
-        "flash_backward", use_desc_rows, q, dout, DK, DV, default=False,
+        "flash_backward", use_desc_rows, q, dout, DK + DK2, DV, default=False,
         why=() if G == GP2 else (f"G = {G} is not a power of two",), arg="use_desc_rows")
     prec = dot_precision(q.dtype, q.device)
     qk_scale = scale * LOG2E
@@ -150,14 +162,15 @@ def flash_backward(
         pp = max(1, bm // GP2)
         qd, od = ((rows_desc(q, pp, GP2, DK), rows_desc(dout, pp, GP2, DV))
                   if use_desc_rows else (q, dout))
+        qd2 = rows_desc(q, pp, GP2, DK2) if use_desc_rows and DK2 else qd
         _bwd_dkdv_kernel[(cdiv(NK, bn1), n_chunks, H * B)](
-            qd, k, v, od, gate, lse, delta, dkp, dvp, *common,
+            qd, qd2, k, v, od, gate, lse, delta, dkp, dvp, *common,
             dkp.stride(0), dkp.stride(1), dkp.stride(2), dkp.stride(3),
             dvp.stride(0), dvp.stride(1), dvp.stride(2), dvp.stride(3),
             T, NK, H, w, chunk, qk_scale, scale,
             G=G, GP2=GP2, PP=pp, BLOCK_N=bn1, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             MASK=mask, CMP_L=cmp_l, CMP_D=cmp_d, DOT_PREC=prec, USE_DESC=use_desc_rows,
-            num_warps=warps1, num_stages=st,
+            DK2=DK2, num_warps=warps1, num_stages=st,
         )
 
     if NK > 0 and parts != "dq":
@@ -230,8 +243,9 @@ def flash_dq(
     # branches with no keys add nothing
     live = [br for br in branches if br.k.shape[1] > 0]
     wide = max(head_dim_tile(q.shape[-1]), head_dim_tile(dout.shape[-1])) > 128
-    # past 128 columns the dQ kernel already spills (sm_90 compile: 480-576 bytes of stack
-    # per thread) and the second branch's state adds 300 more
+    # past 128 columns the dQ kernel already spilled (sm_90 compile: 480-576 bytes of stack
+    # per thread) and the second branch's state adds 300 more; d_k = 192 as two tiles
+    # (128 + 64) does not spill alone, but paired 192-376 bytes
     if len(live) == 2 and (not PAIR_DQ or wide or live[0].gate.stride() != live[1].gate.stride()
                            or live[0].lse.stride() != live[1].lse.stride()):
         buf = dq if dq is not None else torch.empty(q.shape, device=q.device,
@@ -256,11 +270,11 @@ def flash_dq(
     H, d_v = first.k.shape[2], first.v.shape[-1]
     G = HQ // H
     GP2 = rows_per_position(G)
-    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
-    _, (bm2, bn2, warps2, stages2) = _configs(DK, DV, GP2, q.device)
+    (DK, DK2), DV = head_dim_split(d_k), head_dim_tile(d_v)
+    _, (bm2, bn2, warps2, stages2) = _configs(DK, DV, GP2, q.device, DK2)
     bm2, bn2, warps2 = dq_config or (bm2, bn2, warps2)
     stages2 = num_stages or stages2
-    descs = [resolve_desc("flash_dq", use_desc, br.k, br.v, DK, DV) for br in live]
+    descs = [resolve_desc("flash_dq", use_desc, br.k, br.v, DK + DK2, DV) for br in live]
     desc = all(descs)
     w = max(br.w for br in live)
     cmp = [br for br in live if br.mask == MASK_CMP]
@@ -270,25 +284,29 @@ def flash_dq(
     gate, lse = first.gate, first.lse
 
     def kv(br):
+        """(k's columns 0..DK, k's columns DK..DK + DK2 (the first again where DK2 = 0),
+        v): descriptors where ``desc``, else the tensors themselves."""
         NK = br.k.shape[1]
         if desc:
-            return kv_desc(br.k, NK, bn2, DK), kv_desc(br.v, NK, bn2, DV)
-        return br.k, br.v
+            kd = kv_desc(br.k, NK, bn2, DK)
+            return kd, kv_desc(br.k, NK, bn2, DK2) if DK2 else kd, kv_desc(br.v, NK, bn2, DV)
+        return br.k, br.k, br.v
 
     def launch_q(bm, st):
         pp = max(1, bm // GP2)
-        kd, vd = kv(first)
+        kd, kd_hi, vd = kv(first)
         extra = {}
         if len(live) == 2:
             sec = live[1]
-            k2, v2 = kv(sec)
-            extra = dict(K2=k2, V2=v2, GATE2=sec.gate, LSE2=sec.lse, DELTA2=sec.delta,
+            k2, k2_hi, v2 = kv(sec)
+            extra = dict(K2=k2, K2_HI=k2_hi, V2=v2, GATE2=sec.gate, LSE2=sec.lse,
+                         DELTA2=sec.delta,
                          stride_k2b=sec.k.stride(0), stride_k2t=sec.k.stride(1),
                          stride_k2h=sec.k.stride(2), stride_v2b=sec.v.stride(0),
                          stride_v2t=sec.v.stride(1), stride_v2h=sec.v.stride(2),
                          NK2=sec.k.shape[1], MASK2=sec.mask)
         _bwd_dq_kernel[(cdiv(T, pp), H, B)](
-            q, kd, vd, dout, gate, lse, first.delta, dq,
+            q, kd, kd_hi, vd, dout, gate, lse, first.delta, dq,
             q.stride(0), q.stride(1), q.stride(2),
             first.k.stride(0), first.k.stride(1), first.k.stride(2),
             first.v.stride(0), first.v.stride(1), first.v.stride(2),
@@ -299,7 +317,8 @@ def flash_dq(
             T, first.k.shape[1], w, qk_scale, scale,
             G=G, GP2=GP2, PP=pp, BLOCK_N=bn2, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             MASK=first.mask, CMP_L=cmp_l, CMP_D=cmp_d, ACCUMULATE=accumulate_dq,
-            DOT_PREC=prec, USE_DESC=desc, OUT=out, num_warps=warps2, num_stages=st, **extra,
+            DOT_PREC=prec, USE_DESC=desc, OUT=out, DK2=DK2, num_warps=warps2, num_stages=st,
+            **extra,
         )
 
     shrink_on_oor(launch_q, bm2, stages2, max(16, GP2))

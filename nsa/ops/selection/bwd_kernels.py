@@ -18,6 +18,11 @@ log-sum-exp, ``Delta = rowsum(dO * O_sel)``, ``dS = P * (dO V^T - Delta)``.
   to float32 buffers with atomics (``ATOMIC``) or stores them as a per-segment partial
   that :func:`_sel_bwd_reduce_kernel` sums in segment order (deterministic).
   Segments bound the work per program: every position selects block 0 (initial block).
+
+Every kernel with a ``DK`` (``DKT``) constexpr takes ``DK2`` (``DKT2``): where > 0 the
+q/k columns [DK, DK + DK2) are a second tile (d_k = 192: 128 + 64 instead of one 256-wide
+tile, :func:`nsa.ops.compression.launch.head_dim_split`); products over d_k sum the two
+tiles' products, dQ/dK are formed and stored per tile. 0: one tile, as before.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from nsa.ops.selection.kernels import _block_at, _block_list
 
 @triton.jit
 def _sel_bwd_dq_kernel(
-    Q, K, V, IDX, DO, GATE, LSE, DELTA, DQ,
+    Q, K, K2, V, IDX, DO, GATE, LSE, DELTA, DQ,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -46,7 +51,10 @@ def _sel_bwd_dq_kernel(
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False,
+    DK2: tl.constexpr = 0,
 ):
+    """dQ of a tile of PP positions over their selected blocks; ``DK2 > 0``: q/k columns
+    DK .. DK + DK2 as a second tile (K2: k's descriptor of it where ``USE_DESC``)."""
     BLOCK_M: tl.constexpr = PP * GP2
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -60,10 +68,13 @@ def _sel_bwd_dq_kernel(
     dk_ok = offs_dk[None, :] < D_K
     dv_ok = offs_dv[None, :] < D_V
 
-    q, do, lse, delta = _dq_rows(Q, DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
-                                 stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
-                                 stride_oh, stride_gb, stride_gt, stride_gh, stride_lb,
-                                 stride_lh, DK, DV, D_K, D_V)
+    q, q2, do, lse, delta = _dq_rows(Q, DO, GATE, LSE, DELTA, b, t64, p_loc, hq, row_ok,
+                                     stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
+                                     stride_oh, stride_gb, stride_gt, stride_gh, stride_lb,
+                                     stride_lh, DK, DV, D_K, D_V, DK2)
+    if DK2 > 0:
+        offs_dk2 = tl.arange(0, DK2)
+        dk2_ok = DK + offs_dk2[None, :] < D_K
 
     if not USE_DESC:
         k_base = K + b * stride_kb + h * stride_kh
@@ -72,6 +83,10 @@ def _sel_bwd_dq_kernel(
         IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih, PP, NP, N_SEL)
 
     dq = tl.zeros([BLOCK_M, DK], tl.float32)
+    if DK2 > 0:
+        dq2 = tl.zeros([BLOCK_M, DK2], tl.float32)
+    else:
+        dq2 = dq
     for u in range(0, n_blocks):
         blk, member = _block_at(u, i_base, flat, order, row_idx, row_ok, PP)
         for c0 in tl.static_range(0, L_SEL, BLOCK_N):
@@ -82,20 +97,30 @@ def _sel_bwd_dq_kernel(
                 # bulk tensor copies (rows past T arrive as zeros)
                 k = tl.reshape(K.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DK])
                 v = tl.reshape(V.load([b.to(tl.int32), s0.to(tl.int32), h, 0]), [BLOCK_N, DV])
+                if DK2 > 0:
+                    k2 = tl.reshape(K2.load([b.to(tl.int32), s0.to(tl.int32), h, DK]),
+                                    [BLOCK_N, DK2])
             else:
                 k = tl.load(k_base + s0 * stride_kt + (offs_n * stride_kt)[:, None]
                             + offs_dk[None, :], mask=key_ok[:, None] & dk_ok, other=0.0)
                 v = tl.load(v_base + s0 * stride_vt + (offs_n * stride_vt)[:, None]
                             + offs_dv[None, :], mask=key_ok[:, None] & dv_ok, other=0.0)
+                if DK2 > 0:
+                    k2 = tl.load(k_base + s0 * stride_kt + DK + (offs_n * stride_kt)[:, None]
+                                 + offs_dk2[None, :], mask=key_ok[:, None] & dk2_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            if DK2 > 0:
+                s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
             ok = member[:, None] & (kpos[None, :] <= t_row[:, None]) & key_ok[None, :]
             p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT_PREC)
+            if DK2 > 0:
+                dq2 += tl.dot(ds.to(q.dtype), k2, input_precision=DOT_PREC)
 
     _dq_store(DQ, dq * sm_scale, b, t64, p_loc, hq, row_ok, stride_db, stride_dt, stride_dh,
-              DK, D_K, ACCUMULATE)
+              DK, D_K, ACCUMULATE, None, dq2 * sm_scale, DK2)
 
 
 @triton.jit
@@ -117,8 +142,11 @@ def _sel_bwd_dkdv_kernel(
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
     DQX=None, stride_x0=0, stride_x1=0, stride_x2=0, stride_x3=0, stride_x4=0, SPAN=0,
-    N_SEL: tl.constexpr = 1, DQ_OUT: tl.constexpr = 0,
+    N_SEL: tl.constexpr = 1, DQ_OUT: tl.constexpr = 0, DK2: tl.constexpr = 0,
 ):
+    """dK/dV (and with ``DQ_OUT`` dQ) of one key sub-tile over one segment of the
+    positions that selected its block; ``DK2 > 0``: q/k columns DK .. DK + DK2 as a second
+    tile."""
     pid = tl.program_id(0)
     seg = pid // NSUB
     c0 = (pid % NSUB) * BLOCK_N
@@ -145,6 +173,12 @@ def _sel_bwd_dkdv_kernel(
         v = tl.load(V + b * stride_vb + h * stride_vh + s64 * stride_vt
                     + (offs_n * stride_vt)[:, None] + offs_dv[None, :],
                     mask=key_ok[:, None] & dv_ok, other=0.0)
+        if DK2 > 0:  # the second tile of k's columns, DK .. DK + DK2
+            offs_dk2 = tl.arange(0, DK2)
+            dk2_ok = DK + offs_dk2[None, :] < D_K
+            k2 = tl.load(K + b * stride_kb + h * stride_kh + s64 * stride_kt + DK
+                         + (offs_n * stride_kt)[:, None] + offs_dk2[None, :],
+                         mask=key_ok[:, None] & dk2_ok, other=0.0)
         e_base = KEYS + b * stride_eb + h * stride_eh
         # gathered rows use 32-bit offsets (the launcher checks T * stride < 2^31)
         q_base = Q + b * stride_qb
@@ -161,6 +195,8 @@ def _sel_bwd_dkdv_kernel(
         key0 = blk.to(KEYS.dtype.element_ty) * SPAN
         dk = tl.zeros([BLOCK_N, DK], tl.float32)
         dv = tl.zeros([BLOCK_N, DV], tl.float32)
+        if DK2 > 0:
+            dk2 = tl.zeros([BLOCK_N, DK2], tl.float32)
         for p0 in range(lo, hi, PP):
             e = p0 + p_loc
             row_ok = (g_loc < G) & (e < hi)
@@ -173,6 +209,9 @@ def _sel_bwd_dkdv_kernel(
                 tr = ent
             q = tl.load(q_base + (tr * stride_qt + hq_q)[:, None] + offs_dk[None, :],
                         mask=row_ok[:, None] & dk_ok, other=0.0)
+            if DK2 > 0:
+                q2 = tl.load(q_base + DK + (tr * stride_qt + hq_q)[:, None] + offs_dk2[None, :],
+                             mask=row_ok[:, None] & dk2_ok, other=0.0)
             do = tl.load(o_base + (tr * stride_ot + hq_o)[:, None] + offs_dv[None, :],
                          mask=row_ok[:, None] & dv_ok, other=0.0)
             gate = tl.load(g_base + tr * stride_gt + hq_g, mask=row_ok, other=0.0).to(tl.float32)
@@ -183,6 +222,8 @@ def _sel_bwd_dkdv_kernel(
             lse = tl.load(l_base + hq_l + tr, mask=row_ok, other=float("inf"))
             delta = tl.load(d_base + tr * stride_gt + hq_g, mask=row_ok, other=0.0)
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
+            if DK2 > 0:
+                qk_t = tl.dot(k2, tl.trans(q2), qk_t, input_precision=DOT_PREC)
             ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= tr[None, :])
             p_t = tl.where(ok, tl.math.exp2(qk_t * qk_scale - lse[None, :]), 0.0)
             if DQ_OUT > 0:
@@ -194,17 +235,28 @@ def _sel_bwd_dkdv_kernel(
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * gate[None, :]
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+            if DK2 > 0:
+                dk2 += tl.dot(ds_t.to(q.dtype), q2, input_precision=DOT_PREC)
             if DQ_OUT > 0:
                 # this block's share of dQ for the gathered rows
                 dq_t = tl.dot(tl.trans(ds_t.to(q.dtype)), k, input_precision=DOT_PREC) * sm_scale
                 st = row_ok[:, None] & dk_ok
+                if DK2 > 0:
+                    dq_t2 = tl.dot(tl.trans(ds_t.to(q.dtype)), k2,
+                                   input_precision=DOT_PREC) * sm_scale
+                    st2 = row_ok[:, None] & dk2_ok
                 if DQ_OUT == 1:  # float32 atomics into dq [B, T, HQ, d_k]
                     x = (DQX + b * stride_x0 + tr.to(tl.int64) * stride_x1 + hq * stride_x2)
                     tl.atomic_add(x[:, None] + offs_dk[None, :], dq_t, mask=st, sem="relaxed")
+                    if DK2 > 0:
+                        tl.atomic_add(x[:, None] + DK + offs_dk2[None, :], dq_t2, mask=st2,
+                                      sem="relaxed")
                 else:  # float32 partial in slot (j, sub-tile) [B, T, H, n * NSUB, G, d_k]
                     x = (DQX + b * stride_x0 + tr.to(tl.int64) * stride_x1 + h * stride_x2
                          + (jr * NSUB + c0 // BLOCK_N) * stride_x3 + g_loc * stride_x4)
                     tl.store(x[:, None] + offs_dk[None, :], dq_t, mask=st)
+                    if DK2 > 0:
+                        tl.store(x[:, None] + DK + offs_dk2[None, :], dq_t2, mask=st2)
         dk = dk * sm_scale
         if ATOMIC:
             # float32 [B, T, H, D] accumulators
@@ -214,6 +266,11 @@ def _sel_bwd_dkdv_kernel(
                        + (offs_n * stride_v1)[:, None] + offs_dv[None, :])
             tl.atomic_add(dk_ptrs, dk, mask=key_ok[:, None] & dk_ok, sem="relaxed")
             tl.atomic_add(dv_ptrs, dv, mask=key_ok[:, None] & dv_ok, sem="relaxed")
+            if DK2 > 0:
+                dk2_ptrs = (DKO + b * stride_k0 + h * stride_k2 + s64 * stride_k1 + DK
+                            + (offs_n * stride_k1)[:, None] + offs_dk2[None, :])
+                tl.atomic_add(dk2_ptrs, dk2 * sm_scale, mask=key_ok[:, None] & dk2_ok,
+                              sem="relaxed")
         else:
             # float32 partials [B, H, S_MAX * L_SEL, D] (segment-major)
             r64 = (seg * L_SEL + c0).to(tl.int64)
@@ -224,6 +281,10 @@ def _sel_bwd_dkdv_kernel(
             live = (c0 + offs_n < L_SEL)[:, None]
             tl.store(dk_ptrs, dk, mask=live & dk_ok)
             tl.store(dv_ptrs, dv, mask=live & dv_ok)
+            if DK2 > 0:
+                dk2_ptrs = (DKO + b * stride_k0 + h * stride_k1 + r64 * stride_k2 + DK
+                            + (offs_n * stride_k2)[:, None] + offs_dk2[None, :])
+                tl.store(dk2_ptrs, dk2 * sm_scale, mask=live & dk2_ok)
 
 
 @triton.jit
@@ -236,9 +297,10 @@ def _sel_bwd_reduce_kernel(
     stride_vb, stride_vt, stride_vh,
     T,
     DKT: tl.constexpr, DVT: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
-    L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
+    L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr, DKT2: tl.constexpr = 0,
 ):
-    """dK/dV of block j = sum of its segments' partials, in segment order (deterministic)."""
+    """dK/dV of block j = sum of its segments' partials, in segment order (deterministic);
+    ``DKT2 > 0``: dK's columns DKT .. DKT + DKT2 as a second tile."""
     pid = tl.program_id(0)
     j = pid // NSUB
     c0 = (pid % NSUB) * BLOCK_N
@@ -252,16 +314,27 @@ def _sel_bwd_reduce_kernel(
     live = (c0 + offs_n < L_SEL)[:, None]
     dk = tl.zeros([BLOCK_N, DKT], tl.float32)
     dv = tl.zeros([BLOCK_N, DVT], tl.float32)
+    if DKT2 > 0:
+        offs_dk2 = DKT + tl.arange(0, DKT2)
+        dk2 = tl.zeros([BLOCK_N, DKT2], tl.float32)
     for s in range(first, first + count):
         rows = (s * L_SEL + c0 + offs_n).to(tl.int64)
         dk += tl.load(DKP + b * stride_p0 + h * stride_p1 + rows[:, None] * stride_p2
                       + offs_dk[None, :], mask=live & (offs_dk[None, :] < D_K), other=0.0)
+        if DKT2 > 0:
+            dk2 += tl.load(DKP + b * stride_p0 + h * stride_p1 + rows[:, None] * stride_p2
+                           + offs_dk2[None, :], mask=live & (offs_dk2[None, :] < D_K),
+                           other=0.0)
         dv += tl.load(DVP + b * stride_r0 + h * stride_r1 + rows[:, None] * stride_r2
                       + offs_dv[None, :], mask=live & (offs_dv[None, :] < D_V), other=0.0)
     kpos = (j * L_SEL + c0 + offs_n).to(tl.int64)
     ok = live & (kpos < T)[:, None]
     tl.store(DK + b * stride_kb + h * stride_kh + kpos[:, None] * stride_kt + offs_dk[None, :],
              dk.to(DK.dtype.element_ty), mask=ok & (offs_dk[None, :] < D_K))
+    if DKT2 > 0:
+        tl.store(DK + b * stride_kb + h * stride_kh + kpos[:, None] * stride_kt
+                 + offs_dk2[None, :], dk2.to(DK.dtype.element_ty),
+                 mask=ok & (offs_dk2[None, :] < D_K))
     tl.store(DV + b * stride_vb + h * stride_vh + kpos[:, None] * stride_vt + offs_dv[None, :],
              dv.to(DV.dtype.element_ty), mask=ok & (offs_dv[None, :] < D_V))
 
@@ -275,10 +348,12 @@ def _sel_bwd_dq_reduce_kernel(
     T,
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, DK: tl.constexpr,
     D_K: tl.constexpr, N_SEL: tl.constexpr, NSUB: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DK2: tl.constexpr = 0,
 ):
     """dQ of every row = sum of its selected blocks' float32 partials (those of the
     key-centric kernel), in slot order (deterministic); slots whose index is -1 are never
-    read. Written to, or added into, the float32 dQ buffer."""
+    read. Written to, or added into, the float32 dQ buffer. ``DK2 > 0``: the columns
+    DK .. DK + DK2 as a second tile."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -290,13 +365,22 @@ def _sel_bwd_dq_reduce_kernel(
     i_row = IDX + b * stride_ib + t64 * stride_it + h * stride_ih
     x_row = DQP + b * stride_x0 + t64 * stride_x1 + h * stride_x2 + (hq - h * G) * stride_x4
     dq = tl.zeros([PP * GP2, DK], tl.float32)
+    if DK2 > 0:
+        offs_dk2 = DK + tl.arange(0, DK2)
+        dk2_ok = offs_dk2[None, :] < D_K
+        dq2 = tl.zeros([PP * GP2, DK2], tl.float32)
+    else:
+        dq2 = dq
     for j in range(N_SEL):
         live = row_ok & (tl.load(i_row + j, mask=row_ok, other=-1) >= 0)
         for sb in tl.static_range(NSUB):
             dq += tl.load(x_row[:, None] + (j * NSUB + sb) * stride_x3 + offs_dk[None, :],
                           mask=live[:, None] & dk_ok, other=0.0)
+            if DK2 > 0:
+                dq2 += tl.load(x_row[:, None] + (j * NSUB + sb) * stride_x3 + offs_dk2[None, :],
+                               mask=live[:, None] & dk2_ok, other=0.0)
     _dq_store(DQ, dq, b, t0.to(tl.int64), p_loc, hq, row_ok, stride_db, stride_dt, stride_dh,
-              DK, D_K, ACCUMULATE)
+              DK, D_K, ACCUMULATE, None, dq2, DK2)
 
 
 @triton.jit

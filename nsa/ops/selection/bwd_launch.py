@@ -10,6 +10,7 @@ from nsa.ops.compression.launch import (
     LOG2E,
     cdiv,
     dot_precision,
+    head_dim_split,
     head_dim_tile,
     interpreting,
     next_pow2,
@@ -61,7 +62,7 @@ def inverted_index(idx: Tensor, T: int, nb: int, seg_len: int, entries: bool = F
 
 
 def _sel_bwd_config(DK: int, DV: int, GP2: int, L_SEL: int, device: torch.device,
-                    desc: bool = False):
+                    desc: bool = False, DK2: int = 0):
     """(dQ BLOCK_N, dQ warps, dQ stages, dK/dV BLOCK_M, dK/dV BLOCK_N, dK/dV warps,
     dK/dV stages). dQ with descriptor loads takes 3 stages at d <= 128 (H200, 64k:
     18.2 / 13.3 / 11.0 ms for G = 16 / 4 / 1, against 18.5 / 15.0 / 12.3 with 2 stages and
@@ -70,10 +71,17 @@ def _sel_bwd_config(DK: int, DV: int, GP2: int, L_SEL: int, device: torch.device
     (sm_90 compile: 800 bytes of stack at G = 16) on these latency-bound gathers (H200,
     64k, scripts/gpu_tune_backward.py --sel-only: G = 16 dK/dV 26.5 -> 14.4 ms with 3
     stages, 14.8 with 2; dQ + dK/dV at G = 4 11.0 -> 8.8 with 2 stages, 9.2 with 3; G = 1
-    3.3 -> 2.5; d = 64, G = 16, dK/dV 20.2 -> 9.8)."""
+    3.3 -> 2.5; d = 64, G = 16, dK/dV 20.2 -> 9.8). ``DK2``: the second q/k tile where
+    the kernels take the head dim as two (:func:`head_dim_split`). At the paper's d_k = 192
+    (128 + 64), d_v = 128 (H200, 16k, G = 16, scripts/gpu_tune_backward.py --D 192 --DV
+    128, ms): dQ on 2 warps, 2 stages 5.20 against 6.72 on 4 (the wide-head choice);
+    dK/dV 32 x 64 on 4 warps, 2 stages 3.75 against 7.52 (32 x 32) and 12.81 (the d <= 128
+    tile, 64 x 64 on 4 warps, 3 stages)."""
     block = max(16, next_pow2(L_SEL))
     if interpreting() or device.type != "cuda":
         return min(block, 32), 4, 1, max(32, GP2), min(block, 32), 4, 1
+    if DK2 and max(DK, DV) <= 128:
+        return min(block, 32), 2, 2, max(32, GP2), min(block, 64), 4, 2
     if max(DK, DV) <= 128:
         return (min(block, 64), 4, 3 if desc else 2, max(64, GP2), min(block, 64), 4,
                 3 if GP2 >= 16 else 2)
@@ -130,7 +138,8 @@ def sel_backward(
     H, d_v = k.shape[2], v.shape[-1]
     G = HQ // H
     GP2 = rows_per_position(G)
-    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    # q/k head dim as one or two power-of-two tiles (d_k = 192: 128 + 64 columns)
+    (DK, DK2), DV = head_dim_split(d_k), head_dim_tile(d_v)
     L = cfg.l_sel
     if gate.stride() != delta.stride():
         raise ValueError("sel_backward: delta must have the gate's strides")
@@ -140,9 +149,9 @@ def sel_backward(
         if T * x.stride(1) + HQ * x.stride(2) >= 2**31:
             raise ValueError(f"sel_backward: {name} of {tuple(x.shape)} is too large for the "
                              f"32-bit row offsets of the dK/dV kernel (T * stride(1) >= 2^31)")
-    use_desc = resolve_desc("sel_backward", use_desc, k, v, DK, DV)
+    use_desc = resolve_desc("sel_backward", use_desc, k, v, DK + DK2, DV)
     bn_q, warps_q, stages_q, bm_kv, bn_kv, warps_kv, stages = _sel_bwd_config(
-        DK, DV, GP2, L, q.device, use_desc)
+        DK, DV, GP2, L, q.device, use_desc, DK2)
     warps_q, stages_q = dq_warps or warps_q, dq_stages or stages_q
     if dq_block_n is not None:
         from nsa.ops.selection.launch import tuning_tile
@@ -184,18 +193,21 @@ def sel_backward(
     # dQ: group-centric, like the forward
     pp_q = positions_per_program or max(1, 16 // GP2)
     if dq_warps is None:
-        warps_q = one_position_warps(pp_q, DK, DV, q.device.type == "cuda", warps_q)
+        # (by the covered width: d_k = 192 as 128 + 64 keeps its configuration's warps)
+        warps_q = one_position_warps(pp_q, head_dim_tile(d_k), DV, q.device.type == "cuda",
+                                     warps_q)
 
     def launch_q(_bm, st):
         kd, vd = ((kv_desc(k, T, bn_q, DK), kv_desc(v, T, bn_q, DV)) if use_desc else (k, v))
+        kd2 = kv_desc(k, T, bn_q, DK2) if use_desc and DK2 else kd
         _sel_bwd_dq_kernel[(cdiv(T, pp_q), H, B)](
-            q, kd, vd, idx, dout, gate, lse, delta, dq, *common,
+            q, kd, kd2, vd, idx, dout, gate, lse, delta, dq, *common,
             idx.stride(0), idx.stride(1), idx.stride(2), *go,
             dq.stride(0), dq.stride(1), dq.stride(2),
             T, qk_scale, scale,
             G=G, GP2=GP2, PP=pp_q, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=L, BLOCK_N=bn_q, N_SEL=n_sel, NP=next_pow2(n_sel),
-            ACCUMULATE=accumulate_dq, DOT_PREC=prec, USE_DESC=use_desc,
+            ACCUMULATE=accumulate_dq, DOT_PREC=prec, USE_DESC=use_desc, DK2=DK2,
             num_warps=warps_q, num_stages=st,
         )
 
@@ -220,7 +232,7 @@ def _sel_dkdv(q, k, v, idx, dout, gate, lse, delta, cfg, scale, common, go, prec
     H, d_v = k.shape[2], v.shape[-1]
     G = HQ // H
     GP2 = rows_per_position(G)
-    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    (DK, DK2), DV = head_dim_split(d_k), head_dim_tile(d_v)
     L = cfg.l_sel
     nb = cfg.num_sel_blocks(T)
     n_sel = idx.shape[-1]
@@ -261,7 +273,7 @@ def _sel_dkdv(q, k, v, idx, dout, gate, lse, delta, cfg, scale, common, go, prec
             L_SEL=L, BLOCK_N=bn_kv, NSUB=nsub, ATOMIC=not deterministic,
             DOT_PREC=prec, DQX=dqx, stride_x0=xs[0], stride_x1=xs[1], stride_x2=xs[2],
             stride_x3=xs[3], stride_x4=xs[4], SPAN=T * n_sel if with_dq else T,
-            N_SEL=n_sel, DQ_OUT=dq_out, num_warps=warps_kv, num_stages=st,
+            N_SEL=n_sel, DQ_OUT=dq_out, DK2=DK2, num_warps=warps_kv, num_stages=st,
         )
 
     shrink_on_oor(launch_kv, bm_kv, stages, max(16, GP2))
@@ -278,7 +290,7 @@ def _sel_dkdv(q, k, v, idx, dout, gate, lse, delta, cfg, scale, common, go, prec
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         T, DKT=DK, DVT=DV, D_K=d_k, D_V=d_v, L_SEL=L, BLOCK_N=bn_kv, NSUB=nsub,
-        num_warps=4, num_stages=1,
+        DKT2=DK2, num_warps=4, num_stages=1,
     )
     return dk, dv, dq_part
 
@@ -301,12 +313,13 @@ def _sel_backward_block_dq(q, k, v, idx, dout, gate, lse, delta, dq, cfg, scale,
         on_gpu = q.device.type == "cuda" and not interpreting()
         pp = max(1, (64 if on_gpu else 16) // GP2)
         n_sel = idx.shape[-1]
+        DK, DK2 = head_dim_split(d_k)
         _sel_bwd_dq_reduce_kernel[(cdiv(T, pp), H, B)](
             part, idx, dq, *part.stride()[:5],
             idx.stride(0), idx.stride(1), idx.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            T, G=G, GP2=GP2, PP=pp, DK=head_dim_tile(d_k), D_K=d_k, N_SEL=n_sel,
-            NSUB=part.shape[3] // n_sel, ACCUMULATE=accumulate_dq, num_warps=4,
+            T, G=G, GP2=GP2, PP=pp, DK=DK, D_K=d_k, N_SEL=n_sel,
+            NSUB=part.shape[3] // n_sel, ACCUMULATE=accumulate_dq, DK2=DK2, num_warps=4,
             num_stages=1,
         )
     return dk, dv
