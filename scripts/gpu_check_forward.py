@@ -376,11 +376,10 @@ def compile_only() -> None:
     bf = {n: "*bf16" for n in ("Q", "K", "K2", "V", "O", "OB", "OC", "OW", "GS", "GC", "GW")}
     # (G, d_k, d_v); the paper's head dims are d_k = 192, d_v = 128
     for G, d, dv in ((16, 128, 128), (4, 128, 128), (1, 128, 128), (4, 192, 192),
-                     (16, 192, 128), (16, 256, 256), (3, 64, 64)):
+                     (4, 192, 128), (16, 192, 128), (16, 256, 256), (3, 64, 64)):
         G2 = 1 << (G - 1).bit_length()
-        D = 1 << (d - 1).bit_length()
         DVt = 1 << (dv - 1).bit_length()
-        DK, DK2 = CL.head_dim_split(d)  # the compressed, window and group kernels' tiles
+        DK, DK2 = CL.head_dim_split(d)  # the kernels' q/k tiles (d = 192: 128 + 64)
         # the launchers' defaults on SM 9.0 (nsa.ops.descriptors): every tile full
         desc = d == DK + DK2 and dv == DVt
 
@@ -416,9 +415,9 @@ def compile_only() -> None:
                 _sel_fwd_kernel, {**bf, "IDX": "*i32", "LSE": "*fp32",
                                   **tdesc(bn, desc=dsc)}, c, w, st))
         if G <= 8:  # the block-centric path (launcher defaults on the GPU)
-            c = dict(G=G, GP2=G2, PP=max(1, 64 // G2), SEG=512, DK=D, DV=DVt, D_K=d, D_V=dv,
-                     L_SEL=64, BLOCK_N=64, N_SEL=16, DOT_PREC="tf32",
-                     PREFETCH=G2 != 2 and D <= 128)  # the launcher's rule
+            c = dict(G=G, GP2=G2, PP=max(1, 64 // G2), SEG=512, DK=DK, DV=DVt, D_K=d,
+                     D_V=dv, L_SEL=64, BLOCK_N=64, N_SEL=16, DOT_PREC="tf32", DK2=DK2,
+                     PREFETCH=G2 != 2 and DK + DK2 <= 128)  # the launcher's rule
             print(f"sel blocks G={G:2d} d={d} w4 s3: " + one(
                 _sel_fwd_blocks_kernel, {**bf, "KEYS": "*i32", "OFF": "*i32", "PO": "*bf16",
                                          "PL": "*fp32"}, c, 4, 3))

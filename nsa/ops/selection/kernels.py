@@ -505,6 +505,15 @@ def _entry_rows(key, ok, key0, q_base, hq, offs_dk, dk_ok, stride_qt, stride_qh,
 
 
 @triton.jit
+def _entry_q2(ent, ok, q_base, hq, offs_dk2, dk2_ok, stride_qt, stride_qh,
+              N_SEL: tl.constexpr):
+    """The gathered query rows' second head-dim tile (columns ``offs_dk2``, already offset
+    by the first tile's width) for entries ``ent`` of :func:`_entry_rows`."""
+    return tl.load(q_base + ((ent // N_SEL) * stride_qt + hq * stride_qh)[:, None]
+                   + offs_dk2[None, :], mask=ok[:, None] & dk2_ok, other=0.0)
+
+
+@triton.jit
 def _sel_fwd_blocks_kernel(
     Q, K, V, KEYS, OFF, PO, PL,
     stride_qb, stride_qt, stride_qh,
@@ -518,7 +527,7 @@ def _sel_fwd_blocks_kernel(
     G: tl.constexpr, GP2: tl.constexpr, PP: tl.constexpr, SEG: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     L_SEL: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr,
-    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr, DK2: tl.constexpr = 0,
 ):
     """Block-centric selected attention over the selection's entries sorted by block
     (``KEYS`` = block * E + t * n + j, ``OFF`` = each block's first entry; see
@@ -527,7 +536,8 @@ def _sel_fwd_blocks_kernel(
     block's keys and values once and, PP positions (PP x GP2 rows) at a time, gathers the
     G query heads of each position, attends to the block (causal inside it) and stores the
     normalised partial output and its base-2 log-sum-exp in the position's slot j (its
-    j-th selected block) of PO / PL. :func:`_sel_merge_kernel` then combines the slots."""
+    j-th selected block) of PO / PL. :func:`_sel_merge_kernel` then combines the slots.
+    ``DK2 > 0``: q/k columns DK .. DK + DK2 as a second tile (d_k = 192: 128 + 64)."""
     BLOCK_M: tl.constexpr = PP * GP2
     NSUB: tl.constexpr = (L_SEL + BLOCK_N - 1) // BLOCK_N
     h = tl.program_id(1)
@@ -541,6 +551,9 @@ def _sel_fwd_blocks_kernel(
     p_loc, g_loc, hq = _group_rows(h, G, GP2, PP)
     dk_ok = offs_dk[None, :] < D_K
     dv_ok = offs_dv[None, :] < D_V
+    if DK2 > 0:
+        offs_dk2 = DK + tl.arange(0, DK2)
+        dk2_ok = offs_dk2[None, :] < D_K
     e_base = KEYS + b * stride_eb + h * stride_eh
     # query rows: 32-bit offsets within one batch element (the launcher checks)
     q_base = Q + b * stride_qb
@@ -556,12 +569,18 @@ def _sel_fwd_blocks_kernel(
                         mask=key_ok[:, None] & dk_ok, other=0.0)
             v = tl.load(v_base + (offs_n * stride_vt)[:, None] + offs_dv[None, :],
                         mask=key_ok[:, None] & dv_ok, other=0.0)
+            if DK2 > 0:
+                k2 = tl.load(k_base + (offs_n * stride_kt)[:, None] + offs_dk2[None, :],
+                             mask=key_ok[:, None] & dk2_ok, other=0.0)
         key0 = blk.to(tl.int64) * E
         if PREFETCH:
             # the first step's rows, and the second step's keys
             ok_c, key_c = _entry_keys(e_base, cur, end, p_loc, g_loc, G)
             ent_c, q_c = _entry_rows(key_c, ok_c, key0, q_base, hq, offs_dk, dk_ok,
                                      stride_qt, stride_qh, N_SEL)
+            if DK2 > 0:
+                q2_c = _entry_q2(ent_c, ok_c, q_base, hq, offs_dk2, dk2_ok, stride_qt,
+                                 stride_qh, N_SEL)
             ok_n, key_n = _entry_keys(e_base, cur + PP, end, p_loc, g_loc, G)
         for p0 in range(cur, end, PP):
             if PREFETCH:
@@ -571,14 +590,22 @@ def _sel_fwd_blocks_kernel(
                 row_ok = ok_c
                 ent = ent_c
                 q = q_c
+                if DK2 > 0:
+                    q2 = q2_c
                 ok_c = ok_n
                 ent_c, q_c = _entry_rows(key_n, ok_n, key0, q_base, hq, offs_dk, dk_ok,
                                          stride_qt, stride_qh, N_SEL)
+                if DK2 > 0:
+                    q2_c = _entry_q2(ent_c, ok_c, q_base, hq, offs_dk2, dk2_ok, stride_qt,
+                                     stride_qh, N_SEL)
                 ok_n, key_n = _entry_keys(e_base, p0 + 2 * PP, end, p_loc, g_loc, G)
             else:
                 row_ok, key = _entry_keys(e_base, p0, end, p_loc, g_loc, G)
                 ent, q = _entry_rows(key, row_ok, key0, q_base, hq, offs_dk, dk_ok,
                                      stride_qt, stride_qh, N_SEL)
+                if DK2 > 0:
+                    q2 = _entry_q2(ent, row_ok, q_base, hq, offs_dk2, dk2_ok, stride_qt,
+                                   stride_qh, N_SEL)
             t = ent // N_SEL  # the query position and its slot j
             j = ent % N_SEL
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -592,7 +619,14 @@ def _sel_fwd_blocks_kernel(
                                 mask=key_ok[:, None] & dk_ok, other=0.0)
                     v = tl.load(v_base + ((c0 + offs_n) * stride_vt)[:, None] + offs_dv[None, :],
                                 mask=key_ok[:, None] & dv_ok, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                    if DK2 > 0:
+                        k2 = tl.load(k_base + ((c0 + offs_n) * stride_kt)[:, None]
+                                     + offs_dk2[None, :], mask=key_ok[:, None] & dk2_ok,
+                                     other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                if DK2 > 0:
+                    s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+                s = s * qk_scale
                 ok = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None])
                 p, alpha, m_new, l_i = _softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)

@@ -204,8 +204,7 @@ def sel_forward(
     if PP & (PP - 1):
         raise ValueError(f"sel_forward: positions_per_program must be a power of two, got {PP}")
     DV = head_dim_tile(d_v)
-    # the group path takes a head dim as two tiles where that pads less (d_k = 192: 128 +
-    # 64); the block path keeps one padded tile (head_dim_tile)
+    # a head dim as two tiles where that pads less (d_k = 192: 128 + 64)
     DK, DK2 = head_dim_split(d_k)
     write_out = g_sel is not None
     if not write_out and o_branch is None:
@@ -366,7 +365,7 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
     H, d_v = k.shape[2], v.shape[-1]
     G = HQ // H
     GP2 = rows_per_position(G)
-    DK, DV = head_dim_tile(d_k), head_dim_tile(d_v)
+    (DK, DK2), DV = head_dim_split(d_k), head_dim_tile(d_v)
     n = block_indices.shape[-1]
     nb = cfg.num_sel_blocks(T)
     if T * q.stride(1) + HQ * q.stride(2) >= 2**31:
@@ -396,7 +395,9 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
     # 9.067-9.110 / 9.303-9.350 (scripts/gpu_block_tune.py --prefetch-only)
     # (measured at d = 128; past 128 head columns its sm_90 compile spills 840 bytes
     # against 320, so those keep the plain gather)
-    prefetch = BLOCK_PREFETCH if BLOCK_PREFETCH is not None else GP2 != 2 and DK <= 128
+    # (the split head dim, d_k = 192 as 128 + 64, keeps the plain gather too: not measured)
+    prefetch = (BLOCK_PREFETCH if BLOCK_PREFETCH is not None
+                else GP2 != 2 and DK + DK2 <= 128)
     warps = num_warps or 4
     stages = num_stages or (3 if on_gpu else 1)
     prec = dot_precision(q.dtype, q.device)
@@ -413,7 +414,7 @@ def _sel_forward_blocks(q, k, v, block_indices, cfg, scale, o_branch, out, g_sel
             T, nb, T * n, scale * LOG2E,
             G=G, GP2=GP2, PP=max(1, bm_ // GP2), SEG=seg, DK=DK, DV=DV, D_K=d_k, D_V=d_v,
             L_SEL=cfg.l_sel, BLOCK_N=bn, N_SEL=n, DOT_PREC=prec, PREFETCH=prefetch,
-            num_warps=warps, num_stages=st,
+            DK2=DK2, num_warps=warps, num_stages=st,
         )
 
     shrink_on_oor(launch, max(bm, GP2), stages, max(16, GP2))
