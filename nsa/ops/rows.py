@@ -44,6 +44,30 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _q_tiles(q_rows, row_ok, offs_n, stride_kn, DK: tl.constexpr, DK2: tl.constexpr,
+             D_K: tl.constexpr):
+    """A query tile's rows as the head dim's tiles (``DK2 > 0``: columns DK..DK+DK2 are a
+    second tile, :func:`nsa.ops.compression.launch.head_dim_split`). ``q_rows``: [M, 1]
+    row pointers. Returns (q [M, DK], q2 [M, DK2], the second K^T tile's offsets
+    [DK2, BLOCK_N] for keys ``stride_kn`` apart, its column mask [DK2, 1]); without a
+    second tile, q, q, offs_n and row_ok stand in for the last three (never read)."""
+    offs_dk = tl.arange(0, DK)
+    q = tl.load(q_rows + offs_dk[None, :], mask=row_ok[:, None] & (offs_dk[None, :] < D_K),
+                other=0.0)
+    if DK2 > 0:
+        offs_dk2 = DK + tl.arange(0, DK2)
+        q2 = tl.load(q_rows + offs_dk2[None, :],
+                     mask=row_ok[:, None] & (offs_dk2[None, :] < D_K), other=0.0)
+        k2_cols = offs_dk2[:, None] + offs_n[None, :] * stride_kn
+        dk2_ok = offs_dk2[:, None] < D_K
+    else:
+        q2 = q
+        k2_cols = offs_n
+        dk2_ok = row_ok
+    return q, q2, k2_cols, dk2_ok
+
+
+@triton.jit
 def _k2_tile(K2, k_base, k2_cols, dk2_ok, b32, start, h, N, stride_kn, offs_n,
              BLOCK_N: tl.constexpr, DK: tl.constexpr, DK2: tl.constexpr,
              USE_DESC: tl.constexpr):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.ops.rows import _k2_tile, _softmax_step, _tile_rows
+from nsa.ops.rows import _k2_tile, _q_tiles, _softmax_step, _tile_rows
 
 
 @triton.jit
@@ -136,15 +136,9 @@ def _cmp_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
 
     q_base = Q + b * stride_qb + t0.to(tl.int64) * stride_qt
-    q_rows = q_base + (p_loc * stride_qt + hq * stride_qh)[:, None]
-    q = tl.load(q_rows + offs_dk[None, :], mask=row_ok[:, None] & (offs_dk[None, :] < D_K),
-                other=0.0)
-    if DK2 > 0:  # head dim as two tiles (d_k = 192: 128 + 64 columns); K2: the second's
-        offs_dk2 = DK + tl.arange(0, DK2)
-        q2 = tl.load(q_rows + offs_dk2[None, :], mask=row_ok[:, None] & (offs_dk2[None, :] < D_K),
-                     other=0.0)
-        k2_cols = offs_dk2[:, None] + offs_n[None, :] * stride_kn
-        dk2_ok = offs_dk2[:, None] < D_K
+    # DK2 > 0: the head dim as two tiles (d_k = 192: 128 + 64 columns); K2: the second's
+    q, q2, k2_cols, dk2_ok = _q_tiles(q_base + (p_loc * stride_qt + hq * stride_qh)[:, None],
+                                      row_ok, offs_n, stride_kn, DK, DK2, D_K)
 
     if not USE_DESC:
         k_base = K + b * stride_kb + h * stride_kh

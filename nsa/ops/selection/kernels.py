@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.ops.rows import _group_rows, _k2_tile, _softmax_step, _tile_rows
+from nsa.ops.rows import _group_rows, _k2_tile, _q_tiles, _softmax_step, _tile_rows
 
 _KEY_NONE = tl.constexpr(-9223372036854775808)  # int64 min: "no candidate"
 _KEY_FULL = tl.constexpr(9223372036854775807)  # int64 max: a slot that is not in use
@@ -419,16 +419,11 @@ def _sel_fwd_kernel(
     dk_ok = offs_dk[:, None] < D_K
     dv_ok = offs_dv[None, :] < D_V
 
-    q_rows = (Q + b * stride_qb + t0.to(tl.int64) * stride_qt
-              + (p_loc * stride_qt + hq * stride_qh)[:, None])
-    q = tl.load(q_rows + offs_dk[None, :], mask=row_ok[:, None] & (offs_dk[None, :] < D_K),
-                other=0.0)
-    if DK2 > 0:  # head dim as two tiles (d_k = 192: 128 + 64 columns); K2: the second's
-        offs_dk2 = DK + tl.arange(0, DK2)
-        q2 = tl.load(q_rows + offs_dk2[None, :], mask=row_ok[:, None] & (offs_dk2[None, :] < D_K),
-                     other=0.0)
-        k2_cols = offs_dk2[:, None] + offs_n[None, :] * stride_kt
-        dk2_ok = offs_dk2[:, None] < D_K
+    # DK2 > 0: the head dim as two tiles (d_k = 192: 128 + 64 columns); K2: the second's
+    q, q2, k2_cols, dk2_ok = _q_tiles(
+        Q + b * stride_qb + t0.to(tl.int64) * stride_qt
+        + (p_loc * stride_qt + hq * stride_qh)[:, None], row_ok, offs_n, stride_kt, DK, DK2,
+        D_K)
 
     if not USE_DESC:
         k_base = K + b * stride_kb + h * stride_kh

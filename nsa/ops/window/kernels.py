@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa.ops.rows import _softmax_step, _tile_rows
+from nsa.ops.rows import _q_tiles, _softmax_step, _tile_rows
 
 
 @triton.jit
@@ -42,15 +42,11 @@ def _win_fwd_kernel(
     dk_ok = offs_dk[:, None] < D_K
     dv_ok = offs_dv[None, :] < D_V
 
-    q_rows = (Q + b * stride_qb + t0.to(tl.int64) * stride_qt
-              + (p_loc * stride_qt + hq * stride_qh)[:, None])
-    q = tl.load(q_rows + offs_dk[None, :], mask=row_ok[:, None] & (offs_dk[None, :] < D_K),
-                other=0.0)
-    if DK2 > 0:  # head dim as two tiles (d_k = 192: 128 + 64 columns); K2: the second's
-        offs_dk2 = DK + tl.arange(0, DK2)
-        q2 = tl.load(q_rows + offs_dk2[None, :], mask=row_ok[:, None] & (offs_dk2[None, :] < D_K),
-                     other=0.0)
-        dk2_ok = offs_dk2[:, None] < D_K
+    # DK2 > 0: the head dim as two tiles (d_k = 192: 128 + 64 columns); K2: the second's
+    q, q2, k2_cols, dk2_ok = _q_tiles(
+        Q + b * stride_qb + t0.to(tl.int64) * stride_qt
+        + (p_loc * stride_qt + hq * stride_qh)[:, None], row_ok, offs_n, stride_kt, DK, DK2,
+        D_K)
     if not USE_DESC:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
@@ -71,8 +67,7 @@ def _win_fwd_kernel(
         kt_ptrs = k_base + lo.to(tl.int64) * stride_kt + k_cols
         v_ptrs = v_base + lo.to(tl.int64) * stride_vt + v_rows
         if DK2 > 0:
-            kt2_ptrs = (k_base + lo.to(tl.int64) * stride_kt + offs_dk2[:, None]
-                        + offs_n[None, :] * stride_kt)
+            kt2_ptrs = k_base + lo.to(tl.int64) * stride_kt + k2_cols
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
