@@ -13,6 +13,12 @@ the prefill kernels).
 
     python scripts/sm90_compile_captured.py decode --set PDL=1
     python scripts/sm90_compile_captured.py prefill
+    python scripts/sm90_compile_captured.py prefill-d192 --python /path/to/other/venv/python
+
+``prefill-d192`` runs the paper's d_k = 192 (two head-dim tiles, 128 + 64) forward and
+backward on both selected paths. ``--python``: compile (step 2) with another interpreter,
+e.g. a venv with an older Triton, after capturing with this one (whose Triton interpreter
+runs every kernel of the scenario).
 """
 
 from __future__ import annotations
@@ -145,7 +151,32 @@ def _scenario_prefill() -> None:
     out.square().sum().backward()
 
 
-SCENARIOS = {"decode": _scenario_decode, "prefill": _scenario_prefill}
+def _scenario_prefill_d192() -> None:
+    """Forward and backward at d_k = 192 (head_dim_split: 128 + 64 columns), d_v = 32, on
+    the group-centric and the block-centric selected paths."""
+    import torch
+
+    import nsa.ops.selection.launch as SL
+    from nsa import NSAConfig, compress_mean, nsa_attention
+
+    torch.manual_seed(0)
+    cfg = NSAConfig(l=32, d=16, l_sel=64, n=3, n_initial=1, n_local=1, w=40)
+    B, T, H, G, DK, DV = 1, 150, 1, 2, 192, 32
+    k, v = torch.randn(B, T, H, DK), torch.randn(B, T, H, DV)
+    kc, vc = compress_mean(k, cfg.l, cfg.d), compress_mean(v, cfg.l, cfg.d)
+    g = torch.rand(B, T, H * G)
+    for mode in ("group", "block"):
+        SL.SEL_MODE = mode
+        try:
+            q = torch.randn(B, T, H * G, DK, requires_grad=True)
+            out = nsa_attention(q, k, v, k, v, kc, vc, g, g, g, config=cfg, backend="triton")
+            out.square().sum().backward()
+        finally:
+            SL.SEL_MODE = None
+
+
+SCENARIOS = {"decode": _scenario_decode, "prefill": _scenario_prefill,
+             "prefill-d192": _scenario_prefill_d192}
 
 
 def compile_all(launches: list[dict], overrides: dict) -> int:
@@ -197,6 +228,8 @@ def main() -> None:
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
     ap.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                     help="override a constexpr in every kernel that has it (e.g. PDL=1)")
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter that compiles the captured launches (default: this one)")
     ap.add_argument("--launches", help=argparse.SUPPRESS)  # internal: step 2's input
     a = ap.parse_args()
     overrides = {}
@@ -206,6 +239,9 @@ def main() -> None:
             ap.error(f"--set expects NAME=INT, got {item!r}")
         overrides[name] = int(value)
     if a.launches:
+        import triton
+
+        print(f"compiling with Triton {triton.__version__}", flush=True)
         with open(a.launches) as f:
             sys.exit(1 if compile_all(json.load(f), overrides) else 0)
     launches = capture(a.scenario)
@@ -216,7 +252,7 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(launches, f, default=str)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, os.path.abspath(__file__), a.scenario, "--launches", f.name]
+    cmd = [a.python, os.path.abspath(__file__), a.scenario, "--launches", f.name]
     cmd += [x for item in a.set for x in ("--set", item)]
     rc = subprocess.run(cmd, env=env).returncode
     os.unlink(f.name)
