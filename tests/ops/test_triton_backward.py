@@ -356,7 +356,7 @@ def test_flash_dq_of_two_branches_in_one_kernel(rng, monkeypatch):
     the same, paired or not; bad arguments are refused by name."""
     from nsa.ops.flashbwd import MASK_CMP, MASK_WIN, FlashBranch, flash_dq
 
-    B, T, H, G, d = 2, 150, 2, 3, 16
+    B, T, H, G, d = 2, 100, 2, 3, 16
     q, kw, vw, dout = flash_inputs(rng, MASK_WIN, B, T, H, G, d)
     kc = compress_mean(torch.randn(B, T, H, d, generator=rng), 32, 16)
     vc = compress_mean(torch.randn(B, T, H, d, generator=rng), 32, 16)
@@ -433,7 +433,7 @@ def test_grads_shorter_than_one_compressed_block(rng):
 SPLIT_CASES = [
     (PAPER, (3, 1, 1, 40), 1, 150, 2, 1, 48, 16),  # G = 1, H = 2, d_v < d_k
     (PAPER, (3, 1, 1, 40), 2, 83, 1, 3, 40, 32),  # batch 2, masked second tile
-    (EQUAL, (4, 1, 2, 32), 1, 83, 1, 16, 48, 32),  # l = l' = d, G = 16
+    (EQUAL, (4, 1, 2, 32), 1, 67, 1, 16, 48, 32),  # l = l' = d, G = 16
 ]
 
 
@@ -485,7 +485,7 @@ def test_grads_with_a_split_head_dim_fp32(blocks, sel, B, T, H, G, dk, dv, rng, 
 
 
 @pytest.mark.parametrize("case,dq_atomic,det", [(0, True, False), (1, False, False),
-                                                (2, True, True)])
+                                                (1, True, True)])
 def test_grads_of_the_block_centric_selected_path_with_a_split_head_dim(case, dq_atomic, det,
                                                                          rng, monkeypatch):
     """Mode "block" with d_k as two tiles: the key-centric kernel's dQ atomics / per-slot
@@ -657,7 +657,7 @@ def test_deterministic_grads_are_bitwise_reproducible(rng):
     """Under the interpreter programs run one after another, so this mostly checks the
     keyword's wiring; the GPU suite checks bitwise reproducibility where atomics race."""
     cfg = NSAConfig(n=3, n_initial=1, n_local=1, w=40, **PAPER)
-    T, H, G, dk, dv = 130, 1, 4, 32, 16
+    T, H, G, dk, dv = 90, 1, 4, 32, 16
     inp, dout = make(rng, cfg, 1, T, H, G, dk, dv, torch.float32, peaked=True)
     out1, _, g1 = forward_backward(inp, cfg, dout, "triton", deterministic=True)
     out2, _, g2 = forward_backward(inp, cfg, dout, "triton", deterministic=True)

@@ -72,9 +72,6 @@ def _sel_bwd_dq_kernel(
                                      stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
                                      stride_oh, stride_gb, stride_gt, stride_gh, stride_lb,
                                      stride_lh, DK, DV, D_K, D_V, DK2)
-    if DK2 > 0:
-        offs_dk2 = tl.arange(0, DK2)
-        dk2_ok = DK + offs_dk2[None, :] < D_K
 
     if not USE_DESC:
         k_base = K + b * stride_kb + h * stride_kh
@@ -83,7 +80,9 @@ def _sel_bwd_dq_kernel(
         IDX, b, h, t0, T, p_loc, row_ok, stride_ib, stride_it, stride_ih, PP, NP, N_SEL)
 
     dq = tl.zeros([BLOCK_M, DK], tl.float32)
-    if DK2 > 0:
+    if DK2 > 0:  # the second tile of the q/k columns, DK .. DK + DK2
+        offs_dk2 = tl.arange(0, DK2)
+        dk2_ok = DK + offs_dk2[None, :] < D_K
         dq2 = tl.zeros([BLOCK_M, DK2], tl.float32)
     else:
         dq2 = dq
