@@ -43,7 +43,8 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
         Col("dgates rel", "dgates_rel_err", optional=True),
     ]),
     "prefill": ("Prefill: NSA against dense causal attention (same run)", [
-        *CASE_COLS, Col("backend", "backend"), *_param_cols("dtype", "T", "B", "H", "G", "d_k"),
+        *CASE_COLS, Col("backend", "backend"), *_param_cols("dtype", "T", "B", "H", "G", "d_k",
+                                                            "d_v"),
         Col("NSA fwd ms", "nsa_fwd_ms", optional=True),
         Col("dense fwd ms", "dense_fwd_ms", optional=True),
         Col("speedup fwd", "speedup_fwd", optional=True),
@@ -74,7 +75,8 @@ KIND_TABLES: dict[str, tuple[str, list[Col]]] = {
         Col("CUDA graph not measured", "nsa_fwd_graph_error", optional=True),
     ]),
     "decode": ("Decode: one step against dense decode (same run)", [
-        *CASE_COLS, Col("backend", "backend"), *_param_cols("dtype", "S", "B", "H", "G", "d_k"),
+        *CASE_COLS, Col("backend", "backend"), *_param_cols("dtype", "S", "B", "H", "G", "d_k",
+                                                            "d_v"),
         Col("NSA ms", "nsa_ms"), Col("dense ms", "dense_ms"), Col("speedup", "speedup"),
         Col("FA2 ms", "fa2_ms", optional=True),
         Col("speedup vs FA2", "speedup_vs_fa2", optional=True),

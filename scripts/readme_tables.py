@@ -22,6 +22,14 @@ def rows(run: Path, table: str) -> list[dict[str, str]]:
         return [r for r in csv.DictReader(f) if r.get("status") in ("passed", "failed")]
 
 
+def head_dims(run: Path) -> dict[str, str]:
+    """Case id -> "d_k / d_v", from the run's resolved parameters (its CSVs name d_v only
+    since the column was added)."""
+    cases = json.loads((run / "results.json").read_text())["cases"]
+    return {c["id"]: f"{c['params'].get('d_k')} / "
+                     f"{c['params'].get('d_v') or c['params'].get('d_k')}" for c in cases}
+
+
 def fmt(x: str, digits: int = 2) -> str:
     try:
         return f"{float(x):.{digits}f}"
@@ -46,9 +54,9 @@ def main(paths: list[str]) -> None:
                      for c in json.loads((p / "results.json").read_text())["cases"]}
             table = rows(p, "prefill")
             graph = "NSA fwd ms (CUDA graph)" in table[0]  # runs since the graph timing
-            print("| T | G | d_k | NSA fwd ms | dense fwd ms | dense / NSA | NSA fwd+bwd ms | "
-                  "dense fwd+bwd ms | dense / NSA | fwd+bwd peak GiB NSA / dense | "
-                  "fwd per query head / G = 16 |"
+            print("| T | G | d_k / d_v | NSA fwd ms | dense fwd ms | dense / NSA | "
+                  "NSA fwd+bwd ms | dense fwd+bwd ms | dense / NSA | "
+                  "fwd+bwd peak GiB NSA / dense | fwd per query head / G = 16 |"
                   + (" NSA fwd ms, CUDA graph | same, per query head / G = 16 |" if graph
                      else ""))
             print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if graph else ""))
@@ -70,7 +78,8 @@ def main(paths: list[str]) -> None:
                 ref = g16.get((r["T"], r["d_k"]))
                 extra = (f" {fmt(r['NSA fwd ms (CUDA graph)'])} | "
                          f"{per_head(r, ref, 'NSA fwd ms (CUDA graph)')} |" if graph else "")
-                print(f"| {r['T']} | {r['G']} | {r['d_k']} | {fmt(r['NSA fwd ms'])} | "
+                dims = head_dims(p)[r["case"]]
+                print(f"| {r['T']} | {r['G']} | {dims} | {fmt(r['NSA fwd ms'])} | "
                       f"{fmt(r['dense fwd ms'])} | {fmt(r['speedup fwd'])}x | "
                       f"{fmt(r['NSA fwd+bwd ms'])} | {fmt(r['dense fwd+bwd ms'])} | "
                       f"{fmt(r['speedup fwd+bwd'])}x | {peak} | "
@@ -85,13 +94,14 @@ def main(paths: list[str]) -> None:
                       f"{fmt(r['NSA / dense'], 3)} | {fmt(r['NSA tokens/s'], 0)} | "
                       f"{fmt(r['dense tokens/s'], 0)} |")
         elif kind == "decode":
-            print("| context S | batch | NSA us | dense us | dense / NSA | NSA tokens read | "
-                  "read fraction |")
-            print("|---|---|---|---|---|---|---|")
+            print("| context S | batch | d_k / d_v | NSA us | dense us | dense / NSA | "
+                  "NSA tokens read | read fraction |")
+            print("|---|---|---|---|---|---|---|---|")
             for r in rows(p, "decode"):
                 if "check" in r["case"]:
                     continue
-                print(f"| {r['S']} | {r['B']} | {float(r['NSA ms']) * 1e3:.1f} | "
+                dims = head_dims(p)[r["case"]]
+                print(f"| {r['S']} | {r['B']} | {dims} | {float(r['NSA ms']) * 1e3:.1f} | "
                       f"{float(r['dense ms']) * 1e3:.1f} | {fmt(r['speedup'])}x | "
                       f"{fmt(r['NSA tokens'], 0)} | {fmt(r['read fraction'], 3)} |")
             if (p / "generate.csv").is_file() and rows(p, "generate"):
