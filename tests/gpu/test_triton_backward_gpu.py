@@ -17,7 +17,9 @@ Also: ``deterministic=True`` gives bitwise-equal gradients across two runs (T=40
 H=4, d=128, bf16); ``torch.compile`` of a small TinyLM on the triton backend (and with
 fullgraph=True), in float32 so that only the compilation can make a difference (bf16
 rounding of differently fused projections would swamp it), gives the eager loss and
-gradients within 1e-3; at the paper shape
+gradients within 1e-3, and so does mode="reduce-overhead" (inductor's CUDA graphs, no
+skip), whose replays of the functional op equal the eager output bit for bit; at the
+paper shape
 T=16384 (HQ=64, H=4, d=128, n=16, w=512, bf16) forward + backward has finite gradients
 and a peak memory below inputs + gradients + what the op holds by design (the output,
 three saved branch outputs, a float32 dQ: 6 q-sized bf16 tensors) + 0.25 x one float32
@@ -225,17 +227,24 @@ def loss_and_grads(model, tokens):
                            for n, p in model.named_parameters()}
 
 
-def check_compiled(fullgraph: bool):
+def check_compiled(fullgraph: bool, mode: str | None = None):
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     eager = tiny_lm()
-    compiled = torch.compile(copy.deepcopy(eager), fullgraph=fullgraph)
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=fullgraph, mode=mode)
     g = torch.Generator(device="cuda").manual_seed(6)
     # T - 1 = 500 <= n * l' = 512: every causal block is selected, so rounding differences
     # between the compiled and eager projections cannot change the selection
     tokens = torch.randint(0, 256, (2, 501), generator=g, device="cuda")
     l_e, g_e = loss_and_grads(eager, tokens)
-    for _ in range(2):  # the second call runs the cached compiled graph
+    for _ in range(3):  # later calls run the cached compiled graph (and replay CUDA graphs)
+        torch.compiler.cudagraph_mark_step_begin()
         l_c, g_c = loss_and_grads(compiled, tokens)
+    if mode == "reduce-overhead":
+        # the forward and the backward ran as CUDA graphs: nothing made inductor skip them
+        assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert torch.isfinite(l_c)
     assert abs(l_c.item() - l_e.item()) / abs(l_e.item()) < 1e-3, (l_c.item(), l_e.item())
     assert g_c.keys() == g_e.keys()
@@ -254,8 +263,8 @@ def check_compiled(fullgraph: bool):
             assert gc.float().norm() == 0, name
             continue
         errs[name] = rel(gc, ge)
-    print(f"fullgraph={fullgraph}: loss eager {l_e.item():.4f} compiled {l_c.item():.4f}, "
-          f"max grad rel err {max(errs.values()):.2e}")
+    print(f"fullgraph={fullgraph} mode={mode}: loss eager {l_e.item():.4f} compiled "
+          f"{l_c.item():.4f}, max grad rel err {max(errs.values()):.2e}")
     bad = {k: f"{e:.2e}" for k, e in errs.items() if not e < 1e-3}
     assert not bad, bad
 
@@ -266,6 +275,37 @@ def test_torch_compile_matches_eager():
 
 def test_torch_compile_fullgraph_matches_eager():
     check_compiled(fullgraph=True)
+
+
+def test_torch_compile_reduce_overhead_trains_as_eager():
+    """mode="reduce-overhead": inductor's CUDA graphs around the op, forward and backward
+    (the window branch on its side stream inside the capture), the eager loss and grads."""
+    check_compiled(fullgraph=True, mode="reduce-overhead")
+
+
+@pytest.mark.parametrize("G", [1, 16])
+def test_reduce_overhead_forward_replays_the_eager_output(G):
+    """The functional op under torch.compile(mode="reduce-overhead"), no autograd: CUDA
+    graphs recorded and replayed (no skip), each replay bit for bit the eager output of the
+    inputs of that call (new values in the same shapes: the replay reads them)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    T, H, d = 4096, 4, 128
+
+    def fn(**inp):
+        return nsa_attention(**inp, config=PAPER, backend="triton")
+
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for seed in (1, 1, 1, 2, 3):
+            inp, _ = inputs(T, H, G, d, d, torch.bfloat16, seed=seed, cfg=PAPER)
+            want = fn(**inp)
+            got = compiled(**inp).clone()  # the graph's buffer: the next replay overwrites it
+            assert torch.isfinite(got).all()
+            assert torch.equal(got, want), (seed, rel(got, want))
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
 # ----------------------------------------------------------------------------- long
