@@ -40,6 +40,7 @@ def fmt(x: str, digits: int = 2) -> str:
 def main(paths: list[str]) -> None:
     for p in map(Path, paths):
         kind = p.name.split("-")[0]
+        dims = head_dims(p)
         print(f"{kind.capitalize()} on {gpu_name(p)}, from [`{p}`]({p}/report.md):\n")
         if kind == "prefill" and rows(p, "prefill") and rows(p, "prefill")[0].get("fla fwd ms"):
             print("| T | NSA no-window fwd ms | fla fwd ms | fla / NSA | "
@@ -78,8 +79,7 @@ def main(paths: list[str]) -> None:
                 ref = g16.get((r["T"], r["d_k"]))
                 extra = (f" {fmt(r['NSA fwd ms (CUDA graph)'])} | "
                          f"{per_head(r, ref, 'NSA fwd ms (CUDA graph)')} |" if graph else "")
-                dims = head_dims(p)[r["case"]]
-                print(f"| {r['T']} | {r['G']} | {dims} | {fmt(r['NSA fwd ms'])} | "
+                print(f"| {r['T']} | {r['G']} | {dims[r['case']]} | {fmt(r['NSA fwd ms'])} | "
                       f"{fmt(r['dense fwd ms'])} | {fmt(r['speedup fwd'])}x | "
                       f"{fmt(r['NSA fwd+bwd ms'])} | {fmt(r['dense fwd+bwd ms'])} | "
                       f"{fmt(r['speedup fwd+bwd'])}x | {peak} | "
@@ -100,9 +100,9 @@ def main(paths: list[str]) -> None:
             for r in rows(p, "decode"):
                 if "check" in r["case"]:
                     continue
-                dims = head_dims(p)[r["case"]]
-                print(f"| {r['S']} | {r['B']} | {dims} | {float(r['NSA ms']) * 1e3:.1f} | "
-                      f"{float(r['dense ms']) * 1e3:.1f} | {fmt(r['speedup'])}x | "
+                print(f"| {r['S']} | {r['B']} | {dims[r['case']]} | "
+                      f"{float(r['NSA ms']) * 1e3:.1f} | {float(r['dense ms']) * 1e3:.1f} | "
+                      f"{fmt(r['speedup'])}x | "
                       f"{fmt(r['NSA tokens'], 0)} | {fmt(r['read fraction'], 3)} |")
             if (p / "generate.csv").is_file() and rows(p, "generate"):
                 print("\nTiny LM generating after a prompt (tokens/s; dense runs eagerly "
