@@ -6,7 +6,8 @@
 Paper shape but for the group size (H=4, HQ=4G, d=128, bf16, n=16, w=512). For each
 (T, G): the NSA forward eagerly, compiled with mode="reduce-overhead" (inductor's CUDA
 graphs around the op: the host's Python and launches leave the timed path), and replayed
-from our own CUDA graph (`nsa prefill`'s graph column); dense SDPA eagerly. Two timings
+from our own CUDA graph (`nsa prefill`'s graph column); dense SDPA eagerly, as
+`nsa prefill` times it (`enable_gqa=True`). Two timings
 each: do_bench's median (ms) and back-to-back calls (wall ms per call over 50 queued
 calls, the rate a loop of such calls gets when the host is the bottleneck). The compiled
 output is checked bit for bit against the eager one.
@@ -76,10 +77,8 @@ def time_case(cf, cfg, T: int, H: int, G: int, d: int) -> dict[str, float]:
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
-    # dense over the same q and the selected branch's keys/values, heads expanded
-    q = inp["q"].transpose(1, 2)
-    k = inp["k_sel"].transpose(1, 2).repeat_interleave(G, 1)
-    v = inp["v_sel"].transpose(1, 2).repeat_interleave(G, 1)
+    # dense as `nsa prefill` runs it: [B, HQ, T, D], the KV heads shared by enable_gqa
+    q, k, v = (inp[n].transpose(1, 2) for n in ("q", "k_sel", "v_sel"))
     with torch.no_grad():
         want = fn(**inp)
         for _ in range(3):
@@ -93,7 +92,8 @@ def time_case(cf, cfg, T: int, H: int, G: int, d: int) -> dict[str, float]:
             return compiled(**inp)
 
         def dense():
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # equal lengths
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True,  # equal lengths
+                                                  enable_gqa=True)
 
         return dict(e=cf.bench(eager), c=cf.bench(comp), g=cf.graph_bench(eager),
                     ep=per_call(eager), cp=per_call(comp), de=cf.bench(dense))
